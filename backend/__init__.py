@@ -1,0 +1,1 @@
+"""pgforkpool backend role."""

@@ -1,0 +1,732 @@
+"""The pooled backend: many client sessions of one (database, user) pool over one server connection.
+
+A session owns the server connection from its first message until the server
+says ReadyForQuery with status 'I' (and nothing more is outstanding); other
+sessions with a whole message waiting queue in arrival order.  When the owner
+changes, the new owner's saved settings are put back on the server first, in
+the same write as its own first message.
+
+Every byte a client sends passes through _forward_client and every byte the
+server sends through _server_readable: keep them lean.
+"""
+
+import collections
+import os
+import select
+import signal
+import socket
+import struct
+import time
+
+from ..shared import channel, log, process, protocol, status
+from ..shared.errors import PgError
+from . import server as srv
+from .session import ACTIVE, CLOSED, IDLE, REPORTED_SETTABLE, STARTING, WAITING, Session, restore_query
+
+logger = log.get("backend")
+
+EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
+_length = struct.Struct("!I").unpack_from
+
+# Message types the hot loops look at.
+_Q, _F, _SYNC, _X = protocol.QUERY, protocol.FUNCTION_CALL, protocol.SYNC, protocol.TERMINATE
+_EXTENDED = frozenset({protocol.PARSE, protocol.BIND, protocol.DESCRIBE, protocol.EXECUTE,
+                       protocol.CLOSE, protocol.FLUSH})
+# Anything else from a client would make the server drop the shared connection.
+_COPY = frozenset({protocol.COPY_DATA, protocol.COPY_DONE, protocol.COPY_FAIL})
+_Z, _PS, _ERR = protocol.READY_FOR_QUERY, protocol.PARAMETER_STATUS, protocol.ERROR_RESPONSE
+_IDLE_STATUS = protocol.TRANS_IDLE
+
+# Buffered bytes beyond which the producing side is paused.
+HIGH_WATER = 1 << 20
+# Input a waiting session may buffer before we stop reading its socket.
+WAITING_INPUT_LIMIT = 1 << 16
+# Greeting parameter sets remembered per distinct context.
+GREETING_CACHE_SIZE = 64
+
+ROLLBACK = protocol.query("ROLLBACK")
+
+
+class PooledBackend:
+    def __init__(self, settings, database: str, user: str, chan: socket.socket,
+                 table: status.StatusTable, slot: int, secret: str | None):
+        self.settings = settings
+        self.database = database
+        self.user = user
+        self.chan = chan
+        self.secret = secret
+        self.pid = os.getpid()
+        self.epoll = select.epoll()
+        self.handlers: dict[int, object] = {}
+        self.sessions: dict[int, Session] = {}       # by client fd
+        self.by_key: dict[int, Session] = {}
+        self.queue: collections.deque[Session] = collections.deque()
+        self.server: srv.ServerConnection | None = None
+        self.cancels: dict[int, srv.CancelSender] = {}
+        self.greetings: dict[frozenset, dict[str, str]] = {}
+        self.counters = (table.counters(slot) if slot is not None
+                         else memoryview(bytearray(status.INT_BYTES)).cast("q"))
+        self.shutdown_mode: str | None = None
+        self.title_at = 0.0
+        self.title = ""
+
+    # ================================================================ event loop
+
+    def run(self) -> None:
+        self.chan.setblocking(False)
+        self.epoll.register(self.chan.fileno(), EPOLLIN)
+        self.handlers[self.chan.fileno()] = self._on_channel
+        counters = self.counters
+        poll = self.epoll.poll
+        handlers = self.handlers
+        queue = self.queue
+        while True:
+            timeout = self._timeout()
+            events = poll(timeout)
+            for fd, mask in events:
+                handler = handlers.get(fd)
+                if handler is not None:
+                    handler(mask)
+            server = self.server
+            ready = len(queue) + (server is not None and server.owner is not None)
+            counters[status.TURNS] += 1
+            counters[status.READY_SUM] += ready
+            counters[status.WAITING] = ready
+            if not events or time.monotonic() - self.title_at > 1.0:
+                self._housekeeping()
+            if self.shutdown_mode is not None and not self.sessions:
+                break
+        if self.server is not None:
+            self.server.close()
+        os._exit(0)
+
+    def _timeout(self) -> float:
+        if self.server is not None and self.server.state in (srv.CONNECTING, srv.LOGIN):
+            return max(0.0, self.server.deadline - time.monotonic())
+        if self.cancels:
+            return 1.0
+        return 1.0 if self.shutdown_mode else 5.0
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        server = self.server
+        if server is not None and server.state in (srv.CONNECTING, srv.LOGIN) and now > server.deadline:
+            self._server_failed(PgError("sqlclient_unable_to_establish_sqlconnection",
+                                        "timeout expired while connecting to upstream server"))
+        for fd, sender in list(self.cancels.items()):
+            if now > sender.deadline:
+                self._drop_cancel(sender)
+        self._update_title(now)
+
+    def _update_title(self, now: float) -> None:
+        title = (f"backend {self.database}/{self.user} {len(self.sessions)} sessions "
+                 f"{len(self.queue)} waiting")
+        if title != self.title:
+            process.set_title(title)
+            self.title = title
+        self.title_at = now
+        self.counters[status.SESSIONS] = len(self.sessions)
+
+    def _register(self, obj, mask: int, handler) -> None:
+        self.epoll.register(obj.fd, mask)
+        obj.mask = mask
+        self.handlers[obj.fd] = handler
+
+    def _unregister(self, obj) -> None:
+        self.handlers.pop(obj.fd, None)
+        try:
+            self.epoll.unregister(obj.fd)
+        except (OSError, ValueError):
+            pass
+
+    def _set_mask(self, obj, mask: int) -> None:
+        if obj.mask != mask:
+            obj.mask = mask
+            self.epoll.modify(obj.fd, mask)
+
+    # ================================================================ postmaster channel
+
+    def _on_channel(self, _mask: int) -> None:
+        while True:
+            try:
+                msg, fd = channel.receive(self.chan)
+            except BlockingIOError:
+                return
+            if msg is None:   # the postmaster is gone: so are we
+                os._exit(1)
+            kind = msg[0]
+            if kind == "session":
+                self._new_session(msg[1], msg[2], fd)
+            elif kind == "cancel":
+                self._cancel(msg[1])
+            elif kind == "reload":
+                self.settings = msg[1]
+                self.secret = msg[2]
+            elif kind == "shutdown":
+                self._shutdown(msg[1])
+
+    def _shutdown(self, mode: str) -> None:
+        self.shutdown_mode = mode
+        if mode == "smart":
+            return
+        error = PgError("admin_shutdown", "terminating connection due to administrator command")
+        for session in list(self.sessions.values()):
+            self._client_send(session, error.packet())
+            self._close_session(session)
+
+    # ================================================================ sessions
+
+    def _new_session(self, conn_id: int, startup: dict[str, str], fd: int) -> None:
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            session = Session(sock, conn_id, startup)
+        except ValueError as exc:   # a malformed `options` string
+            sock.send(PgError("protocol_violation", str(exc)).packet())
+            sock.close()
+            channel.send(self.chan, ("closed", conn_id))
+            return
+        while session.key in self.by_key:
+            session.key = (session.key * 7 + 1) & 0x7FFFFFFF or 1
+        self.sessions[session.fd] = session
+        self.by_key[session.key] = session
+        self._register(session, EPOLLIN, lambda mask, s=session: self._on_client(s, mask))
+        self.counters[status.SESSIONS] = len(self.sessions)
+        self.counters[status.SERVED] += 1
+        # A context the pooler has greeted before needs no trip to the server.
+        known = self.greetings.get(frozenset(session.settings.items()))
+        if known is not None:
+            self._greet(session, known)
+            session.state = IDLE
+        else:
+            self._enqueue(session)
+
+    def _on_client(self, session: Session, mask: int) -> None:
+        if mask & EPOLLOUT:
+            self._client_writable(session)
+        if mask & (EPOLLIN | select.EPOLLHUP | select.EPOLLERR) and session.state != CLOSED:
+            self._client_readable(session)
+
+    def _client_readable(self, session: Session) -> None:
+        try:
+            data = session.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._client_gone(session)
+            return
+        state = session.state
+        if state == ACTIVE:
+            if session.inbuf:
+                session.inbuf += data
+                data = bytes(session.inbuf)
+                session.inbuf.clear()
+            self._forward_client(session, data)
+            return
+        session.inbuf += data
+        if state == IDLE:
+            if _has_whole_message(session.inbuf):
+                self._enqueue(session)
+        elif len(session.inbuf) > WAITING_INPUT_LIMIT:
+            session.paused = True
+            self._set_mask(session, session.mask & ~EPOLLIN)
+
+    def _enqueue(self, session: Session) -> None:
+        server = self.server
+        if session.state == IDLE:
+            session.state = WAITING
+        if server is not None and server.state == srv.IDLE and not self.queue:
+            self._activate(session)
+            return
+        self.queue.append(session)
+        if server is None:
+            self._connect()
+
+    def _forward_client(self, session: Session, data: bytes) -> None:
+        """Pass the session's whole messages to the server, noting what answers they await."""
+        server = self.server
+        n = len(data)
+        pos = 0
+        while n - pos >= 5:
+            msg_type = data[pos]
+            length = _length(data, pos + 1)[0]
+            if length < 4:
+                self._protocol_violation(session, "invalid message length")
+                return
+            end = pos + 1 + length
+            if end > n:
+                break
+            if msg_type == _Q or msg_type == _F:
+                server.pending += 1
+            elif msg_type == _SYNC:
+                server.pending += 1
+                server.unsynced = False
+            elif msg_type in _EXTENDED:
+                server.unsynced = True
+            elif msg_type == _X:
+                if pos:
+                    self._server_send(data[:pos])
+                self._client_gone(session)
+                return
+            elif msg_type not in _COPY:
+                if pos:
+                    self._server_send(data[:pos])
+                self._protocol_violation(session, f"invalid frontend message type {msg_type}")
+                return
+            pos = end
+        if pos == n:
+            self._server_send(data)
+        else:
+            if pos:
+                self._server_send(data[:pos])
+            session.inbuf += data[pos:]
+        if server.pending == 0 and not server.unsynced and server.swallow == 0 and server.idle_status:
+            # Only messages that expect no answer (stray CopyData): nothing holds the server.
+            self._release()
+
+    def _client_writable(self, session: Session) -> None:
+        try:
+            sent = session.sock.send(session.outbuf)
+        except BlockingIOError:
+            return
+        except OSError:
+            session.outbuf.clear()
+            self._client_gone(session)
+            return
+        del session.outbuf[:sent]
+        if not session.outbuf:
+            self._set_mask(session, session.mask & ~EPOLLOUT)
+            server = self.server
+            if server is not None and server.owner is session and not server.mask & EPOLLIN:
+                self._set_mask(server, server.mask | EPOLLIN)
+
+    def _client_send(self, session: Session, data: bytes) -> None:
+        if session.gone:
+            return
+        if session.outbuf:
+            session.outbuf += data
+        else:
+            try:
+                sent = session.sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                # Noticed by the next read of the socket; nothing more is sent to it.
+                session.gone = True
+                return
+            if sent == len(data):
+                return
+            session.outbuf += data[sent:]
+            self._set_mask(session, session.mask | EPOLLOUT)
+        if len(session.outbuf) > HIGH_WATER:
+            server = self.server
+            if server is not None and server.owner is session:
+                self._set_mask(server, server.mask & ~EPOLLIN)
+
+    def _greet(self, session: Session, params: dict[str, str]) -> None:
+        """What PostgreSQL sends after AuthenticationOk: parameters, cancel key, ReadyForQuery."""
+        out = [protocol.parameter_status(name, value) for name, value in params.items()]
+        out.append(protocol.backend_key_data(self.pid, session.key))
+        out.append(protocol.ready_for_query(b"I"))
+        session.client_params = dict(params)
+        session.greeted = True
+        self._client_send(session, b"".join(out))
+
+    def _client_gone(self, session: Session) -> None:
+        """The client disconnected or sent Terminate: end the session, clean the server."""
+        if session.state == CLOSED:
+            return
+        session.gone = True
+        server = self.server
+        if server is not None and server.owner is session:
+            # Finish what the session left on the server before anyone else uses it:
+            # close an unsynced pipeline, let running work end, roll back (see _server_readable).
+            if server.unsynced:
+                self._server_send(protocol.SYNC_MESSAGE)
+                server.pending += 1
+                server.unsynced = False
+            if server.pending > 0 and server.swallow == 0:
+                self._send_cancel(server)
+            elif server.pending == 0 and server.swallow == 0:
+                self._server_send(ROLLBACK)
+                server.pending += 1
+        self._close_session(session)
+
+    def _protocol_violation(self, session: Session, text: str) -> None:
+        self._client_send(session, PgError("protocol_violation", text).packet())
+        self._client_gone(session)
+
+    def _close_session(self, session: Session) -> None:
+        if session.state == CLOSED:
+            return
+        if session.state == WAITING or session.state == STARTING:
+            try:
+                self.queue.remove(session)
+            except ValueError:
+                pass
+        session.state = CLOSED
+        session.gone = True
+        self._unregister(session)
+        del self.sessions[session.fd]
+        del self.by_key[session.key]
+        if session.outbuf:   # a last error message; best effort
+            try:
+                session.sock.send(session.outbuf)
+            except OSError:
+                pass
+        session.sock.close()
+        self.counters[status.SESSIONS] = len(self.sessions)
+        channel.send(self.chan, ("closed", session.conn_id))
+
+    # ================================================================ server connection
+
+    def _connect(self) -> None:
+        startup = {"user": self.user, "database": self.database}
+        try:
+            server = srv.ServerConnection(self.settings, startup, self.secret)
+        except PgError as exc:
+            self._server_failed(exc)
+            return
+        self.server = server
+        self._register(server, EPOLLOUT, self._on_server)
+        self.counters[status.SERVER_CONNECTIONS] += 1
+
+    def _on_server(self, mask: int) -> None:
+        server = self.server
+        state = server.state
+        if state == srv.ACTIVE or state == srv.IDLE:
+            if mask & EPOLLOUT:
+                self._server_writable()
+            if mask & (EPOLLIN | select.EPOLLHUP | select.EPOLLERR) and server is self.server:
+                self._server_readable()
+            return
+        try:
+            if state == srv.CONNECTING:
+                self._server_send(server.connected())
+                self._set_mask(server, EPOLLIN | (EPOLLOUT if server.outbuf else 0))
+                return
+            if mask & EPOLLOUT:
+                self._server_writable()
+            data = server.sock.recv(65536)
+            if not data:
+                raise PgError("sqlclient_unable_to_establish_sqlconnection",
+                              "upstream server closed the connection during login")
+            reply = server.login(data)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._server_failed(PgError("sqlclient_unable_to_establish_sqlconnection",
+                                        f"could not connect to upstream server: {exc}"))
+            return
+        except PgError as exc:
+            self._server_failed(exc)
+            return
+        if reply:
+            self._server_send(reply)
+        if server.state == srv.IDLE:
+            logger.debug("server connection ready (server pid %d)", server.pid)
+            self._next_session()
+
+    def _server_failed(self, error: PgError) -> None:
+        """The server refused us or could not be reached: every waiting session hears why."""
+        logger.log(log.LOG, "upstream connection for %s/%s failed: %s",
+                   self.database, self.user, error.text)
+        server = self.server
+        if server is not None:
+            self._unregister(server)
+            server.close()
+            self.server = None
+        error.severity = "FATAL"
+        packet = error.packet()
+        for session in list(self.queue):
+            self._client_send(session, packet)
+            self._close_session(session)
+        self.queue.clear()
+        if not self.sessions and error.sqlstate in ("3D000", "28000", "28P01"):
+            channel.send(self.chan, ("server_failed", error.sqlstate))
+
+    def _server_send(self, data: bytes) -> None:
+        server = self.server
+        if server.outbuf:
+            server.outbuf += data
+        else:
+            try:
+                sent = server.sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                sent = 0   # the read side will see the connection is gone
+            if sent == len(data):
+                return
+            server.outbuf += data[sent:]
+            self._set_mask(server, server.mask | EPOLLOUT)
+        owner = server.owner
+        if len(server.outbuf) > HIGH_WATER and owner is not None and not owner.gone:
+            owner.paused = True
+            self._set_mask(owner, owner.mask & ~EPOLLIN)
+
+    def _server_writable(self) -> None:
+        server = self.server
+        try:
+            sent = server.sock.send(server.outbuf)
+        except BlockingIOError:
+            return
+        except OSError:
+            return
+        del server.outbuf[:sent]
+        if not server.outbuf:
+            self._set_mask(server, server.mask & ~EPOLLOUT)
+            owner = server.owner
+            if owner is not None and owner.paused and not owner.gone:
+                owner.paused = False
+                self._set_mask(owner, owner.mask | EPOLLIN)
+
+    def _server_readable(self) -> None:
+        server = self.server
+        try:
+            data = server.sock.recv(262144)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._server_lost()
+            return
+        if server.inbuf:
+            server.inbuf += data
+            data = bytes(server.inbuf)
+            server.inbuf.clear()
+        pos = 0
+        if server.swallow:
+            pos = self._consume_restore(data)
+            if server.swallow or server is not self.server:
+                return
+        owner = server.owner
+        n = len(data)
+        start = pos
+        release = False
+        while n - pos >= 5:
+            msg_type = data[pos]
+            end = pos + 1 + _length(data, pos + 1)[0]
+            if end > n:
+                break
+            if msg_type == _Z:
+                server.pending -= 1
+                idle = server.idle_status = data[pos + 5] == _IDLE_STATUS
+                if server.pending <= 0 and not server.unsynced:
+                    server.pending = 0
+                    if idle:
+                        release = True
+                    elif owner is None or owner.gone:
+                        self._server_send(ROLLBACK)
+                        server.pending = 1
+            elif msg_type == _PS:
+                self._parameter_status(owner, data, pos + 5, end)
+            pos = end
+        if pos < n:
+            server.inbuf += data[pos:]
+        if owner is not None and not owner.gone and pos > start:
+            self._client_send(owner, data[start:pos] if start or pos < n else data)
+        if release:
+            self._release()
+
+    def _parameter_status(self, owner: Session, data: bytes, pos: int, end: int) -> None:
+        name, pos = protocol.read_cstring(data, pos)
+        value, _ = protocol.read_cstring(data, pos)
+        self.server.params[name] = value
+        if owner is None:
+            return
+        owner.client_params[name] = value
+        key = name.lower()
+        if key in REPORTED_SETTABLE:
+            # The session changed a setting (SET, RESET, set_config, ROLLBACK of one):
+            # it is part of its context from now on.
+            owner.settings[key] = value
+
+    def _consume_restore(self, data: bytes) -> int:
+        """Hide the replies to the pooler's context-restoring query; returns where the session's own begin."""
+        server = self.server
+        n = len(data)
+        pos = 0
+        while n - pos >= 5 and server.swallow:
+            msg_type = data[pos]
+            end = pos + 1 + _length(data, pos + 1)[0]
+            if end > n:
+                break
+            if msg_type == _Z:
+                server.swallow -= 1
+            elif msg_type == _ERR and server.restore_error is None:
+                server.restore_error = PgError.from_fields(protocol.parse_error_fields(data[pos + 5:end]))
+            elif msg_type == _PS:
+                name, p = protocol.read_cstring(data, pos + 5)
+                server.params[name] = protocol.read_cstring(data, p)[0]
+            pos = end
+        if server.swallow:
+            server.inbuf += data[pos:]
+            return n
+        self._restore_done()
+        return pos
+
+    def _restore_done(self) -> None:
+        server = self.server
+        session = server.owner
+        error, server.restore_error = server.restore_error, None
+        if error is not None:
+            # The restore ran as one implicit transaction, so none of it applied.
+            if not session.greeted:
+                # As PostgreSQL refuses a startup packet with a bad setting.
+                error.severity = "FATAL"
+                self._client_send(session, error.packet())
+                self._close_session(session)
+                self._release()
+                return
+            logger.warning("could not restore the settings of a session: %s", error.text)
+        else:
+            server.context = session.settings
+        if session.greeted:
+            if session.gone and server.pending == 0:
+                self._release()
+            return
+        self._greet_restored(session)
+
+    def _greet_restored(self, session: Session) -> None:
+        """Greet a new session whose settings the server has just applied."""
+        server = self.server
+        raw_key = frozenset(session.settings.items())
+        # The server reports settings in its own spelling (UTF8, "ISO, MDY"):
+        # keep that spelling so that equal contexts compare equal.
+        reported = {name.lower(): value for name, value in server.params.items()}
+        for name in REPORTED_SETTABLE & session.settings.keys():
+            if name in reported:
+                session.settings[name] = reported[name]
+        params = dict(server.params)
+        if len(self.greetings) >= GREETING_CACHE_SIZE:
+            self.greetings.clear()
+        self.greetings[raw_key] = params
+        self.greetings[frozenset(session.settings.items())] = params
+        self._greet(session, params)
+        if session.gone:
+            self._close_session(session)
+            self._release()
+        elif _has_whole_message(session.inbuf):
+            self._forward_buffered(session)
+        else:
+            self._release()
+
+    def _activate(self, session: Session) -> None:
+        """Give the server connection to session: restore its context, pass its waiting input."""
+        server = self.server
+        server.owner = session
+        server.state = srv.ACTIVE
+        session.state = ACTIVE
+        if server.context is not session.settings and server.context != session.settings:
+            server.swallow += 1
+            self._server_send(protocol.query(restore_query(server.context, session.settings)))
+            if not session.greeted:
+                return   # greeted when the restore's reply arrives
+        elif not session.greeted:
+            server.context = session.settings
+            self._greet(session, dict(server.params))
+            if not _has_whole_message(session.inbuf):
+                self._release()
+                return
+        else:
+            server.context = session.settings
+        self._forward_buffered(session)
+
+    def _forward_buffered(self, session: Session) -> None:
+        if session.paused:
+            session.paused = False
+            self._set_mask(session, session.mask | EPOLLIN)
+        if session.inbuf:
+            data = bytes(session.inbuf)
+            session.inbuf.clear()
+            self._forward_client(session, data)
+
+    def _release(self) -> None:
+        """The transaction is over: the server connection goes to the next waiting session."""
+        server = self.server
+        session = server.owner
+        server.owner = None
+        server.state = srv.IDLE
+        self.counters[status.TRANSACTIONS] += 1
+        if session is not None and session.state == ACTIVE:
+            session.state = IDLE
+            if _has_whole_message(session.inbuf):
+                # The client already sent its next transaction: it waits its turn.
+                session.state = WAITING
+                self.queue.append(session)
+        self._next_session()
+
+    def _next_session(self) -> None:
+        queue = self.queue
+        while queue:
+            session = queue.popleft()
+            if session.state != CLOSED:
+                self._activate(session)
+                return
+
+    def _server_lost(self) -> None:
+        """The server connection broke: fail its owner, reconnect for the others."""
+        server = self.server
+        self._unregister(server)
+        server.close()
+        self.server = None
+        logger.log(log.LOG, "lost server connection to %s/%s", self.database, self.user)
+        owner = server.owner
+        if owner is not None and owner.state != CLOSED:
+            self._client_send(owner, PgError(
+                "connection_failure", "server closed the connection unexpectedly",
+                detail="The upstream server connection of this session was lost.").packet())
+            self._close_session(owner)
+        if self.queue:
+            self._connect()
+
+    # ================================================================ cancel
+
+    def _cancel(self, key: int) -> None:
+        session = self.by_key.get(key)
+        server = self.server
+        if (session is not None and server is not None and server.owner is session
+                and server.pending > 0 and server.swallow == 0):
+            self._send_cancel(server)
+
+    def _send_cancel(self, server: srv.ServerConnection) -> None:
+        try:
+            sender = srv.CancelSender(self.settings, server.cancel_packet())
+        except OSError as exc:
+            logger.warning("could not send cancel request: %s", exc)
+            return
+        self.cancels[sender.fd] = sender
+        self.epoll.register(sender.fd, EPOLLOUT)
+        self.handlers[sender.fd] = lambda mask, c=sender: self._drop_cancel(c, send=True)
+
+    def _drop_cancel(self, sender: srv.CancelSender, send: bool = False) -> None:
+        self.cancels.pop(sender.fd, None)
+        self.handlers.pop(sender.fd, None)
+        try:
+            self.epoll.unregister(sender.fd)
+        except (OSError, ValueError):
+            pass
+        if send:
+            sender.writable()
+        else:
+            sender.sock.close()
+
+
+def _has_whole_message(buf: bytearray) -> bool:
+    return len(buf) >= 5 and len(buf) >= 1 + _length(buf, 1)[0]
+
+
+def main(settings, database: str, user: str, chan: socket.socket,
+         table: status.StatusTable, slot: int, secret: str | None) -> None:
+    """Entry point in the forked pooled-backend process."""
+    process.set_title(f"backend {database}/{user} 0 sessions 0 waiting")
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the postmaster says how to stop
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    PooledBackend(settings, database, user, chan, table, slot, secret).run()

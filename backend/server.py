@@ -1,0 +1,153 @@
+"""A backend's connection to the upstream PostgreSQL server: non-blocking connect, login, state."""
+
+import socket
+import struct
+import time
+
+from ..shared import auth, protocol
+from ..shared.errors import PgError
+
+# States of a server connection, as PgBouncer names its SV_* states.
+CONNECTING = "connecting"   # TCP/unix connect in progress
+LOGIN = "login"             # startup packet sent, authenticating
+IDLE = "idle"               # ready, no session owns it
+ACTIVE = "active"           # a session owns it until ReadyForQuery 'I'
+CLOSED = "closed"
+
+_two_int32 = struct.Struct("!ii")
+
+
+def upstream_address(settings) -> tuple[int, object]:
+    """(address family, address) of the upstream server, as libpq reads host/port."""
+    host, port = settings.upstream_host, settings.upstream_port
+    if host.startswith("/"):
+        return socket.AF_UNIX, f"{host}/.s.PGSQL.{port}"
+    family, _type, _proto, _name, addr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM)[0]
+    return family, addr
+
+
+class ServerConnection:
+    """One server connection and its protocol state, driven by a backend's event loop."""
+
+    __slots__ = ("sock", "fd", "state", "mask", "inbuf", "outbuf", "params", "pid", "key",
+                 "owner", "context", "pending", "unsynced", "swallow", "restore_error",
+                 "idle_status", "deadline", "_reader", "_auth", "_startup")
+
+    def __init__(self, settings, startup: dict[str, str], secret: str | None):
+        family, addr = upstream_address(settings)
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setblocking(False)
+        if family != socket.AF_UNIX:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.fd = self.sock.fileno()
+        self.state = CONNECTING
+        self.mask = 0
+        self.inbuf = bytearray()
+        self.outbuf = bytearray()
+        self.params: dict[str, str] = {}   # ParameterStatus values currently in force
+        self.pid = 0
+        self.key = 0
+        self.owner = None                   # the Session that owns the connection now
+        self.context: dict[str, str] = {}   # session settings applied on the server now
+        self.pending = 0                    # ReadyForQuery messages still to come
+        self.unsynced = False               # extended-protocol messages sent since last Sync
+        self.swallow = 0                    # ReadyForQuery of the pooler's own queries to hide
+        self.restore_error: PgError | None = None
+        self.deadline = time.monotonic() + settings.upstream_connect_timeout
+        self.idle_status = True            # the last ReadyForQuery said 'I'
+        self._reader = protocol.MessageReader()
+        self._auth = auth.ClientAuth(startup["user"], secret)
+        self._startup = startup
+        try:
+            self.sock.connect(addr)
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            self.close()
+            raise PgError("sqlclient_unable_to_establish_sqlconnection",
+                          f"could not connect to upstream server: {exc.strerror or exc}")
+
+    def connected(self) -> bytes:
+        """Called when the socket turns writable in CONNECTING: the startup packet to send."""
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise PgError("sqlclient_unable_to_establish_sqlconnection",
+                          f"could not connect to upstream server: {socket.errno.errorcode.get(err, err)}")
+        self.state = LOGIN
+        return protocol.startup_message(self._startup)
+
+    def login(self, data: bytes, on_message=None) -> bytes:
+        """Feed bytes received during LOGIN; returns bytes to send back.
+
+        Sets state IDLE after ReadyForQuery.  on_message(type, payload) sees every
+        message (the dedicated backend relays ParameterStatus and notices to its client).
+        Raises PgError with the server's own error if it refuses us.
+        """
+        self._reader.feed(data)
+        out = b""
+        while self.state == LOGIN:
+            item = self._reader.next()
+            if item is None:
+                break
+            msg_type, payload = item
+            if msg_type == protocol.AUTHENTICATION:
+                code = struct.unpack_from("!i", payload)[0]
+                if code != protocol.AUTH_OK:
+                    out += self._auth.respond(code, payload[4:])
+            elif msg_type == protocol.PARAMETER_STATUS:
+                name, pos = protocol.read_cstring(payload, 0)
+                value, _ = protocol.read_cstring(payload, pos)
+                self.params[name] = value
+            elif msg_type == protocol.BACKEND_KEY_DATA:
+                self.pid, self.key = _two_int32.unpack(payload)
+            elif msg_type == protocol.ERROR_RESPONSE:
+                raise PgError.from_fields(protocol.parse_error_fields(payload))
+            elif msg_type == protocol.READY_FOR_QUERY:
+                self.state = IDLE
+            if on_message is not None:
+                on_message(msg_type, payload)
+        if self.state == IDLE:
+            # Whatever followed ReadyForQuery (nothing, normally) is ordinary traffic.
+            self.inbuf = self._reader.buf
+            self._reader = None
+            self._auth = None
+        return out
+
+    def cancel_packet(self) -> bytes:
+        return protocol.cancel_request(self.pid, self.key)
+
+    def close(self) -> None:
+        if self.state != CLOSED:
+            self.state = CLOSED
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+
+
+class CancelSender:
+    """A one-shot connection that delivers a CancelRequest to the upstream server."""
+
+    __slots__ = ("sock", "fd", "packet", "deadline")
+
+    def __init__(self, settings, packet: bytes):
+        family, addr = upstream_address(settings)
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setblocking(False)
+        self.fd = self.sock.fileno()
+        self.packet = packet
+        self.deadline = time.monotonic() + settings.upstream_connect_timeout
+        try:
+            self.sock.connect(addr)
+        except BlockingIOError:
+            pass
+
+    def writable(self) -> None:
+        """Send the request; the server closes the connection when it has read it."""
+        try:
+            if not self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                self.sock.send(self.packet)
+        except OSError:
+            pass
+        self.sock.close()

@@ -1,0 +1,151 @@
+"""The pgforkpool command: start, reload, stop and status, in the manner of pg_ctl."""
+
+import json
+import os
+import signal
+import sys
+import time
+
+import click
+import psutil
+import yaml
+
+from ..shared import config, log, status
+
+STOP_SIGNALS = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}
+
+
+def _load(config_file: str, overrides: tuple[str, ...] = ()) -> config.Settings:
+    try:
+        return config.load_config(config_file, overrides)
+    except config.ConfigError as exc:
+        raise click.ClickException(str(exc))
+
+
+def _postmaster_pid(settings: config.Settings) -> int | None:
+    """The running postmaster's pid: from pid_file if set, else from the status table."""
+    pid = None
+    if settings.pid_file:
+        try:
+            with open(settings.pid_file) as f:
+                pid = int(f.readline().strip())
+        except (OSError, ValueError):
+            pid = None
+    if pid is None:
+        table = status.StatusTable.attach(settings.port)
+        pid = table.postmaster_pid if table is not None else None
+    if pid is None:
+        return None
+    try:
+        title = " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
+        return None
+    return pid if "pgforkpool" in title else None
+
+
+def _running_pid(settings: config.Settings) -> int:
+    pid = _postmaster_pid(settings)
+    if pid is None:
+        raise click.ClickException(f"no pgforkpool is running on port {settings.port}")
+    return pid
+
+
+@click.group()
+@click.version_option(package_name="pgforkpool")
+def main() -> None:
+    """pgforkpool: a PostgreSQL connection pooler with session semantics."""
+
+
+@main.command()
+@click.argument("config_file", type=click.Path(dir_okay=False))
+@click.option("-c", "overrides", multiple=True, metavar="NAME=VALUE",
+              help="Set a configuration parameter, overriding the file.")
+def start(config_file: str, overrides: tuple[str, ...]) -> None:
+    """Run the pooler in the foreground (systemd Type=notify)."""
+    from .main import Postmaster, StartupFailure
+
+    settings = _load(config_file, overrides)
+    log.setup(settings.log_min_messages)
+    try:
+        Postmaster(settings).run()
+    except StartupFailure as exc:
+        log.get("postmaster").critical("%s", exc)
+        sys.exit(1)
+    except OSError as exc:
+        log.get("postmaster").critical("%s", exc)
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("config_file", type=click.Path(exists=True, dir_okay=False))
+def reload(config_file: str) -> None:
+    """Make the running pooler re-read its configuration (SIGHUP)."""
+    settings = _load(config_file)
+    os.kill(_running_pid(settings), signal.SIGHUP)
+    click.echo("server signaled")
+
+
+@main.command()
+@click.argument("config_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--mode", type=click.Choice(list(STOP_SIGNALS)), default="fast", show_default=True,
+              help="smart: wait for sessions to end; fast: roll back and close them; "
+                   "immediate: kill every process.")
+@click.option("--timeout", type=float, default=60.0, show_default=True,
+              help="Seconds to wait for the pooler to exit.")
+def stop(config_file: str, mode: str, timeout: float) -> None:
+    """Stop the running pooler and wait until it has exited."""
+    settings = _load(config_file)
+    pid = _running_pid(settings)
+    os.kill(pid, STOP_SIGNALS[mode])
+    click.echo("waiting for server to shut down...", nl=False)
+    deadline = time.monotonic() + timeout
+    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        if time.monotonic() > deadline:
+            click.echo(" failed")
+            raise click.ClickException("server does not shut down")
+        time.sleep(0.1)
+        click.echo(".", nl=False)
+    click.echo(" done\nserver stopped")
+
+
+def status_rows(table: status.StatusTable) -> list[dict]:
+    """One row per backend, as SHOW BACKENDS lists them."""
+    rows = []
+    for slot in table.slots():
+        if not slot["pid"]:
+            continue
+        rows.append({
+            "pid": slot["pid"], "type": slot["kind"], "database": slot["database"],
+            "user": slot["user"], "sessions": slot["sessions"], "waiting": slot["waiting"],
+            "pinned": slot["pinned"], "transactions": slot["transactions"],
+            "load_average": round(slot["load_average"], 4),
+            "draining": bool(slot["draining"]),
+        })
+    return rows
+
+
+@main.command("status")
+@click.argument("config_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "yaml"]), default="table",
+              show_default=True)
+def status_command(config_file: str, fmt: str) -> None:
+    """Show the running pooler's backends and their load."""
+    settings = _load(config_file)
+    pid = _running_pid(settings)
+    table = status.StatusTable.attach(settings.port)
+    rows = status_rows(table) if table is not None else []
+    data = {"postmaster_pid": pid, "port": settings.port, "backends": rows}
+    if fmt == "json":
+        click.echo(json.dumps(data, indent=2))
+    elif fmt == "yaml":
+        click.echo(yaml.safe_dump(data, sort_keys=False), nl=False)
+    else:
+        click.echo(f"pgforkpool postmaster {pid}, port {settings.port}")
+        columns = ["pid", "type", "database", "user", "sessions", "waiting", "pinned",
+                   "transactions", "load_average", "draining"]
+        widths = {c: max([len(c)] + [len(str(r[c])) for r in rows]) for c in columns}
+        click.echo(" | ".join(c.ljust(widths[c]) for c in columns))
+        click.echo("-+-".join("-" * widths[c] for c in columns))
+        for r in rows:
+            click.echo(" | ".join(str(r[c]).ljust(widths[c]) for c in columns))
+        click.echo(f"({len(rows)} rows)")

@@ -1,0 +1,555 @@
+"""The postmaster: binds the sockets, forks and supervises every other process, routes sessions.
+
+Shaped like gunicorn's arbiter: signal handlers only wake the loop; the loop
+dispatches to one method per signal; supervision is reap, then respawn.  The
+postmaster never blocks on a client and never speaks the query protocol.
+"""
+
+import errno
+import grp
+import os
+import pwd
+import select
+import signal
+import socket
+import time
+
+from ..shared import auth, channel, config, log, process, status
+from ..shared.errors import PgError
+from .pools import BackendSlot, Pool
+
+logger = log.get("postmaster")
+
+MAX_STATUS_SLOTS = 4096
+ACCEPT_BATCH = 64
+
+
+class ListenerSlot:
+    __slots__ = ("number", "pid", "chan", "in_flight")
+
+    def __init__(self, number: int, pid: int, chan: socket.socket):
+        self.number = number
+        self.pid = pid
+        self.chan = chan
+        self.in_flight: set[int] = set()   # connection ids it is authenticating
+
+
+class StartupFailure(Exception):
+    pass
+
+
+class Postmaster:
+    def __init__(self, settings: config.Settings):
+        self.settings = settings
+        self.auth_entries: dict[str, str] = {}
+        self.listen_socks: list[socket.socket] = []
+        self.unix_paths: list[str] = []
+        self.epoll = select.epoll()
+        self.listeners: dict[int, ListenerSlot] = {}   # by pid
+        self.backends: dict[int, BackendSlot] = {}     # by pid, pooled and dedicated
+        self.pools: dict[tuple[str, str], Pool] = {}
+        self.by_chan: dict[int, object] = {}           # channel fd -> ListenerSlot/BackendSlot
+        self.connections = 0                           # client connections, all stages
+        self.next_conn_id = 0
+        self.table: status.StatusTable | None = None
+        self.signals: process.SignalPipe | None = None
+        self.shutdown_mode: str | None = None
+        self.pid_file_written = False
+
+    # ================================================================ start-up
+
+    def start(self) -> None:
+        settings = self.settings
+        self.auth_entries = auth.load_auth_file(settings.auth_file)
+        self._bind()
+        if os.geteuid() == 0:
+            self._switch_user()
+        elif settings.user and settings.user != pwd.getpwuid(os.geteuid()).pw_name:
+            logger.warning('"user = %s" is ignored: not started as root', settings.user)
+        self._write_pid_file()
+        self.table = status.StatusTable.create(settings.port, MAX_STATUS_SLOTS)
+        self.signals = process.SignalPipe((signal.SIGHUP, signal.SIGTERM, signal.SIGINT,
+                                           signal.SIGQUIT, signal.SIGCHLD))
+        self.epoll.register(self.signals.read_fd, select.EPOLLIN)
+        for number in range(1, settings.connection_pool_workers + 1):
+            self._spawn_listener(number)
+        process.set_title("postmaster")
+        logger.log(log.LOG, "pgforkpool is ready to accept connections on port %d "
+                   "(upstream %s:%d)", settings.port, settings.upstream_host, settings.upstream_port)
+        _sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=accepting connections")
+
+    def _bind(self) -> None:
+        settings = self.settings
+        addresses = [a.strip() for a in settings.listen_addresses.split(",") if a.strip()]
+        for address in addresses:
+            host = None if address == "*" else address
+            try:
+                infos = socket.getaddrinfo(host, settings.port, type=socket.SOCK_STREAM,
+                                           flags=socket.AI_PASSIVE)
+            except socket.gaierror as exc:
+                logger.warning('could not translate host name "%s" to address: %s', address, exc)
+                continue
+            seen = set()
+            for family, socktype, proto, _name, addr in infos:
+                if (family, addr[0]) in seen:
+                    continue
+                seen.add((family, addr[0]))
+                sock = socket.socket(family, socktype, proto)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                try:
+                    sock.bind(addr)
+                except OSError as exc:
+                    sock.close()
+                    if exc.errno == errno.EADDRINUSE:
+                        raise StartupFailure(
+                            f'could not bind {addr[0]} port {settings.port}: address already in use; '
+                            "is another pooler already running on this port?")
+                    logger.warning("could not bind %s port %d: %s", addr[0], settings.port, exc.strerror)
+                    continue
+                self._listen(sock)
+        for directory in settings.unix_socket_directories:
+            path = os.path.join(directory, f".s.PGSQL.{settings.port}")
+            self._remove_stale_socket(path)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.bind(path)
+            except OSError as exc:
+                sock.close()
+                raise StartupFailure(f'could not create Unix-domain socket "{path}": {exc.strerror}')
+            os.chmod(path, 0o777)
+            self.unix_paths.append(path)
+            self._listen(sock)
+        if not self.listen_socks:
+            raise StartupFailure("no socket created for listening")
+
+    def _listen(self, sock: socket.socket) -> None:
+        sock.listen(1024)
+        sock.setblocking(False)
+        self.listen_socks.append(sock)
+        self.epoll.register(sock.fileno(), select.EPOLLIN)
+
+    @staticmethod
+    def _remove_stale_socket(path: str) -> None:
+        if not os.path.exists(path):
+            return
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)   # nobody listens: left over from a crash
+            return
+        finally:
+            probe.close()
+        raise StartupFailure(f'could not create Unix-domain socket "{path}": '
+                             "another server is already listening on it")
+
+    def _switch_user(self) -> None:
+        """Started as root: become `user` after binding, before forking anything."""
+        name = self.settings.user
+        if not name:
+            raise StartupFailure('pgforkpool must not run as root: set "user" to the '
+                                 "operating-system user it should switch to")
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            raise StartupFailure(f'user "{name}" does not exist')
+        for path in self.unix_paths:
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+        os.setgroups([g.gr_gid for g in grp.getgrall() if name in g.gr_mem] + [entry.pw_gid])
+        os.setgid(entry.pw_gid)
+        os.setuid(entry.pw_uid)
+        os.environ["HOME"] = entry.pw_dir
+        os.environ["USER"] = os.environ["LOGNAME"] = name
+
+    def _write_pid_file(self) -> None:
+        if not self.settings.pid_file:
+            return
+        with open(self.settings.pid_file, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        self.pid_file_written = True
+
+    # ================================================================ main loop
+
+    def run(self) -> None:
+        self.start()
+        try:
+            while True:
+                for fd, _mask in self.epoll.poll(1.0):
+                    if fd == self.signals.read_fd:
+                        self._handle_signals()
+                    elif fd in self.by_chan:
+                        self._read_child(self.by_chan[fd])
+                    else:
+                        self._accept(fd)
+                if self.shutdown_mode and not self.listeners and not self.backends:
+                    break
+        finally:
+            self._cleanup()
+
+    def _handle_signals(self) -> None:
+        for signum in self.signals.pending():
+            if signum == signal.SIGCHLD:
+                self.reap_children()
+            elif signum == signal.SIGHUP:
+                self.handle_hup()
+            elif signum == signal.SIGTERM:
+                self.handle_shutdown("smart")
+            elif signum == signal.SIGINT:
+                self.handle_shutdown("fast")
+            elif signum == signal.SIGQUIT:
+                self.handle_quit()
+
+    def _accept(self, fd: int) -> None:
+        sock = next((s for s in self.listen_socks if s.fileno() == fd), None)
+        if sock is None:
+            return
+        for _ in range(ACCEPT_BATCH):
+            try:
+                client, _addr = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                logger.warning("could not accept new connection: %s", exc)
+                return
+            self._hand_to_listener(client)
+
+    def _hand_to_listener(self, client: socket.socket) -> None:
+        self.next_conn_id += 1
+        conn_id = self.next_conn_id
+        reject = None
+        if self.connections >= self.settings.max_connections:
+            reject = "too_many_connections"
+        with client:
+            for listener in sorted(self.listeners.values(), key=lambda l: len(l.in_flight)):
+                try:
+                    channel.send(listener.chan, ("connection", conn_id, reject), client.fileno())
+                except OSError:
+                    continue
+                listener.in_flight.add(conn_id)
+                self.connections += 1
+                return
+            logger.warning("no listener process available: connection closed")
+
+    # ================================================================ children's messages
+
+    def _read_child(self, child) -> None:
+        while True:
+            try:
+                msg, fd = channel.receive(child.chan)
+            except BlockingIOError:
+                return
+            except OSError:
+                msg, fd = None, None
+            if msg is None:
+                self._forget_channel(child)
+                return
+            if isinstance(child, ListenerSlot):
+                self._listener_message(child, msg, fd)
+            else:
+                self._backend_message(child, msg)
+
+    def _listener_message(self, listener: ListenerSlot, msg: tuple, fd: int | None) -> None:
+        kind, conn_id = msg[0], msg[1]
+        listener.in_flight.discard(conn_id)
+        if kind == "startup":
+            try:
+                self._assign(conn_id, msg[2], fd)
+            finally:
+                os.close(fd)
+        elif kind == "cancel":
+            backend = self.backends.get(msg[2])
+            if backend is not None:
+                try:
+                    channel.send(backend.chan, ("cancel", msg[3]))
+                except OSError:
+                    pass
+        elif kind == "closed":
+            self.connections -= 1
+
+    def _backend_message(self, backend: BackendSlot, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "closed":
+            backend.sessions -= 1
+            self.connections -= 1
+            if backend.draining and backend.sessions == 0 and backend.pool is not None:
+                self._tell(backend, ("shutdown", "smart"))
+        elif kind == "server_failed" and backend.sessions == 0:
+            # The upstream refuses this pool (no such database or role): do not keep
+            # a process for it; the next session of the pool starts afresh.
+            self._retire(backend)
+
+    def _assign(self, conn_id: int, startup: dict[str, str], fd: int) -> None:
+        """Choose the backend for an authenticated client and pass its socket on."""
+        settings = self.settings
+        database, user = startup["database"], startup["user"]
+        if self.shutdown_mode:
+            self._refuse(fd, conn_id, PgError("cannot_connect_now", "the database system is shutting down"))
+            return
+        if database in settings.dedicated_databases or user in settings.dedicated_users:
+            self._spawn_dedicated(conn_id, startup, fd)
+            return
+        pool = self.pools.get((database, user))
+        if pool is None:
+            pool = self.pools[(database, user)] = Pool(database, user)
+        if len(pool.backends) < settings.session_pool_size:
+            backend = self._spawn_pooled(pool)
+        else:
+            backend = pool.choose(settings, self.table)
+        if backend is None:
+            self._refuse(fd, conn_id, PgError(
+                "too_many_connections",
+                f'too many sessions for database "{database}" and user "{user}"',
+                detail=f"All {len(pool.backends)} pooled backends of the pool serve "
+                       f"max_sessions ({settings.max_sessions}) sessions."))
+            return
+        try:
+            channel.send(backend.chan, ("session", conn_id, startup), fd)
+        except OSError as exc:
+            self._refuse(fd, conn_id, PgError("connection_failure",
+                                              f"could not pass the connection to a backend: {exc}"))
+            return
+        backend.sessions += 1
+
+    def _refuse(self, fd: int, conn_id: int, error: PgError) -> None:
+        """Tell an authenticated client why it cannot be served (one small write) and close."""
+        try:
+            os.set_blocking(fd, False)
+            os.write(fd, error.packet())
+        except OSError:
+            pass
+        self.connections -= 1
+        logger.log(log.LOG, "connection %d refused: %s", conn_id, error.text)
+
+    # ================================================================ forking
+
+    def _fork(self, title: str, entry) -> tuple[int, socket.socket]:
+        """Fork a child that runs entry(channel); returns its pid and our end of the channel."""
+        parent_end, child_end = channel.channel_pair()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                parent_end.close()
+                self._close_in_child()
+                process.become_child(title)
+                entry(child_end)
+            except BaseException:
+                logger.exception("%s failed", title)
+            finally:
+                os._exit(1)
+        child_end.close()
+        parent_end.setblocking(False)
+        self.epoll.register(parent_end.fileno(), select.EPOLLIN)
+        return pid, parent_end
+
+    def _close_in_child(self) -> None:
+        self.epoll.close()
+        for sock in self.listen_socks:
+            sock.close()
+        for child in list(self.listeners.values()) + list(self.backends.values()):
+            child.chan.close()
+        self.signals.close()
+
+    def _spawn_listener(self, number: int) -> None:
+        from ..listener import worker
+        settings = self.settings
+        pid, chan = self._fork(f"listener {number}",
+                               lambda c: worker.main(number, settings, c))
+        slot = ListenerSlot(number, pid, chan)
+        self.listeners[pid] = slot
+        self.by_chan[chan.fileno()] = slot
+
+    def _spawn_pooled(self, pool: Pool) -> BackendSlot:
+        from ..backend import pooled
+        secret = self.auth_entries.get(pool.user)
+        table, settings = self.table, self.settings
+        # The slot is claimed before the fork so that the child knows it.
+        slot = table.claim(0, status.KIND_POOLED, pool.database, pool.user)
+        pid, chan = self._fork(f"backend {pool.database}/{pool.user}",
+                               lambda c: pooled.main(settings, pool.database, pool.user, c,
+                                                     table, slot, secret))
+        if slot is not None:
+            table.counters(slot)[status.PID] = pid
+        backend = BackendSlot(pid, chan, status.KIND_POOLED, pool, slot)
+        pool.backends.append(backend)
+        self.backends[pid] = backend
+        self.by_chan[chan.fileno()] = backend
+        return backend
+
+    def _spawn_dedicated(self, conn_id: int, startup: dict[str, str], fd: int) -> None:
+        from ..backend import dedicated
+        secret = self.auth_entries.get(startup["user"])
+        table, settings = self.table, self.settings
+        slot = table.claim(0, status.KIND_DEDICATED, startup["database"], startup["user"])
+        counters = table.counters(slot) if slot is not None else memoryview(bytearray(8 * 16)).cast("q")
+        pid, chan = self._fork(f"dedicated backend {startup['database']}/{startup['user']}",
+                               lambda c: dedicated.main(settings, conn_id, startup, fd, c,
+                                                        counters, secret))
+        if slot is not None:
+            table.counters(slot)[status.PID] = pid
+        backend = BackendSlot(pid, chan, status.KIND_DEDICATED, None, slot)
+        backend.sessions = 1
+        self.backends[pid] = backend
+        self.by_chan[chan.fileno()] = backend
+
+    def _tell(self, child, message: tuple) -> None:
+        try:
+            channel.send(child.chan, message)
+        except OSError:
+            pass
+
+    def _retire(self, backend: BackendSlot) -> None:
+        """No new sessions for this backend; it exits once its sessions have ended."""
+        backend.draining = True
+        if backend.slot is not None:
+            self.table.counters(backend.slot)[status.DRAINING] = 1
+        if backend.pool is not None and backend in backend.pool.backends:
+            backend.pool.backends.remove(backend)
+        self._tell(backend, ("shutdown", "smart"))
+
+    # ================================================================ supervision
+
+    def reap_children(self) -> None:
+        while True:
+            try:
+                pid, wstatus = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self._child_exited(pid, wstatus)
+
+    def _child_exited(self, pid: int, wstatus: int) -> None:
+        listener = self.listeners.pop(pid, None)
+        backend = self.backends.pop(pid, None)
+        child = listener or backend
+        if child is None:
+            return
+        code = os.waitstatus_to_exitcode(wstatus)
+        abnormal = code != 0 and not self.shutdown_mode
+        if abnormal:
+            how = f"was terminated by signal {-code}" if code < 0 else f"exited with exit code {code}"
+            kind = "listener" if listener else "backend"
+            logger.log(log.LOG, "%s process (PID %d) %s", kind, pid, how)
+        self._forget_channel(child, closing=True)
+        if listener is not None:
+            # Connections it was authenticating are gone with it.
+            self.connections -= len(listener.in_flight)
+            if not self.shutdown_mode:
+                self._spawn_listener(listener.number)
+            return
+        self.connections -= backend.sessions
+        if backend.pool is not None and backend in backend.pool.backends:
+            backend.pool.backends.remove(backend)
+        if backend.slot is not None:
+            self.table.release(backend.slot)
+
+    def _forget_channel(self, child, closing: bool = False) -> None:
+        fd = child.chan.fileno()
+        if fd < 0:
+            return
+        self.by_chan.pop(fd, None)
+        try:
+            self.epoll.unregister(fd)
+        except (OSError, ValueError):
+            pass
+        if closing:
+            child.chan.close()
+
+    # ================================================================ signals
+
+    def handle_hup(self) -> None:
+        """Reload: apply a valid configuration file, or nothing at all."""
+        _sd_notify("RELOADING=1")
+        old = self.settings
+        try:
+            new = config.load_config(old.path, old.overrides)
+            entries = auth.load_auth_file(new.auth_file)
+        except (config.ConfigError, auth.AuthFileError) as exc:
+            logger.error("configuration file \"%s\" contains errors; no changes were applied", old.path)
+            logger.error("%s", exc)
+            _sd_notify("READY=1")
+            return
+        for name in config.changed_restart_parameters(old, new):
+            logger.log(log.LOG, 'parameter "%s" cannot be changed without restarting the server', name)
+            new.values[name] = old.values[name]
+        for name in config.PARAMETERS:
+            if new.values[name] != old.values[name]:
+                logger.log(log.LOG, 'parameter "%s" changed to "%s"', name, new.setting_text(name))
+        self.settings = new
+        self.auth_entries = entries
+        log.setup(new.log_min_messages)
+        for listener in self.listeners.values():
+            self._tell(listener, ("reload", new))
+        for backend in list(self.backends.values()):
+            if backend.pool is None:
+                continue
+            if new.restart_pooler_on_reload and not backend.draining:
+                self._retire(backend)
+            else:
+                self._tell(backend, ("reload", new, entries.get(backend.pool.user)))
+        logger.log(log.LOG, "received SIGHUP, reloading configuration files")
+        _sd_notify("READY=1")
+
+    def handle_shutdown(self, mode: str) -> None:
+        if self.shutdown_mode == "fast" or self.shutdown_mode == mode:
+            return
+        logger.log(log.LOG, "received %s shutdown request", mode)
+        _sd_notify("STOPPING=1")
+        self.shutdown_mode = mode
+        self._close_listen_sockets()
+        for listener in self.listeners.values():
+            self._tell(listener, ("shutdown", mode))
+        for backend in self.backends.values():
+            self._tell(backend, ("shutdown", mode))
+
+    def handle_quit(self) -> None:
+        logger.log(log.LOG, "received immediate shutdown request")
+        for pid in list(self.listeners) + list(self.backends):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self._cleanup()
+        os._exit(0)
+
+    def _close_listen_sockets(self) -> None:
+        for sock in self.listen_socks:
+            try:
+                self.epoll.unregister(sock.fileno())
+            except (OSError, ValueError):
+                pass
+            sock.close()
+        self.listen_socks = []
+        for path in self.unix_paths:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        self.unix_paths = []
+
+    def _cleanup(self) -> None:
+        self._close_listen_sockets()
+        if self.table is not None:
+            self.table.unlink()
+        if self.pid_file_written:
+            try:
+                os.unlink(self.settings.pid_file)
+            except OSError:
+                pass
+        logger.log(log.LOG, "pgforkpool shut down")
+
+
+def _sd_notify(message: str) -> None:
+    """Tell systemd our state (Type=notify), if it is listening."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(message.encode(), address)
+    except OSError as exc:
+        logger.warning("could not notify systemd: %s", exc)

@@ -1,0 +1,147 @@
+"""The shared-memory status table: one slot per backend, written by backends, read by everyone.
+
+A file-backed mapping in /dev/shm (named after the port) so that the postmaster,
+its children and `pgforkpool status` all read the same numbers, the way
+PostgreSQL's backends publish theirs in shared memory for pg_stat_activity.
+Each backend writes only its own slot; the postmaster claims and frees slots.
+"""
+
+import mmap
+import os
+import struct
+import tempfile
+import time
+
+MAGIC = b"PGFKPOOL"
+HEADER = struct.Struct("!8sqqd")  # magic, postmaster pid, number of slots, start time
+HEADER_SIZE = 64
+NAMEDATALEN = 64
+
+# Integer fields of a slot, in order (native int64, so a backend updates them
+# through a memoryview cast without packing).
+FIELDS = ("in_use", "pid", "kind", "draining", "sessions", "waiting", "pinned",
+          "turns", "ready_sum", "started_us", "served", "transactions",
+          "server_connections", "reserved1", "reserved2", "reserved3")
+(IN_USE, PID, KIND, DRAINING, SESSIONS, WAITING, PINNED, TURNS, READY_SUM, STARTED_US,
+ SERVED, TRANSACTIONS, SERVER_CONNECTIONS) = range(13)
+INT_BYTES = len(FIELDS) * 8
+SLOT_SIZE = INT_BYTES + 2 * NAMEDATALEN
+
+KIND_POOLED = 1
+KIND_DEDICATED = 2
+KIND_NAMES = {KIND_POOLED: "pooled", KIND_DEDICATED: "dedicated"}
+
+
+def table_path(port: int) -> str:
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    return os.path.join(base, f"pgforkpool.{port}.status")
+
+
+class StatusTable:
+    """The mapping itself; create() in the postmaster, attach() in `pgforkpool status`."""
+
+    def __init__(self, path: str, mm: mmap.mmap, nslots: int):
+        self.path = path
+        self.mm = mm
+        self.nslots = nslots
+
+    @classmethod
+    def create(cls, port: int, nslots: int) -> "StatusTable":
+        path = table_path(port)
+        size = HEADER_SIZE + nslots * SLOT_SIZE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.ftruncate(fd, size)
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        HEADER.pack_into(mm, 0, MAGIC, os.getpid(), nslots, time.time())
+        return cls(path, mm, nslots)
+
+    @classmethod
+    def attach(cls, port: int) -> "StatusTable | None":
+        path = table_path(port)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            size = os.fstat(fd).st_size
+            if size < HEADER_SIZE:
+                return None
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        magic, _pid, nslots, _started = HEADER.unpack_from(mm, 0)
+        if magic != MAGIC or HEADER_SIZE + nslots * SLOT_SIZE > size:
+            return None
+        return cls(path, mm, nslots)
+
+    @property
+    def postmaster_pid(self) -> int:
+        return HEADER.unpack_from(self.mm, 0)[1]
+
+    def unlink(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    # -- the postmaster's side
+
+    def claim(self, pid: int, kind: int, database: str, user: str) -> int | None:
+        """Take a free slot for a new backend; None when the table is full."""
+        for index in range(self.nslots):
+            ints = self.counters(index)
+            if not ints[IN_USE]:
+                for field in range(len(FIELDS)):
+                    ints[field] = 0
+                ints[PID] = pid
+                ints[KIND] = kind
+                ints[STARTED_US] = int(time.time() * 1e6)
+                names = self._offset(index) + INT_BYTES
+                self.mm[names:names + 2 * NAMEDATALEN] = (
+                    _name(database) + _name(user))
+                ints[IN_USE] = 1
+                return index
+        return None
+
+    def release(self, index: int) -> None:
+        self.counters(index)[IN_USE] = 0
+
+    # -- everybody's side
+
+    def _offset(self, index: int) -> int:
+        return HEADER_SIZE + index * SLOT_SIZE
+
+    def counters(self, index: int) -> memoryview:
+        """The slot's integer fields as a writable int64 view (read-only if attached)."""
+        start = self._offset(index)
+        return memoryview(self.mm)[start:start + INT_BYTES].cast("q")
+
+    def slot(self, index: int) -> dict:
+        ints = self.counters(index)
+        names = self._offset(index) + INT_BYTES
+        row = {field: ints[i] for i, field in enumerate(FIELDS) if not field.startswith("reserved")}
+        row["database"] = _unname(self.mm[names:names + NAMEDATALEN])
+        row["user"] = _unname(self.mm[names + NAMEDATALEN:names + 2 * NAMEDATALEN])
+        row["kind"] = KIND_NAMES.get(row["kind"], "unknown")
+        row["load_average"] = load_average(row["turns"], row["ready_sum"])
+        return row
+
+    def slots(self) -> list[dict]:
+        return [self.slot(i) for i in range(self.nslots) if self.counters(i)[IN_USE]]
+
+
+def load_average(turns: int, ready_sum: int) -> float:
+    """pg_backend_load_average: sessions ready to run per event-loop turn since start."""
+    return ready_sum / turns if turns else 0.0
+
+
+def _name(text: str) -> bytes:
+    raw = text.encode()[:NAMEDATALEN - 1]
+    return raw + bytes(NAMEDATALEN - len(raw))
+
+
+def _unname(raw: bytes) -> str:
+    return bytes(raw).split(b"\0", 1)[0].decode("utf-8", "replace")
