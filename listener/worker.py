@@ -7,6 +7,7 @@ connection goes back to the postmaster as its socket plus startup parameters.
 
 import os
 import select
+import signal
 import socket
 import struct
 import time
@@ -135,6 +136,8 @@ class Listener:
         except PgError as exc:
             self._fail(conn, exc)
         except auth.AuthFailed as exc:
+            if exc.log_detail:
+                logger.log(log.LOG, "%s", exc.log_detail)
             self._fail(conn, exc.error)
 
     def _step(self, conn: StartupConnection) -> bool:
@@ -280,5 +283,6 @@ class Listener:
 def main(number: int, settings, chan: socket.socket) -> None:
     """Entry point in the forked listener process."""
     process.set_title(f"listener {number}")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the postmaster says when to stop
     Listener(number, settings, chan).run()
     os._exit(0)
