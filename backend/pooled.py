@@ -1,10 +1,15 @@
 """The pooled backend: many client sessions of one (database, user) pool over one server connection.
 
 A session owns the server connection from its first message until the server
-says ReadyForQuery with status 'I' (and nothing more is outstanding); other
+says ReadyForQuery with status 'I' and nothing more is outstanding; other
 sessions with a whole message waiting queue in arrival order.  When the owner
 changes, the new owner's saved settings are put back on the server first, in
 the same write as its own first message.
+
+Each server connection keeps, in order, one entry per ReadyForQuery still to
+come: None for the owner's own work, or a HiddenQuery the pooler sent itself
+(restoring a context, reading settings back, rolling back for a vanished
+client).  Replies to hidden queries never reach a client.
 
 Every byte a client sends passes through _forward_client and every byte the
 server sends through _server_readable: keep them lean.
@@ -12,6 +17,7 @@ server sends through _server_readable: keep them lean.
 
 import collections
 import os
+import re
 import select
 import signal
 import socket
@@ -21,7 +27,9 @@ import time
 from ..shared import channel, log, process, protocol, status
 from ..shared.errors import PgError
 from . import server as srv
-from .session import ACTIVE, CLOSED, IDLE, REPORTED_SETTABLE, STARTING, WAITING, Session, restore_query
+from .session import (ACTIVE, CLOSED, IDLE, REPORTED_SETTABLE, STARTING, WAITING, Session,
+                      capture_query, captured_settings, custom_setting_names, fixup_query,
+                      restore_query)
 
 logger = log.get("backend")
 
@@ -30,12 +38,21 @@ _length = struct.Struct("!I").unpack_from
 
 # Message types the hot loops look at.
 _Q, _F, _SYNC, _X = protocol.QUERY, protocol.FUNCTION_CALL, protocol.SYNC, protocol.TERMINATE
+_PARSE = protocol.PARSE
 _EXTENDED = frozenset({protocol.PARSE, protocol.BIND, protocol.DESCRIBE, protocol.EXECUTE,
                        protocol.CLOSE, protocol.FLUSH})
 # Anything else from a client would make the server drop the shared connection.
 _COPY = frozenset({protocol.COPY_DATA, protocol.COPY_DONE, protocol.COPY_FAIL})
 _Z, _PS, _ERR = protocol.READY_FOR_QUERY, protocol.PARAMETER_STATUS, protocol.ERROR_RESPONSE
-_IDLE_STATUS = protocol.TRANS_IDLE
+_CC, _DATA_ROW = protocol.COMMAND_COMPLETE, ord("D")
+_IDLE_STATUS, _FAILED_STATUS = protocol.TRANS_IDLE, protocol.TRANS_FAILED
+
+# A statement that may change settings without a SET/RESET/DISCARD command tag,
+# or may name a custom setting.
+_SET_CONFIG = re.compile(rb"set_config|set\s+(?:session\s+|local\s+)?[a-z_0-9$]+\.", re.IGNORECASE)
+# Command tags after which the session's settings are read back.
+_SETTING_TAGS = (b"SET\0", b"RESET\0", b"DISCARD")
+_RESET_TAGS = (b"RESET\0", b"DISCARD")
 
 # Buffered bytes beyond which the producing side is paused.
 HIGH_WATER = 1 << 20
@@ -44,12 +61,28 @@ WAITING_INPUT_LIMIT = 1 << 16
 # Greeting parameter sets remembered per distinct context.
 GREETING_CACHE_SIZE = 64
 
-ROLLBACK = protocol.query("ROLLBACK")
+# Kinds of hidden queries.
+RESTORE = "restore"     # put the owner's settings on the server
+CAPTURE = "capture"     # read back settings the owner may have changed
+FIXUP = "fixup"         # after RESET/DISCARD: the owner's startup values again
+ROLLBACK = "rollback"   # end the transaction of a client that vanished
+
+
+class HiddenQuery:
+    """A query the pooler sent on a server connection, and what came back."""
+
+    __slots__ = ("kind", "session", "rows", "error")
+
+    def __init__(self, kind: str, session: Session | None):
+        self.kind = kind
+        self.session = session
+        self.rows: list[tuple[str, ...]] = []
+        self.error: PgError | None = None
 
 
 class PooledBackend:
     def __init__(self, settings, database: str, user: str, chan: socket.socket,
-                 table: status.StatusTable, slot: int, secret: str | None):
+                 table: status.StatusTable, slot: int | None, secret: str | None):
         self.settings = settings
         self.database = database
         self.user = user
@@ -81,8 +114,7 @@ class PooledBackend:
         handlers = self.handlers
         queue = self.queue
         while True:
-            timeout = self._timeout()
-            events = poll(timeout)
+            events = poll(self._timeout())
             for fd, mask in events:
                 handler = handlers.get(fd)
                 if handler is not None:
@@ -103,17 +135,17 @@ class PooledBackend:
     def _timeout(self) -> float:
         if self.server is not None and self.server.state in (srv.CONNECTING, srv.LOGIN):
             return max(0.0, self.server.deadline - time.monotonic())
-        if self.cancels:
+        if self.cancels or self.shutdown_mode:
             return 1.0
-        return 1.0 if self.shutdown_mode else 5.0
+        return 5.0
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
         server = self.server
         if server is not None and server.state in (srv.CONNECTING, srv.LOGIN) and now > server.deadline:
-            self._server_failed(PgError("sqlclient_unable_to_establish_sqlconnection",
-                                        "timeout expired while connecting to upstream server"))
-        for fd, sender in list(self.cancels.items()):
+            self._server_failed(server, PgError("sqlclient_unable_to_establish_sqlconnection",
+                                                "timeout expired while connecting to upstream server"))
+        for sender in list(self.cancels.values()):
             if now > sender.deadline:
                 self._drop_cancel(sender)
         self._update_title(now)
@@ -240,7 +272,7 @@ class PooledBackend:
         if session.state == IDLE:
             session.state = WAITING
         if server is not None and server.state == srv.IDLE and not self.queue:
-            self._activate(session)
+            self._activate(server, session)
             return
         self.queue.append(session)
         if server is None:
@@ -249,8 +281,10 @@ class PooledBackend:
     def _forward_client(self, session: Session, data: bytes) -> None:
         """Pass the session's whole messages to the server, noting what answers they await."""
         server = self.server
+        expect = server.expect
         n = len(data)
         pos = 0
+        text_checked = False
         while n - pos >= 5:
             msg_type = data[pos]
             length = _length(data, pos + 1)[0]
@@ -261,32 +295,46 @@ class PooledBackend:
             if end > n:
                 break
             if msg_type == _Q or msg_type == _F:
-                server.pending += 1
+                expect.append(None)
+                if not text_checked:
+                    text_checked = True
+                    if _SET_CONFIG.search(data):
+                        self._may_set(session, data)
             elif msg_type == _SYNC:
-                server.pending += 1
+                expect.append(None)
                 server.unsynced = False
             elif msg_type in _EXTENDED:
                 server.unsynced = True
+                if msg_type == _PARSE and not text_checked:
+                    text_checked = True
+                    if _SET_CONFIG.search(data):
+                        self._may_set(session, data)
             elif msg_type == _X:
                 if pos:
-                    self._server_send(data[:pos])
+                    self._server_send(server, data[:pos])
                 self._client_gone(session)
                 return
             elif msg_type not in _COPY:
                 if pos:
-                    self._server_send(data[:pos])
+                    self._server_send(server, data[:pos])
                 self._protocol_violation(session, f"invalid frontend message type {msg_type}")
                 return
             pos = end
         if pos == n:
-            self._server_send(data)
+            self._server_send(server, data)
         else:
             if pos:
-                self._server_send(data[:pos])
+                self._server_send(server, data[:pos])
             session.inbuf += data[pos:]
-        if server.pending == 0 and not server.unsynced and server.swallow == 0 and server.idle_status:
+        if not expect and not server.unsynced and server.idle_status:
             # Only messages that expect no answer (stray CopyData): nothing holds the server.
-            self._release()
+            self._boundary(server)
+
+    @staticmethod
+    def _may_set(session: Session, statements: bytes) -> None:
+        """The client sent text that may change settings: read them back after the transaction."""
+        session.dirty = True
+        session.custom_names |= custom_setting_names(statements)
 
     def _client_writable(self, session: Session) -> None:
         try:
@@ -336,6 +384,21 @@ class PooledBackend:
         session.greeted = True
         self._client_send(session, b"".join(out))
 
+    def _report_parameters(self, session: Session, params: dict[str, str]) -> None:
+        """Send the client the ParameterStatus values that differ from what it last saw.
+
+        PostgreSQL 14+ reports a setting only when its value changes on the
+        server, which is not the same as changing for this client.
+        """
+        seen = session.client_params
+        out = b""
+        for name, value in params.items():
+            if seen.get(name) != value:
+                seen[name] = value
+                out += protocol.parameter_status(name, value)
+        if out:
+            self._client_send(session, out)
+
     def _client_gone(self, session: Session) -> None:
         """The client disconnected or sent Terminate: end the session, clean the server."""
         if session.state == CLOSED:
@@ -344,16 +407,16 @@ class PooledBackend:
         server = self.server
         if server is not None and server.owner is session:
             # Finish what the session left on the server before anyone else uses it:
-            # close an unsynced pipeline, let running work end, roll back (see _server_readable).
+            # close an unsynced pipeline, cancel running work, then _boundary rolls back.
             if server.unsynced:
-                self._server_send(protocol.SYNC_MESSAGE)
-                server.pending += 1
+                self._server_send(server, protocol.SYNC_MESSAGE)
+                server.expect.append(None)
                 server.unsynced = False
-            if server.pending > 0 and server.swallow == 0:
-                self._send_cancel(server)
-            elif server.pending == 0 and server.swallow == 0:
-                self._server_send(ROLLBACK)
-                server.pending += 1
+            if server.expect:
+                if server.expect[0] is None:
+                    self._send_cancel(server)
+            else:
+                self._boundary(server)
         self._close_session(session)
 
     def _protocol_violation(self, session: Session, text: str) -> None:
@@ -389,28 +452,27 @@ class PooledBackend:
         try:
             server = srv.ServerConnection(self.settings, startup, self.secret)
         except PgError as exc:
-            self._server_failed(exc)
+            self._server_failed(None, exc)
             return
         self.server = server
-        self._register(server, EPOLLOUT, self._on_server)
+        self._register(server, EPOLLOUT, lambda mask, s=server: self._on_server(s, mask))
         self.counters[status.SERVER_CONNECTIONS] += 1
 
-    def _on_server(self, mask: int) -> None:
-        server = self.server
+    def _on_server(self, server: srv.ServerConnection, mask: int) -> None:
         state = server.state
         if state == srv.ACTIVE or state == srv.IDLE:
             if mask & EPOLLOUT:
-                self._server_writable()
-            if mask & (EPOLLIN | select.EPOLLHUP | select.EPOLLERR) and server is self.server:
-                self._server_readable()
+                self._server_writable(server)
+            if mask & (EPOLLIN | select.EPOLLHUP | select.EPOLLERR) and server.state != srv.CLOSED:
+                self._server_readable(server)
             return
         try:
             if state == srv.CONNECTING:
-                self._server_send(server.connected())
+                self._server_send(server, server.connected())
                 self._set_mask(server, EPOLLIN | (EPOLLOUT if server.outbuf else 0))
                 return
             if mask & EPOLLOUT:
-                self._server_writable()
+                self._server_writable(server)
             data = server.sock.recv(65536)
             if not data:
                 raise PgError("sqlclient_unable_to_establish_sqlconnection",
@@ -419,27 +481,27 @@ class PooledBackend:
         except BlockingIOError:
             return
         except OSError as exc:
-            self._server_failed(PgError("sqlclient_unable_to_establish_sqlconnection",
-                                        f"could not connect to upstream server: {exc}"))
+            self._server_failed(server, PgError("sqlclient_unable_to_establish_sqlconnection",
+                                                f"could not connect to upstream server: {exc}"))
             return
         except PgError as exc:
-            self._server_failed(exc)
+            self._server_failed(server, exc)
             return
         if reply:
-            self._server_send(reply)
+            self._server_send(server, reply)
         if server.state == srv.IDLE:
             logger.debug("server connection ready (server pid %d)", server.pid)
-            self._next_session()
+            self._next_session(server)
 
-    def _server_failed(self, error: PgError) -> None:
+    def _server_failed(self, server: srv.ServerConnection | None, error: PgError) -> None:
         """The server refused us or could not be reached: every waiting session hears why."""
         logger.log(log.LOG, "upstream connection for %s/%s failed: %s",
                    self.database, self.user, error.text)
-        server = self.server
         if server is not None:
             self._unregister(server)
             server.close()
-            self.server = None
+            if self.server is server:
+                self.server = None
         error.severity = "FATAL"
         packet = error.packet()
         for session in list(self.queue):
@@ -449,8 +511,7 @@ class PooledBackend:
         if not self.sessions and error.sqlstate in ("3D000", "28000", "28P01"):
             channel.send(self.chan, ("server_failed", error.sqlstate))
 
-    def _server_send(self, data: bytes) -> None:
-        server = self.server
+    def _server_send(self, server: srv.ServerConnection, data: bytes) -> None:
         if server.outbuf:
             server.outbuf += data
         else:
@@ -469,8 +530,13 @@ class PooledBackend:
             owner.paused = True
             self._set_mask(owner, owner.mask & ~EPOLLIN)
 
-    def _server_writable(self) -> None:
-        server = self.server
+    def _hidden(self, server: srv.ServerConnection, kind: str, sql: str,
+                session: Session | None = None) -> None:
+        """Send a query of the pooler's own; its replies go to _hidden_done, not to a client."""
+        server.expect.append(HiddenQuery(kind, session))
+        self._server_send(server, protocol.query(sql))
+
+    def _server_writable(self, server: srv.ServerConnection) -> None:
         try:
             sent = server.sock.send(server.outbuf)
         except BlockingIOError:
@@ -485,8 +551,7 @@ class PooledBackend:
                 owner.paused = False
                 self._set_mask(owner, owner.mask | EPOLLIN)
 
-    def _server_readable(self) -> None:
-        server = self.server
+    def _server_readable(self, server: srv.ServerConnection) -> None:
         try:
             data = server.sock.recv(262144)
         except BlockingIOError:
@@ -494,108 +559,161 @@ class PooledBackend:
         except OSError:
             data = b""
         if not data:
-            self._server_lost()
+            self._server_lost(server)
             return
         if server.inbuf:
             server.inbuf += data
             data = bytes(server.inbuf)
             server.inbuf.clear()
-        pos = 0
-        if server.swallow:
-            pos = self._consume_restore(data)
-            if server.swallow or server is not self.server:
-                return
+        self._server_data(server, data)
+
+    def _server_data(self, server: srv.ServerConnection, data: bytes) -> None:
         owner = server.owner
+        expect = server.expect
+        hidden = expect[0] if expect else None
         n = len(data)
-        start = pos
-        release = False
+        pos = start = 0      # data[start:pos] is to be forwarded to the owner
+        boundary = False
         while n - pos >= 5:
             msg_type = data[pos]
             end = pos + 1 + _length(data, pos + 1)[0]
             if end > n:
                 break
+            if hidden is not None:
+                # A reply to the pooler's own query: forward what came before, keep this.
+                if pos > start and owner is not None:
+                    self._client_send(owner, data[start:pos])
+                start = end
+                self._hidden_message(server, hidden, msg_type, data, pos + 5, end)
+                if msg_type == _Z:
+                    expect.popleft()
+                    server.idle_status = data[pos + 5] == _IDLE_STATUS
+                    self._hidden_done(server, hidden)
+                    if server.state == srv.CLOSED:
+                        return
+                    if server.owner is not owner:
+                        if end < n:   # the rest is the next owner's
+                            self._server_data(server, data[end:])
+                        return
+                    hidden = expect[0] if expect else None
+                pos = end
+                continue
             if msg_type == _Z:
-                server.pending -= 1
-                idle = server.idle_status = data[pos + 5] == _IDLE_STATUS
-                if server.pending <= 0 and not server.unsynced:
-                    server.pending = 0
-                    if idle:
-                        release = True
-                    elif owner is None or owner.gone:
-                        self._server_send(ROLLBACK)
-                        server.pending = 1
+                if expect:
+                    expect.popleft()
+                server.idle_status = data[pos + 5] == _IDLE_STATUS
+                if not expect and not server.unsynced:
+                    if server.fixup and data[pos + 5] != _FAILED_STATUS and owner is not None and not owner.gone:
+                        # Hold the ReadyForQuery until the startup values are back.
+                        server.fixup = False
+                        if pos > start:
+                            self._client_send(owner, data[start:pos])
+                        server.held = data[pos:end]
+                        start = end
+                        self._hidden(server, FIXUP, fixup_query(owner.startup), owner)
+                        hidden = expect[0]
+                        pos = end
+                        continue
+                    boundary = True
+                hidden = expect[0] if expect else None
+            elif msg_type == _CC:
+                tag = data[pos + 5:pos + 13]
+                if tag.startswith(_SETTING_TAGS) and owner is not None:
+                    owner.dirty = True
+                    if tag.startswith(_RESET_TAGS) and owner.startup:
+                        server.fixup = True
             elif msg_type == _PS:
-                self._parameter_status(owner, data, pos + 5, end)
+                self._parameter_status(server, owner, data, pos + 5, end)
             pos = end
         if pos < n:
             server.inbuf += data[pos:]
         if owner is not None and not owner.gone and pos > start:
             self._client_send(owner, data[start:pos] if start or pos < n else data)
-        if release:
-            self._release()
+        if boundary:
+            self._boundary(server)
 
-    def _parameter_status(self, owner: Session, data: bytes, pos: int, end: int) -> None:
+    def _parameter_status(self, server: srv.ServerConnection, owner: Session | None,
+                          data: bytes, pos: int, end: int) -> None:
         name, pos = protocol.read_cstring(data, pos)
         value, _ = protocol.read_cstring(data, pos)
-        self.server.params[name] = value
+        server.params[name] = value
         if owner is None:
             return
         owner.client_params[name] = value
-        key = name.lower()
-        if key in REPORTED_SETTABLE:
-            # The session changed a setting (SET, RESET, set_config, ROLLBACK of one):
-            # it is part of its context from now on.
-            owner.settings[key] = value
+        if name.lower() in REPORTED_SETTABLE:
+            owner.dirty = True   # read back at the end of the transaction
 
-    def _consume_restore(self, data: bytes) -> int:
-        """Hide the replies to the pooler's context-restoring query; returns where the session's own begin."""
-        server = self.server
-        n = len(data)
-        pos = 0
-        while n - pos >= 5 and server.swallow:
-            msg_type = data[pos]
-            end = pos + 1 + _length(data, pos + 1)[0]
-            if end > n:
-                break
-            if msg_type == _Z:
-                server.swallow -= 1
-            elif msg_type == _ERR and server.restore_error is None:
-                server.restore_error = PgError.from_fields(protocol.parse_error_fields(data[pos + 5:end]))
-            elif msg_type == _PS:
-                name, p = protocol.read_cstring(data, pos + 5)
-                server.params[name] = protocol.read_cstring(data, p)[0]
-            pos = end
-        if server.swallow:
-            server.inbuf += data[pos:]
-            return n
-        self._restore_done()
-        return pos
+    def _hidden_message(self, server: srv.ServerConnection, hidden: HiddenQuery,
+                        msg_type: int, data: bytes, pos: int, end: int) -> None:
+        if msg_type == _DATA_ROW and hidden.kind == CAPTURE:
+            hidden.rows.append(_text_row(data, pos))
+        elif msg_type == _ERR and hidden.error is None:
+            hidden.error = PgError.from_fields(protocol.parse_error_fields(data[pos:end]))
+        elif msg_type == _PS:
+            name, p = protocol.read_cstring(data, pos)
+            server.params[name] = protocol.read_cstring(data, p)[0]
 
-    def _restore_done(self) -> None:
-        server = self.server
-        session = server.owner
-        error, server.restore_error = server.restore_error, None
-        if error is not None:
-            # The restore ran as one implicit transaction, so none of it applied.
+    def _hidden_done(self, server: srv.ServerConnection, hidden: HiddenQuery) -> None:
+        """A hidden query's ReadyForQuery arrived: act on what it returned."""
+        kind, session, error = hidden.kind, hidden.session, hidden.error
+        if kind == RESTORE:
+            if error is not None:
+                # It ran as one implicit transaction, so none of it applied.
+                if not session.greeted:
+                    # As PostgreSQL refuses a startup packet with a bad setting.
+                    error.severity = "FATAL"
+                    self._client_send(session, error.packet())
+                    self._close_session(session)
+                    self._release(server)
+                    return
+                logger.warning("could not restore the settings of a session: %s", error.text)
+                server.context = None
+            else:
+                server.context = session.settings
             if not session.greeted:
-                # As PostgreSQL refuses a startup packet with a bad setting.
-                error.severity = "FATAL"
-                self._client_send(session, error.packet())
-                self._close_session(session)
-                self._release()
-                return
-            logger.warning("could not restore the settings of a session: %s", error.text)
-        else:
-            server.context = session.settings
-        if session.greeted:
-            if session.gone and server.pending == 0:
-                self._release()
-            return
-        self._greet_restored(session)
+                self._greet_restored(server, session)
+            elif not session.gone:
+                self._report_parameters(session, server.params)
+        elif kind == CAPTURE:
+            if error is None:
+                session.settings = captured_settings(hidden.rows, self.user)
+                server.context = session.settings
+            else:
+                logger.warning("could not read back the settings of a session: %s", error.text)
+                server.context = None
+        elif kind == FIXUP:
+            if error is not None:
+                logger.warning("could not re-apply startup settings: %s", error.text)
+            if not session.gone:
+                self._report_parameters(session, server.params)
+                self._client_send(session, server.held)
+            server.held = b""
+        if not server.expect and not server.unsynced and server.owner is not None:
+            self._boundary(server)
 
-    def _greet_restored(self, session: Session) -> None:
+    def _boundary(self, server: srv.ServerConnection) -> None:
+        """Nothing is outstanding on the server: end the owner's turn if its transaction is over."""
+        owner = server.owner
+        if owner is None:
+            return
+        if owner.gone:
+            if not server.idle_status:
+                self._hidden(server, ROLLBACK, "ROLLBACK")
+                return
+            if owner.dirty:
+                server.context = None   # what it set was never read back
+            self._release(server)
+            return
+        if not server.idle_status:
+            return   # inside a transaction: the owner keeps the connection
+        if owner.dirty:
+            owner.dirty = False
+            self._hidden(server, CAPTURE, capture_query(owner.custom_names), owner)
+            return
+        self._release(server)
+
+    def _greet_restored(self, server: srv.ServerConnection, session: Session) -> None:
         """Greet a new session whose settings the server has just applied."""
-        server = self.server
         raw_key = frozenset(session.settings.items())
         # The server reports settings in its own spelling (UTF8, "ISO, MDY"):
         # keep that spelling so that equal contexts compare equal.
@@ -603,6 +721,7 @@ class PooledBackend:
         for name in REPORTED_SETTABLE & session.settings.keys():
             if name in reported:
                 session.settings[name] = reported[name]
+                session.startup[name] = reported[name]
         params = dict(server.params)
         if len(self.greetings) >= GREETING_CACHE_SIZE:
             self.greetings.clear()
@@ -611,34 +730,29 @@ class PooledBackend:
         self._greet(session, params)
         if session.gone:
             self._close_session(session)
-            self._release()
+            self._release(server)
         elif _has_whole_message(session.inbuf):
-            self._forward_buffered(session)
+            self._forward_buffered(server, session)
         else:
-            self._release()
+            self._release(server)
 
-    def _activate(self, session: Session) -> None:
+    def _activate(self, server: srv.ServerConnection, session: Session) -> None:
         """Give the server connection to session: restore its context, pass its waiting input."""
-        server = self.server
         server.owner = session
         server.state = srv.ACTIVE
         session.state = ACTIVE
         if server.context is not session.settings and server.context != session.settings:
-            server.swallow += 1
-            self._server_send(protocol.query(restore_query(server.context, session.settings)))
+            self._hidden(server, RESTORE, restore_query(server.context, session.settings), session)
             if not session.greeted:
                 return   # greeted when the restore's reply arrives
         elif not session.greeted:
-            server.context = session.settings
             self._greet(session, dict(server.params))
             if not _has_whole_message(session.inbuf):
-                self._release()
+                self._release(server)
                 return
-        else:
-            server.context = session.settings
-        self._forward_buffered(session)
+        self._forward_buffered(server, session)
 
-    def _forward_buffered(self, session: Session) -> None:
+    def _forward_buffered(self, server: srv.ServerConnection, session: Session) -> None:
         if session.paused:
             session.paused = False
             self._set_mask(session, session.mask | EPOLLIN)
@@ -647,9 +761,8 @@ class PooledBackend:
             session.inbuf.clear()
             self._forward_client(session, data)
 
-    def _release(self) -> None:
+    def _release(self, server: srv.ServerConnection) -> None:
         """The transaction is over: the server connection goes to the next waiting session."""
-        server = self.server
         session = server.owner
         server.owner = None
         server.state = srv.IDLE
@@ -660,22 +773,22 @@ class PooledBackend:
                 # The client already sent its next transaction: it waits its turn.
                 session.state = WAITING
                 self.queue.append(session)
-        self._next_session()
+        self._next_session(server)
 
-    def _next_session(self) -> None:
+    def _next_session(self, server: srv.ServerConnection) -> None:
         queue = self.queue
         while queue:
             session = queue.popleft()
             if session.state != CLOSED:
-                self._activate(session)
+                self._activate(server, session)
                 return
 
-    def _server_lost(self) -> None:
+    def _server_lost(self, server: srv.ServerConnection) -> None:
         """The server connection broke: fail its owner, reconnect for the others."""
-        server = self.server
         self._unregister(server)
         server.close()
-        self.server = None
+        if self.server is server:
+            self.server = None
         logger.log(log.LOG, "lost server connection to %s/%s", self.database, self.user)
         owner = server.owner
         if owner is not None and owner.state != CLOSED:
@@ -691,8 +804,9 @@ class PooledBackend:
     def _cancel(self, key: int) -> None:
         session = self.by_key.get(key)
         server = self.server
+        # Only while this session's own work runs on the server.
         if (session is not None and server is not None and server.owner is session
-                and server.pending > 0 and server.swallow == 0):
+                and server.expect and server.expect[0] is None):
             self._send_cancel(server)
 
     def _send_cancel(self, server: srv.ServerConnection) -> None:
@@ -722,8 +836,24 @@ def _has_whole_message(buf: bytearray) -> bool:
     return len(buf) >= 5 and len(buf) >= 1 + _length(buf, 1)[0]
 
 
+def _text_row(data: bytes, pos: int) -> tuple[str, ...]:
+    """The text values of a DataRow payload starting at pos."""
+    count = struct.unpack_from("!h", data, pos)[0]
+    pos += 2
+    values = []
+    for _ in range(count):
+        size = struct.unpack_from("!i", data, pos)[0]
+        pos += 4
+        if size < 0:
+            values.append(None)
+        else:
+            values.append(data[pos:pos + size].decode())
+            pos += size
+    return tuple(values)
+
+
 def main(settings, database: str, user: str, chan: socket.socket,
-         table: status.StatusTable, slot: int, secret: str | None) -> None:
+         table: status.StatusTable, slot: int | None, secret: str | None) -> None:
     """Entry point in the forked pooled-backend process."""
     process.set_title(f"backend {database}/{user} 0 sessions 0 waiting")
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))

@@ -1,5 +1,6 @@
 """A backend's connection to the upstream PostgreSQL server: non-blocking connect, login, state."""
 
+import collections
 import socket
 import struct
 import time
@@ -31,7 +32,7 @@ class ServerConnection:
     """One server connection and its protocol state, driven by a backend's event loop."""
 
     __slots__ = ("sock", "fd", "state", "mask", "inbuf", "outbuf", "params", "pid", "key",
-                 "owner", "context", "pending", "unsynced", "swallow", "restore_error",
+                 "owner", "context", "expect", "unsynced", "fixup", "held",
                  "idle_status", "deadline", "_reader", "_auth", "_startup")
 
     def __init__(self, settings, startup: dict[str, str], secret: str | None):
@@ -49,11 +50,15 @@ class ServerConnection:
         self.pid = 0
         self.key = 0
         self.owner = None                   # the Session that owns the connection now
-        self.context: dict[str, str] = {}   # session settings applied on the server now
-        self.pending = 0                    # ReadyForQuery messages still to come
+        # Session settings in force on the server now; None when unknown (a
+        # session that changed settings vanished before they were read back).
+        self.context: dict[str, str] | None = {}
+        # One entry per ReadyForQuery still to come, in order: None for the
+        # owner's own work, a HiddenQuery for a query the pooler sent itself.
+        self.expect: collections.deque = collections.deque()
         self.unsynced = False               # extended-protocol messages sent since last Sync
-        self.swallow = 0                    # ReadyForQuery of the pooler's own queries to hide
-        self.restore_error: PgError | None = None
+        self.fixup = False                  # the owner ran RESET/DISCARD: re-apply its startup values
+        self.held = b""                     # the owner's ReadyForQuery, held back during a fix-up
         self.deadline = time.monotonic() + settings.upstream_connect_timeout
         self.idle_status = True            # the last ReadyForQuery said 'I'
         self._reader = protocol.MessageReader()

@@ -6,6 +6,7 @@ serializable) so that a later version can hand a session with its context to
 another backend.
 """
 
+import re
 import secrets
 import socket
 
@@ -32,8 +33,8 @@ REPORTED_SETTABLE = frozenset({
 
 class Session:
     __slots__ = ("sock", "fd", "conn_id", "key", "state", "mask", "inbuf", "outbuf",
-                 "settings", "client_params", "greeted", "gone", "database", "user",
-                 "paused")
+                 "settings", "startup", "client_params", "greeted", "gone", "database", "user",
+                 "paused", "dirty", "custom_names")
 
     def __init__(self, sock: socket.socket, conn_id: int, startup: dict[str, str]):
         self.sock = sock
@@ -48,6 +49,12 @@ class Session:
         self.database = startup["database"]
         self.user = startup["user"]
         self.settings = startup_settings(startup)   # the session's context
+        # What RESET returns to in this session (PostgreSQL's reset values).
+        self.startup = dict(self.settings)
+        # The session may have changed settings since they were last read back.
+        self.dirty = False
+        # Custom settings ("myapp.tenant") the session has named in a SET or set_config.
+        self.custom_names: set[str] = {name for name in self.settings if "." in name}
         self.client_params: dict[str, str] = {}      # ParameterStatus values this client has seen
         self.greeted = False
         self.gone = False
@@ -104,19 +111,92 @@ def parse_options(options: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def restore_query(current: dict[str, str], wanted: dict[str, str]) -> str:
+# Restored before the others, in this order: SET SESSION AUTHORIZATION resets the role.
+_ORDERED = ("session_authorization", "role")
+
+# Custom settings ("myapp.tenant") a statement may set: pg_settings does not
+# list them, so their names are taken from the statement text.
+_CUSTOM_NAME = re.compile(
+    rb"""(?:\bset\s+(?:session\s+|local\s+)?|set_config\s*\(\s*')"""
+    rb"""([a-z_][a-z0-9_$]*\.[a-z_][a-z0-9_$.]*)""", re.IGNORECASE)
+
+
+def custom_setting_names(statement: bytes) -> set[str]:
+    return {m.group(1).decode().lower() for m in _CUSTOM_NAME.finditer(statement)}
+
+
+def capture_query(custom_names) -> str:
+    """Reads a session's settings back after it may have changed them.
+
+    role, session_authorization and custom settings are hidden from
+    pg_settings, so they are asked for by name.
+    """
+    sql = ("SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session' "
+           "AND name NOT IN ('role', 'session_authorization') "
+           "UNION ALL SELECT 'role', pg_catalog.current_setting('role') "
+           "UNION ALL SELECT 'session_authorization', pg_catalog.current_setting('session_authorization')")
+    for name in sorted(custom_names):
+        literal = protocol.quote_literal(name)
+        sql += f" UNION ALL SELECT {literal}, pg_catalog.current_setting({literal}, true)"
+    return sql
+
+
+def captured_settings(rows: list[tuple[str, str]], login_user: str) -> dict[str, str]:
+    """A session's context from the rows of CAPTURE_QUERY (defaults left out)."""
+    settings = {}
+    for name, value in rows:
+        if value is None or (name == "role" and value == "none"):
+            continue
+        if name == "session_authorization" and value == login_user:
+            continue
+        settings[name] = value
+    return settings
+
+
+def _set(name: str, value: str) -> str:
+    return (f"pg_catalog.set_config({protocol.quote_literal(name)}, "
+            f"{protocol.quote_literal(value)}, false)")
+
+
+def restore_query(current: dict[str, str] | None, wanted: dict[str, str]) -> str:
     """One simple query that turns the server's settings `current` into `wanted`.
 
     set_config() takes the value exactly as SHOW prints it (lists such as
     search_path included); RESET returns a setting to the connection's default.
-    A multi-statement query runs as one implicit transaction: if any part fails,
-    none of it applies.
+    current None means unknown: everything is reset first.  A multi-statement
+    query runs as one implicit transaction: if any part fails, none applies.
     """
     parts = []
-    sets = [f"pg_catalog.set_config({protocol.quote_literal(name)}, "
-            f"{protocol.quote_literal(value)}, false)"
-            for name, value in wanted.items() if current.get(name) != value]
+    if current is None:
+        parts += ["RESET SESSION AUTHORIZATION", "RESET ROLE", "RESET ALL"]
+        current = {}
+    auth_now, auth_wanted = current.get("session_authorization"), wanted.get("session_authorization")
+    role_now = current.get("role")
+    if auth_now != auth_wanted:
+        parts.append(f"SELECT {_set('session_authorization', auth_wanted)}"
+                     if auth_wanted is not None else "RESET SESSION AUTHORIZATION")
+        role_now = None   # PostgreSQL resets the role along with the session authorization
+    role_wanted = wanted.get("role")
+    if role_now != role_wanted:
+        parts.append(f"SELECT {_set('role', role_wanted)}" if role_wanted is not None else "RESET ROLE")
+    sets = [_set(name, value) for name, value in wanted.items()
+            if name not in _ORDERED and current.get(name) != value]
     if sets:
         parts.append("SELECT " + ", ".join(sets))
-    parts.extend(f"RESET {protocol.quote_ident(name)}" for name in current if name not in wanted)
+    parts.extend(f"RESET {protocol.quote_ident(name)}" for name in current
+                 if name not in wanted and name not in _ORDERED)
     return "; ".join(parts)
+
+
+def fixup_query(startup: dict[str, str]) -> str:
+    """After RESET or DISCARD: put back the startup values PostgreSQL would reset to.
+
+    Only settings not set in this session any more (source other than
+    'session') are touched, so nothing else the session set is disturbed.
+    """
+    values = ", ".join(f"({protocol.quote_literal(name)}, {protocol.quote_literal(value)})"
+                       for name, value in startup.items())
+    return ("SELECT pg_catalog.set_config(w.name, w.value, false) "
+            f"FROM (VALUES {values}) AS w(name, value) "
+            "JOIN pg_catalog.pg_settings s ON pg_catalog.lower(s.name) = w.name "
+            "WHERE s.source <> 'session'")
