@@ -27,6 +27,7 @@ import time
 from ..shared import channel, log, process, protocol, status
 from ..shared.errors import PgError
 from . import server as srv
+from .statements import MISSING, ParseEntry, StatementRegistry, parse_message, with_statement_name
 from .session import (ACTIVE, CLOSED, IDLE, REPORTED_SETTABLE, STARTING, WAITING, Session,
                       capture_query, captured_settings, custom_setting_names, fixup_query,
                       restore_query)
@@ -38,7 +39,11 @@ _length = struct.Struct("!I").unpack_from
 
 # Message types the hot loops look at.
 _Q, _F, _SYNC, _X = protocol.QUERY, protocol.FUNCTION_CALL, protocol.SYNC, protocol.TERMINATE
-_PARSE = protocol.PARSE
+_PARSE, _BIND, _CLOSE = protocol.PARSE, protocol.BIND, protocol.CLOSE
+# Messages that may name a prepared statement.
+_NAMING = frozenset({protocol.PARSE, protocol.BIND, protocol.DESCRIBE, protocol.CLOSE})
+_STATEMENT_KIND = ord("S")
+_PARSE_COMPLETE = ord("1")
 _EXTENDED = frozenset({protocol.PARSE, protocol.BIND, protocol.DESCRIBE, protocol.EXECUTE,
                        protocol.CLOSE, protocol.FLUSH})
 # Anything else from a client would make the server drop the shared connection.
@@ -53,6 +58,8 @@ _SET_CONFIG = re.compile(rb"set_config|set\s+(?:session\s+|local\s+)?[a-z_0-9$]+
 # Command tags after which the session's settings are read back.
 _SETTING_TAGS = (b"SET\0", b"RESET\0", b"DISCARD")
 _RESET_TAGS = (b"RESET\0", b"DISCARD")
+# Command tags after which the server holds no prepared statement any more.
+_DEALLOCATE_TAGS = (b"DISCARD ALL\0", b"DEALLOCATE ALL\0")
 
 # Buffered bytes beyond which the producing side is paused.
 HIGH_WATER = 1 << 20
@@ -66,6 +73,7 @@ RESTORE = "restore"     # put the owner's settings on the server
 CAPTURE = "capture"     # read back settings the owner may have changed
 FIXUP = "fixup"         # after RESET/DISCARD: the owner's startup values again
 ROLLBACK = "rollback"   # end the transaction of a client that vanished
+DEALLOCATE = "deallocate"   # close statements no session holds any more
 
 
 class HiddenQuery:
@@ -97,6 +105,7 @@ class PooledBackend:
         self.server: srv.ServerConnection | None = None
         self.cancels: dict[int, srv.CancelSender] = {}
         self.greetings: dict[frozenset, dict[str, str]] = {}
+        self.registry = StatementRegistry()
         self.counters = (table.counters(slot) if slot is not None
                          else memoryview(bytearray(status.INT_BYTES)).cast("q"))
         self.shutdown_mode: str | None = None
@@ -284,11 +293,14 @@ class PooledBackend:
         expect = server.expect
         n = len(data)
         pos = 0
+        out = None          # pieces to send, once a message had to be rewritten
+        emit = 0            # data[emit:pos] is still to be sent as it is
         text_checked = False
         while n - pos >= 5:
             msg_type = data[pos]
             length = _length(data, pos + 1)[0]
             if length < 4:
+                self._send_pieces(server, out, data, emit, pos)
                 self._protocol_violation(session, "invalid message length")
                 return
             end = pos + 1 + length
@@ -296,39 +308,149 @@ class PooledBackend:
                 break
             if msg_type == _Q or msg_type == _F:
                 expect.append(None)
+                server.seg_sent += 1
                 if not text_checked:
                     text_checked = True
                     if _SET_CONFIG.search(data):
                         self._may_set(session, data)
             elif msg_type == _SYNC:
                 expect.append(None)
+                server.seg_sent += 1
                 server.unsynced = False
             elif msg_type in _EXTENDED:
                 server.unsynced = True
-                if msg_type == _PARSE and not text_checked:
-                    text_checked = True
-                    if _SET_CONFIG.search(data):
-                        self._may_set(session, data)
+                if msg_type in _NAMING:
+                    if msg_type == _PARSE and not text_checked:
+                        text_checked = True
+                        if _SET_CONFIG.search(data):
+                            self._may_set(session, data)
+                    replacement = self._statement_message(session, server, msg_type, data, pos, end)
+                    if replacement is not None:
+                        if out is None:
+                            out = []
+                        out.append(data[emit:pos])
+                        out.append(replacement)
+                        emit = end
             elif msg_type == _X:
-                if pos:
-                    self._server_send(server, data[:pos])
+                self._send_pieces(server, out, data, emit, pos)
                 self._client_gone(session)
                 return
             elif msg_type not in _COPY:
-                if pos:
-                    self._server_send(server, data[:pos])
+                self._send_pieces(server, out, data, emit, pos)
                 self._protocol_violation(session, f"invalid frontend message type {msg_type}")
                 return
             pos = end
-        if pos == n:
+        if out is None and pos == n:
             self._server_send(server, data)
         else:
-            if pos:
-                self._server_send(server, data[:pos])
-            session.inbuf += data[pos:]
+            self._send_pieces(server, out, data, emit, pos)
+            if pos < n:
+                session.inbuf += data[pos:]
         if not expect and not server.unsynced and server.idle_status:
             # Only messages that expect no answer (stray CopyData): nothing holds the server.
             self._boundary(server)
+
+    def _send_pieces(self, server: srv.ServerConnection, out: list | None, data: bytes,
+                     emit: int, pos: int) -> None:
+        if out is not None:
+            out.append(data[emit:pos])
+            self._server_send(server, b"".join(out))
+        elif pos:
+            self._server_send(server, data[emit:pos])
+
+    # ---------------------------------------------------------------- named statements
+
+    def _statement_message(self, session: Session, server: srv.ServerConnection, msg_type: int,
+                           data: bytes, pos: int, end: int) -> bytes | None:
+        """Rename the statement in a Parse/Bind/Describe/Close; None to send it unchanged."""
+        body = pos + 5
+        if msg_type == _PARSE:
+            name_end = data.index(b"\0", body, end)
+            if name_end == body:   # the unnamed statement is the connection's, as in PostgreSQL
+                server.parses.append(ParseEntry(server.seg_sent, False))
+                return None
+            name = data[body:name_end]
+            key = data[name_end + 1:end]
+            held = session.statements.get(name)
+            if held is not None:
+                # A duplicate: the server itself says 42P05, about the statement the session holds.
+                prefix = self._ensure_prepared(server, held)
+                server.error_names[held.name] = name
+                server.parses.append(ParseEntry(server.seg_sent, False))
+                return prefix + parse_message(held.name, key)
+            statement = self.registry.acquire(key)
+            session.statements[name] = statement
+            if statement.name in server.prepared:
+                # Another session prepared the same text here: an unnamed Parse
+                # answers ParseComplete without a second copy.
+                server.parses.append(ParseEntry(server.seg_sent, False, session, name, statement))
+                return parse_message(b"", key)
+            server.prepared.add(statement.name)
+            server.parses.append(ParseEntry(server.seg_sent, False, session, name, statement, True))
+            return parse_message(statement.name, key)
+        if msg_type == _BIND:
+            name_start = data.index(b"\0", body, end) + 1
+        elif data[body] == _STATEMENT_KIND:   # Describe or Close of a statement
+            name_start = body + 1
+        else:
+            return None                        # of a portal: portals live within a transaction
+        name_end = data.index(b"\0", name_start, end)
+        if name_end == name_start:
+            return None
+        name = data[name_start:name_end]
+        before, after = data[body:name_start], data[name_end + 1:end]
+        held = session.statements.get(name)
+        if msg_type == _CLOSE:
+            if held is not None:
+                del session.statements[name]
+                self.registry.release(held)
+            # Closing a name the server lacks is not an error: it answers CloseComplete.
+            return with_statement_name(b"C", before, MISSING, after)
+        if held is None:
+            server.error_names[MISSING] = name   # the server says 26000 about it
+            return with_statement_name(bytes((msg_type,)), before, MISSING, after)
+        return (self._ensure_prepared(server, held)
+                + with_statement_name(bytes((msg_type,)), before, held.name, after))
+
+    def _ensure_prepared(self, server: srv.ServerConnection, statement) -> bytes:
+        """A Parse to send first if this server connection lacks the statement."""
+        if statement.name in server.prepared:
+            return b""
+        server.prepared.add(statement.name)
+        server.parses.append(ParseEntry(server.seg_sent, True, statement=statement, prepared_here=True))
+        return parse_message(statement.name, statement.key)
+
+    def _parses_failed(self, server: srv.ServerConnection) -> None:
+        """An error skipped the rest of the segment: its Parses created nothing."""
+        parses = server.parses
+        segment = server.seg_recv
+        while parses and parses[0].segment == segment:
+            entry = parses.popleft()
+            if entry.prepared_here:
+                server.prepared.discard(entry.statement.name)
+            if entry.client_name is not None:
+                held = entry.session.statements
+                if held.get(entry.client_name) is entry.statement:
+                    del held[entry.client_name]
+                    self.registry.release(entry.statement)
+
+    def _client_error(self, server: srv.ServerConnection, payload: bytes) -> bytes:
+        """The server's error with the pooler's statement names shown as the client's."""
+        fields = protocol.parse_error_fields(payload)
+        text = fields.get("M", "")
+        for server_name, client_name in server.error_names.items():
+            text = text.replace(f'"{server_name.decode()}"', f'"{client_name.decode(errors="replace")}"')
+        fields["M"] = text
+        body = b"".join(code.encode() + protocol.cstring(value) for code, value in fields.items())
+        return protocol.message(b"E", body + b"\0")
+
+    def _statements_discarded(self, server: srv.ServerConnection, owner: Session | None) -> None:
+        """DISCARD ALL or DEALLOCATE ALL: the server holds no prepared statement any more."""
+        server.prepared.clear()
+        if owner is not None:
+            for statement in owner.statements.values():
+                self.registry.release(statement)
+            owner.statements.clear()
 
     @staticmethod
     def _may_set(session: Session, statements: bytes) -> None:
@@ -411,6 +533,7 @@ class PooledBackend:
             if server.unsynced:
                 self._server_send(server, protocol.SYNC_MESSAGE)
                 server.expect.append(None)
+                server.seg_sent += 1
                 server.unsynced = False
             if server.expect:
                 if server.expect[0] is None:
@@ -433,6 +556,9 @@ class PooledBackend:
                 pass
         session.state = CLOSED
         session.gone = True
+        for statement in session.statements.values():
+            self.registry.release(statement)
+        session.statements.clear()
         self._unregister(session)
         del self.sessions[session.fd]
         del self.by_key[session.key]
@@ -534,6 +660,7 @@ class PooledBackend:
                 session: Session | None = None) -> None:
         """Send a query of the pooler's own; its replies go to _hidden_done, not to a client."""
         server.expect.append(HiddenQuery(kind, session))
+        server.seg_sent += 1
         self._server_send(server, protocol.query(sql))
 
     def _server_writable(self, server: srv.ServerConnection) -> None:
@@ -587,6 +714,7 @@ class PooledBackend:
                 self._hidden_message(server, hidden, msg_type, data, pos + 5, end)
                 if msg_type == _Z:
                     expect.popleft()
+                    server.seg_recv += 1
                     server.idle_status = data[pos + 5] == _IDLE_STATUS
                     self._hidden_done(server, hidden)
                     if server.state == srv.CLOSED:
@@ -601,6 +729,11 @@ class PooledBackend:
             if msg_type == _Z:
                 if expect:
                     expect.popleft()
+                if server.parses and server.parses[0].segment == server.seg_recv:
+                    self._parses_failed(server)
+                server.seg_recv += 1
+                if server.error_names:
+                    server.error_names.clear()
                 server.idle_status = data[pos + 5] == _IDLE_STATUS
                 if not expect and not server.unsynced:
                     if server.fixup and data[pos + 5] != _FAILED_STATUS and owner is not None and not owner.gone:
@@ -617,11 +750,29 @@ class PooledBackend:
                     boundary = True
                 hidden = expect[0] if expect else None
             elif msg_type == _CC:
-                tag = data[pos + 5:pos + 13]
+                tag = data[pos + 5:pos + 21]
                 if tag.startswith(_SETTING_TAGS) and owner is not None:
                     owner.dirty = True
                     if tag.startswith(_RESET_TAGS) and owner.startup:
                         server.fixup = True
+                if tag.startswith(_DEALLOCATE_TAGS):
+                    self._statements_discarded(server, owner)
+            elif msg_type == _PARSE_COMPLETE:
+                parses = server.parses
+                if parses and parses.popleft().hidden:
+                    # The pooler's own Parse (a statement this connection lacked).
+                    if pos > start and owner is not None:
+                        self._client_send(owner, data[start:pos])
+                    start = end
+            elif msg_type == _ERR:
+                if server.parses:
+                    self._parses_failed(server)
+                if server.error_names:
+                    if owner is not None:
+                        if pos > start:
+                            self._client_send(owner, data[start:pos])
+                        self._client_send(owner, self._client_error(server, data[pos + 5:end]))
+                    start = end
             elif msg_type == _PS:
                 self._parameter_status(server, owner, data, pos + 5, end)
             pos = end
@@ -741,6 +892,8 @@ class PooledBackend:
         server.owner = session
         server.state = srv.ACTIVE
         session.state = ACTIVE
+        if self.registry.evicted:
+            self._deallocate_evicted(server)
         if server.context is not session.settings and server.context != session.settings:
             self._hidden(server, RESTORE, restore_query(server.context, session.settings), session)
             if not session.greeted:
@@ -751,6 +904,14 @@ class PooledBackend:
                 self._release(server)
                 return
         self._forward_buffered(server, session)
+
+    def _deallocate_evicted(self, server: srv.ServerConnection) -> None:
+        names = [name for name in self.registry.evicted if name in server.prepared]
+        self.registry.evicted.clear()
+        if names:
+            server.prepared.difference_update(names)
+            self._hidden(server, DEALLOCATE, "; ".join(
+                f'DEALLOCATE "{name.decode()}"' for name in names))
 
     def _forward_buffered(self, server: srv.ServerConnection, session: Session) -> None:
         if session.paused:

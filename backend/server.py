@@ -32,7 +32,8 @@ class ServerConnection:
     """One server connection and its protocol state, driven by a backend's event loop."""
 
     __slots__ = ("sock", "fd", "state", "mask", "inbuf", "outbuf", "params", "pid", "key",
-                 "owner", "context", "expect", "unsynced", "fixup", "held",
+                 "owner", "context", "expect", "unsynced", "fixup", "held", "prepared", "parses",
+                 "seg_sent", "seg_recv", "error_names",
                  "idle_status", "deadline", "_reader", "_auth", "_startup")
 
     def __init__(self, settings, startup: dict[str, str], secret: str | None):
@@ -59,6 +60,16 @@ class ServerConnection:
         self.unsynced = False               # extended-protocol messages sent since last Sync
         self.fixup = False                  # the owner ran RESET/DISCARD: re-apply its startup values
         self.held = b""                     # the owner's ReadyForQuery, held back during a fix-up
+        # Named statements: server names prepared on this connection; one entry
+        # per Parse sent whose ParseComplete is still to come; ReadyForQuery
+        # messages sent and received (a Parse belongs to the segment that the
+        # next ReadyForQuery closes); server names to show as the client's own
+        # in the error of the current segment.
+        self.prepared: set[bytes] = set()
+        self.parses: collections.deque = collections.deque()
+        self.seg_sent = 0
+        self.seg_recv = 0
+        self.error_names: dict[bytes, bytes] = {}
         self.deadline = time.monotonic() + settings.upstream_connect_timeout
         self.idle_status = True            # the last ReadyForQuery said 'I'
         self._reader = protocol.MessageReader()

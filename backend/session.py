@@ -34,7 +34,7 @@ REPORTED_SETTABLE = frozenset({
 class Session:
     __slots__ = ("sock", "fd", "conn_id", "key", "state", "mask", "inbuf", "outbuf",
                  "settings", "startup", "client_params", "greeted", "gone", "database", "user",
-                 "paused", "dirty", "custom_names")
+                 "paused", "dirty", "custom_names", "statements")
 
     def __init__(self, sock: socket.socket, conn_id: int, startup: dict[str, str]):
         self.sock = sock
@@ -55,6 +55,8 @@ class Session:
         self.dirty = False
         # Custom settings ("myapp.tenant") the session has named in a SET or set_config.
         self.custom_names: set[str] = {name for name in self.settings if "." in name}
+        # Its protocol-level named statements: client name -> statements.Statement.
+        self.statements: dict = {}
         self.client_params: dict[str, str] = {}      # ParameterStatus values this client has seen
         self.greeted = False
         self.gone = False
