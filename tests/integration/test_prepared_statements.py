@@ -3,6 +3,7 @@
 import os
 import subprocess
 import threading
+import time
 
 import psycopg
 import pytest
@@ -91,7 +92,8 @@ def test_statement_survives_a_new_server_connection(two):
     pooler, a, b = two
     prepare(a, b"keep", b"SELECT $1::int + 1")
     old = server_pid(b)
-    pooler.cluster.psql(f"SELECT pg_terminate_backend({old})")
+    pooler.cluster.psql(f"SELECT pg_terminate_backend({old}, 5000)")
+    time.sleep(0.5)   # let the backend notice the closed connection while idle
     # Lost while idle: nobody's query failed; the backend dials a new connection.
     assert server_pid(b) != old
     described = a.pgconn.describe_prepared(b"keep")
