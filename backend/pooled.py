@@ -28,8 +28,8 @@ from ..shared import channel, log, process, protocol, status
 from ..shared.errors import PgError
 from . import server as srv
 from .statements import MISSING, ParseEntry, StatementRegistry, parse_message, with_statement_name
-from .session import (ACTIVE, CLOSED, IDLE, REPORTED_SETTABLE, STARTING, WAITING, Session,
-                      capture_query, captured_settings, custom_setting_names, fixup_query,
+from .session import (ACTIVE, CLOSED, IDLE, PIN_CHECK_QUERY, REPORTED_SETTABLE, STARTING, WAITING,
+                      Session, capture_query, captured_settings, custom_setting_names, fixup_query,
                       restore_query)
 
 logger = log.get("backend")
@@ -52,14 +52,22 @@ _Z, _PS, _ERR = protocol.READY_FOR_QUERY, protocol.PARAMETER_STATUS, protocol.ER
 _CC, _DATA_ROW = protocol.COMMAND_COMPLETE, ord("D")
 _IDLE_STATUS, _FAILED_STATUS = protocol.TRANS_IDLE, protocol.TRANS_FAILED
 
-# A statement that may change settings without a SET/RESET/DISCARD command tag,
-# or may name a custom setting.
-_SET_CONFIG = re.compile(rb"set_config|set\s+(?:session\s+|local\s+)?[a-z_0-9$]+\.", re.IGNORECASE)
+# Statement text that may change session state without a telling command tag:
+# settings (set_config, custom settings), temporary objects, session advisory locks.
+_SETTINGS_TEXT = re.compile(rb"set_config|set\s+(?:session\s+|local\s+)?[a-z_0-9$]+\.", re.IGNORECASE)
+_PIN_TEXT = re.compile(rb"\btemp(?:orary)?\b|pg_temp|advisory_(?:un)?lock", re.IGNORECASE)
+_STATE_TEXT = re.compile(_SETTINGS_TEXT.pattern + b"|" + _PIN_TEXT.pattern, re.IGNORECASE)
 # Command tags after which the session's settings are read back.
 _SETTING_TAGS = (b"SET\0", b"RESET\0", b"DISCARD")
 _RESET_TAGS = (b"RESET\0", b"DISCARD")
 # Command tags after which the server holds no prepared statement any more.
 _DEALLOCATE_TAGS = (b"DISCARD ALL\0", b"DEALLOCATE ALL\0")
+# Command tags that may create, or drop, state that pins a session to its connection.
+_PIN_TAGS = (b"LISTEN", b"DECLARE CURSOR", b"PREPARE\0", b"CREATE TABLE")
+_UNPIN_TAGS = (b"DISCARD", b"DROP TABLE", b"UNLISTEN", b"CLOSE CURSOR", b"DEALLOCATE")
+_COPY_IN_RESPONSE = protocol.COPY_IN_RESPONSE
+_COPY_END = frozenset({protocol.COPY_DONE, protocol.COPY_FAIL})
+COPY_FAIL = protocol.message(b"f", protocol.cstring("client disconnected"))
 
 # Buffered bytes beyond which the producing side is paused.
 HIGH_WATER = 1 << 20
@@ -74,6 +82,7 @@ CAPTURE = "capture"     # read back settings the owner may have changed
 FIXUP = "fixup"         # after RESET/DISCARD: the owner's startup values again
 ROLLBACK = "rollback"   # end the transaction of a client that vanished
 DEALLOCATE = "deallocate"   # close statements no session holds any more
+PIN_CHECK = "pin check"     # does the owner hold state that cannot be copied?
 
 
 class HiddenQuery:
@@ -106,6 +115,7 @@ class PooledBackend:
         self.cancels: dict[int, srv.CancelSender] = {}
         self.greetings: dict[frozenset, dict[str, str]] = {}
         self.registry = StatementRegistry()
+        self.pinned_count = 0
         self.counters = (table.counters(slot) if slot is not None
                          else memoryview(bytearray(status.INT_BYTES)).cast("q"))
         self.shutdown_mode: str | None = None
@@ -277,9 +287,12 @@ class PooledBackend:
             self._set_mask(session, session.mask & ~EPOLLIN)
 
     def _enqueue(self, session: Session) -> None:
-        server = self.server
         if session.state == IDLE:
             session.state = WAITING
+        if session.pinned is not None:   # its own connection: no queue
+            self._activate(session.pinned, session)
+            return
+        server = self.server
         if server is not None and server.state == srv.IDLE and not self.queue:
             self._activate(server, session)
             return
@@ -289,7 +302,7 @@ class PooledBackend:
 
     def _forward_client(self, session: Session, data: bytes) -> None:
         """Pass the session's whole messages to the server, noting what answers they await."""
-        server = self.server
+        server = session.pinned or self.server
         expect = server.expect
         n = len(data)
         pos = 0
@@ -311,8 +324,8 @@ class PooledBackend:
                 server.seg_sent += 1
                 if not text_checked:
                     text_checked = True
-                    if _SET_CONFIG.search(data):
-                        self._may_set(session, data)
+                    if _STATE_TEXT.search(data):
+                        self._may_change_state(session, data)
             elif msg_type == _SYNC:
                 expect.append(None)
                 server.seg_sent += 1
@@ -322,8 +335,8 @@ class PooledBackend:
                 if msg_type in _NAMING:
                     if msg_type == _PARSE and not text_checked:
                         text_checked = True
-                        if _SET_CONFIG.search(data):
-                            self._may_set(session, data)
+                        if _STATE_TEXT.search(data):
+                            self._may_change_state(session, data)
                     replacement = self._statement_message(session, server, msg_type, data, pos, end)
                     if replacement is not None:
                         if out is None:
@@ -335,7 +348,10 @@ class PooledBackend:
                 self._send_pieces(server, out, data, emit, pos)
                 self._client_gone(session)
                 return
-            elif msg_type not in _COPY:
+            elif msg_type in _COPY:
+                if msg_type in _COPY_END:
+                    server.copy_in = False
+            else:
                 self._send_pieces(server, out, data, emit, pos)
                 self._protocol_violation(session, f"invalid frontend message type {msg_type}")
                 return
@@ -453,10 +469,13 @@ class PooledBackend:
             owner.statements.clear()
 
     @staticmethod
-    def _may_set(session: Session, statements: bytes) -> None:
-        """The client sent text that may change settings: read them back after the transaction."""
-        session.dirty = True
-        session.custom_names |= custom_setting_names(statements)
+    def _may_change_state(session: Session, statements: bytes) -> None:
+        """The client sent text that may change its session state: check after the transaction."""
+        if _SETTINGS_TEXT.search(statements):
+            session.dirty = True
+            session.custom_names |= custom_setting_names(statements)
+        if _PIN_TEXT.search(statements):
+            session.pin_check = True
 
     def _client_writable(self, session: Session) -> None:
         try:
@@ -470,7 +489,7 @@ class PooledBackend:
         del session.outbuf[:sent]
         if not session.outbuf:
             self._set_mask(session, session.mask & ~EPOLLOUT)
-            server = self.server
+            server = session.pinned or self.server
             if server is not None and server.owner is session and not server.mask & EPOLLIN:
                 self._set_mask(server, server.mask | EPOLLIN)
 
@@ -493,7 +512,7 @@ class PooledBackend:
             session.outbuf += data[sent:]
             self._set_mask(session, session.mask | EPOLLOUT)
         if len(session.outbuf) > HIGH_WATER:
-            server = self.server
+            server = session.pinned or self.server
             if server is not None and server.owner is session:
                 self._set_mask(server, server.mask & ~EPOLLIN)
 
@@ -527,9 +546,14 @@ class PooledBackend:
             return
         session.gone = True
         server = self.server
-        if server is not None and server.owner is session:
+        if session.pinned is not None:
+            pass   # _close_session closes its own connection: the server rolls back
+        elif server is not None and server.owner is session:
             # Finish what the session left on the server before anyone else uses it:
-            # close an unsynced pipeline, cancel running work, then _boundary rolls back.
+            # end a COPY or an unsynced pipeline, cancel running work, then _boundary rolls back.
+            if server.copy_in:
+                self._server_send(server, COPY_FAIL)
+                server.copy_in = False
             if server.unsynced:
                 self._server_send(server, protocol.SYNC_MESSAGE)
                 server.expect.append(None)
@@ -559,6 +583,8 @@ class PooledBackend:
         for statement in session.statements.values():
             self.registry.release(statement)
         session.statements.clear()
+        if session.pinned is not None:
+            self._close_pinned(session)
         self._unregister(session)
         del self.sessions[session.fd]
         del self.by_key[session.key]
@@ -696,6 +722,8 @@ class PooledBackend:
 
     def _server_data(self, server: srv.ServerConnection, data: bytes) -> None:
         owner = server.owner
+        if owner is None:
+            owner = server.pinned   # a pinned session's notifications arrive while it is idle
         expect = server.expect
         hidden = expect[0] if expect else None
         n = len(data)
@@ -750,13 +778,10 @@ class PooledBackend:
                     boundary = True
                 hidden = expect[0] if expect else None
             elif msg_type == _CC:
-                tag = data[pos + 5:pos + 21]
-                if tag.startswith(_SETTING_TAGS) and owner is not None:
-                    owner.dirty = True
-                    if tag.startswith(_RESET_TAGS) and owner.startup:
-                        server.fixup = True
-                if tag.startswith(_DEALLOCATE_TAGS):
-                    self._statements_discarded(server, owner)
+                if data[pos + 5:pos + 8] != b"SEL" and owner is not None:
+                    self._command_tag(server, owner, data[pos + 5:pos + 25])
+            elif msg_type == _COPY_IN_RESPONSE:
+                server.copy_in = True
             elif msg_type == _PARSE_COMPLETE:
                 parses = server.parses
                 if parses and parses.popleft().hidden:
@@ -783,6 +808,22 @@ class PooledBackend:
         if boundary:
             self._boundary(server)
 
+    def _command_tag(self, server: srv.ServerConnection, owner: Session, tag: bytes) -> None:
+        """What a CommandComplete says about the owner's session state."""
+        if tag.startswith(_SETTING_TAGS):
+            owner.dirty = True
+            if tag.startswith(_RESET_TAGS) and owner.startup:
+                server.fixup = True
+        if tag.startswith(_DEALLOCATE_TAGS):
+            self._statements_discarded(server, owner)
+        if tag.startswith(_PIN_TAGS) or (owner.pinned is not None and tag.startswith(_UNPIN_TAGS)):
+            owner.pin_check = True
+        if tag.startswith(b"PREPARE TRANSACTION"):
+            if self.settings.hold_prepared_transactions:
+                owner.prepared_xacts += 1
+        elif tag.startswith((b"COMMIT PREPARED", b"ROLLBACK PREPARED")) and owner.prepared_xacts:
+            owner.prepared_xacts -= 1
+
     def _parameter_status(self, server: srv.ServerConnection, owner: Session | None,
                           data: bytes, pos: int, end: int) -> None:
         name, pos = protocol.read_cstring(data, pos)
@@ -796,7 +837,7 @@ class PooledBackend:
 
     def _hidden_message(self, server: srv.ServerConnection, hidden: HiddenQuery,
                         msg_type: int, data: bytes, pos: int, end: int) -> None:
-        if msg_type == _DATA_ROW and hidden.kind == CAPTURE:
+        if msg_type == _DATA_ROW:
             hidden.rows.append(_text_row(data, pos))
         elif msg_type == _ERR and hidden.error is None:
             hidden.error = PgError.from_fields(protocol.parse_error_fields(data[pos:end]))
@@ -832,6 +873,14 @@ class PooledBackend:
             else:
                 logger.warning("could not read back the settings of a session: %s", error.text)
                 server.context = None
+        elif kind == PIN_CHECK:
+            holds_state = error is None and bool(hidden.rows) and hidden.rows[0][0] == "t"
+            if holds_state and session.pinned is None:
+                if not self._pin(server, session):
+                    return
+            elif not holds_state and session.pinned is not None and error is None:
+                self._unpin(server, session)
+                return
         elif kind == FIXUP:
             if error is not None:
                 logger.warning("could not re-apply startup settings: %s", error.text)
@@ -860,6 +909,13 @@ class PooledBackend:
         if owner.dirty:
             owner.dirty = False
             self._hidden(server, CAPTURE, capture_query(owner.custom_names), owner)
+            return
+        if owner.pin_check:
+            owner.pin_check = False
+            self._hidden(server, PIN_CHECK, PIN_CHECK_QUERY, owner)
+            return
+        if owner.prepared_xacts and server.pinned is None:
+            # hold_prepared_transactions: nobody else runs here until they are resolved.
             return
         self._release(server)
 
@@ -931,10 +987,68 @@ class PooledBackend:
         if session is not None and session.state == ACTIVE:
             session.state = IDLE
             if _has_whole_message(session.inbuf):
+                if server.pinned is session:
+                    self._enqueue(session)
+                    return
                 # The client already sent its next transaction: it waits its turn.
                 session.state = WAITING
                 self.queue.append(session)
-        self._next_session(server)
+        if server.pinned is None:
+            self._next_session(server)
+
+    # ================================================================ pinning
+
+    def _pin(self, server: srv.ServerConnection, session: Session) -> bool:
+        """The session keeps this connection for itself; the others get a new one."""
+        if self.pinned_count >= self.settings.max_pinned_sessions:
+            # Its state cannot follow it and must not reach anyone else: the
+            # connection goes with the session.
+            error = PgError("too_many_connections",
+                            "too many pinned sessions in this pooled backend",
+                            detail="The session created state (temporary tables, session advisory "
+                                   "locks, LISTEN, WITH HOLD cursors, SQL PREPARE) that needs a "
+                                   "server connection of its own.",
+                            hint="Raise max_pinned_sessions, or use a dedicated user or database "
+                                 "for such clients.")
+            self._client_send(session, error.packet())
+            self._close_session(session)
+            self._drop_server(server)
+            return False
+        session.pinned = server
+        server.pinned = session
+        self.pinned_count += 1
+        self.counters[status.PINNED] = self.pinned_count
+        logger.debug("session %d pinned to server process %d", session.conn_id, server.pid)
+        if self.server is server:
+            self.server = None
+            if self.queue:
+                self._connect()
+        return True
+
+    def _unpin(self, server: srv.ServerConnection, session: Session) -> None:
+        """Its state is gone: the session returns to the shared connection."""
+        server.owner = None
+        session.state = IDLE
+        self._close_pinned(session)
+        if _has_whole_message(session.inbuf):
+            self._enqueue(session)
+
+    def _close_pinned(self, session: Session) -> None:
+        server = session.pinned
+        session.pinned = None
+        server.pinned = None
+        self.pinned_count -= 1
+        self.counters[status.PINNED] = self.pinned_count
+        self._drop_server(server)
+
+    def _drop_server(self, server: srv.ServerConnection) -> None:
+        """Close a server connection: whatever it holds dies with it, on the server."""
+        self._unregister(server)
+        server.close()
+        if self.server is server:
+            self.server = None
+            if self.queue:
+                self._connect()
 
     def _next_session(self, server: srv.ServerConnection) -> None:
         queue = self.queue
@@ -951,20 +1065,20 @@ class PooledBackend:
         if self.server is server:
             self.server = None
         logger.log(log.LOG, "lost server connection to %s/%s", self.database, self.user)
-        owner = server.owner
+        owner = server.owner or server.pinned
         if owner is not None and owner.state != CLOSED:
             self._client_send(owner, PgError(
                 "connection_failure", "server closed the connection unexpectedly",
                 detail="The upstream server connection of this session was lost.").packet())
             self._close_session(owner)
-        if self.queue:
+        if self.queue and self.server is None:
             self._connect()
 
     # ================================================================ cancel
 
     def _cancel(self, key: int) -> None:
         session = self.by_key.get(key)
-        server = self.server
+        server = None if session is None else (session.pinned or self.server)
         # Only while this session's own work runs on the server.
         if (session is not None and server is not None and server.owner is session
                 and server.expect and server.expect[0] is None):

@@ -33,7 +33,7 @@ class ServerConnection:
 
     __slots__ = ("sock", "fd", "state", "mask", "inbuf", "outbuf", "params", "pid", "key",
                  "owner", "context", "expect", "unsynced", "fixup", "held", "prepared", "parses",
-                 "seg_sent", "seg_recv", "error_names",
+                 "seg_sent", "seg_recv", "error_names", "pinned", "copy_in",
                  "idle_status", "deadline", "_reader", "_auth", "_startup")
 
     def __init__(self, settings, startup: dict[str, str], secret: str | None):
@@ -70,6 +70,9 @@ class ServerConnection:
         self.seg_sent = 0
         self.seg_recv = 0
         self.error_names: dict[bytes, bytes] = {}
+        # The session this connection belongs to alone (its state cannot be copied), or None.
+        self.pinned = None
+        self.copy_in = False                # COPY FROM STDIN in progress
         self.deadline = time.monotonic() + settings.upstream_connect_timeout
         self.idle_status = True            # the last ReadyForQuery said 'I'
         self._reader = protocol.MessageReader()

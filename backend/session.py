@@ -34,7 +34,8 @@ REPORTED_SETTABLE = frozenset({
 class Session:
     __slots__ = ("sock", "fd", "conn_id", "key", "state", "mask", "inbuf", "outbuf",
                  "settings", "startup", "client_params", "greeted", "gone", "database", "user",
-                 "paused", "dirty", "custom_names", "statements")
+                 "paused", "dirty", "custom_names", "statements", "pinned", "pin_check",
+                 "prepared_xacts")
 
     def __init__(self, sock: socket.socket, conn_id: int, startup: dict[str, str]):
         self.sock = sock
@@ -57,6 +58,14 @@ class Session:
         self.custom_names: set[str] = {name for name in self.settings if "." in name}
         # Its protocol-level named statements: client name -> statements.Statement.
         self.statements: dict = {}
+        # The server connection it keeps for itself, once it holds state that
+        # cannot be copied (temporary tables, session advisory locks, LISTEN,
+        # WITH HOLD cursors, SQL-level prepared statements); None while it shares.
+        self.pinned = None
+        # It may have created or dropped such state: ask the server at the end of the transaction.
+        self.pin_check = False
+        # Prepared transactions (2PC) it has not yet committed or rolled back.
+        self.prepared_xacts = 0
         self.client_params: dict[str, str] = {}      # ParameterStatus values this client has seen
         self.greeted = False
         self.gone = False
@@ -188,6 +197,17 @@ def restore_query(current: dict[str, str] | None, wanted: dict[str, str]) -> str
     parts.extend(f"RESET {protocol.quote_ident(name)}" for name in current
                  if name not in wanted and name not in _ORDERED)
     return "; ".join(parts)
+
+
+# Whether the connection holds state of the session that cannot be copied to another.
+PIN_CHECK_QUERY = (
+    "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_class "
+    "WHERE relnamespace = pg_catalog.pg_my_temp_schema()) "
+    "OR EXISTS (SELECT 1 FROM pg_catalog.pg_locks "
+    "WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid()) "
+    "OR EXISTS (SELECT 1 FROM pg_catalog.pg_listening_channels()) "
+    "OR EXISTS (SELECT 1 FROM pg_catalog.pg_cursors WHERE is_holdable) "
+    "OR EXISTS (SELECT 1 FROM pg_catalog.pg_prepared_statements WHERE from_sql)")
 
 
 def fixup_query(startup: dict[str, str]) -> str:
