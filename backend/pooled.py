@@ -114,7 +114,7 @@ class PooledBackend:
         self.server: srv.ServerConnection | None = None
         self.cancels: dict[int, srv.CancelSender] = {}
         self.greetings: dict[frozenset, dict[str, str]] = {}
-        self.registry = StatementRegistry()
+        self.registry = StatementRegistry(settings.prepared_statement_cache_size)
         self.pinned_count = 0
         self.counters = (table.counters(slot) if slot is not None
                          else memoryview(bytearray(status.INT_BYTES)).cast("q"))
@@ -213,6 +213,7 @@ class PooledBackend:
             elif kind == "reload":
                 self.settings = msg[1]
                 self.secret = msg[2]
+                self.registry.cache_size = self.settings.prepared_statement_cache_size
             elif kind == "shutdown":
                 self._shutdown(msg[1])
 

@@ -13,8 +13,6 @@ import struct
 # Server name that is never prepared: a client's unknown name becomes it, and
 # the server answers as PostgreSQL would (26000, or CloseComplete for Close).
 MISSING = b"pgforkpool.missing"
-# Statements no session holds, kept prepared until there are more than this.
-UNUSED_LIMIT = 256
 
 _header = struct.Struct("!cI")
 
@@ -46,7 +44,8 @@ class ParseEntry:
 class StatementRegistry:
     """The backend's statements by query text, and the unused ones waiting to be closed."""
 
-    def __init__(self):
+    def __init__(self, cache_size: int):
+        self.cache_size = cache_size     # prepared_statement_cache_size
         self.by_key: dict[bytes, Statement] = {}
         self.unused: collections.OrderedDict[bytes, Statement] = collections.OrderedDict()
         self.evicted: list[bytes] = []   # server names to DEALLOCATE on the shared connection
@@ -67,7 +66,7 @@ class StatementRegistry:
         if statement.refs > 0:
             return
         self.unused[statement.key] = statement
-        while len(self.unused) > UNUSED_LIMIT:
+        while len(self.unused) > self.cache_size:
             _key, old = self.unused.popitem(last=False)
             del self.by_key[old.key]
             self.evicted.append(old.name)

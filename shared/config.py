@@ -76,6 +76,10 @@ PARAMETERS: dict[str, Param] = {p.name: p for p in (
     Param("max_pinned_sessions", "int", 100, "reload",
           "Sessions per pooled backend that may hold a server connection of their own; 0 for none.",
           min=0, max=100000),
+    Param("prepared_statement_cache_size", "int", 256, "reload",
+          "Prepared statements no session holds any more that a pooled backend keeps on its "
+          "server connection; beyond this, the least recently released are closed.",
+          min=0, max=1000000),
     Param("dedicated_databases", "list", ("postgres", "template0", "template1"), "reload",
           "Databases served by one backend per session, comma separated."),
     Param("dedicated_users", "list", ("postgres",), "reload",

@@ -160,3 +160,21 @@ def test_pgbench_prepared_through_the_pooler(start_pooler, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "number of failed transactions: 0" in out.stdout
     assert "number of transactions actually processed: 1600/1600" in out.stdout
+
+
+def test_unused_statements_beyond_the_cache_are_closed_on_the_server(start_pooler):
+    pooler = start_pooler(session_pool_size=1, prepared_statement_cache_size=2)
+    with pooler.connect() as a:
+        a.prepare_threshold = None
+        for i in range(6):
+            prepare(a, b"s%d" % i, b"SELECT %d" % i)
+        count = "SELECT count(*) FROM pg_prepared_statements WHERE NOT from_sql"
+        assert a.execute(count).fetchone()[0] == 6
+        for i in range(6):
+            a.pgconn.send_close_prepared(b"s%d" % i)
+            while a.pgconn.get_result() is not None:
+                pass
+        assert a.execute(count).fetchone()[0] == 2
+        # Preparing a closed text again works as if it had never been.
+        prepare(a, b"again", b"SELECT 0")
+        assert value(execute(a, b"again")) == "0"
