@@ -44,8 +44,11 @@ _PARSE, _BIND, _CLOSE = protocol.PARSE, protocol.BIND, protocol.CLOSE
 _NAMING = frozenset({protocol.PARSE, protocol.BIND, protocol.DESCRIBE, protocol.CLOSE})
 _STATEMENT_KIND = ord("S")
 _PARSE_COMPLETE = ord("1")
+# Extended-query messages that leave work on the server until the next Sync.
+# (Flush does not: psycopg ends a pipeline with Sync then Flush.)
 _EXTENDED = frozenset({protocol.PARSE, protocol.BIND, protocol.DESCRIBE, protocol.EXECUTE,
-                       protocol.CLOSE, protocol.FLUSH})
+                       protocol.CLOSE})
+_FLUSH = protocol.FLUSH
 # Anything else from a client would make the server drop the shared connection.
 _COPY = frozenset({protocol.COPY_DATA, protocol.COPY_DONE, protocol.COPY_FAIL})
 _Z, _PS, _ERR = protocol.READY_FOR_QUERY, protocol.PARAMETER_STATUS, protocol.ERROR_RESPONSE
@@ -352,7 +355,7 @@ class PooledBackend:
             elif msg_type in _COPY:
                 if msg_type in _COPY_END:
                     server.copy_in = False
-            else:
+            elif msg_type != _FLUSH:
                 self._send_pieces(server, out, data, emit, pos)
                 self._protocol_violation(session, f"invalid frontend message type {msg_type}")
                 return

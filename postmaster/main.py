@@ -294,7 +294,7 @@ class Postmaster:
         if pool is None:
             pool = self.pools[(database, user)] = Pool(database, user)
         if len(pool.backends) < settings.session_pool_size:
-            backend = self._spawn_pooled(pool)
+            backend = self._spawn_pooled(pool, fd)
         else:
             backend = pool.choose(settings, self.table)
         if backend is None:
@@ -324,13 +324,19 @@ class Postmaster:
 
     # ================================================================ forking
 
-    def _fork(self, title: str, entry) -> tuple[int, socket.socket]:
-        """Fork a child that runs entry(channel); returns its pid and our end of the channel."""
+    def _fork(self, title: str, entry, close_fds: tuple[int, ...] = ()) -> tuple[int, socket.socket]:
+        """Fork a child that runs entry(channel); returns its pid and our end of the channel.
+
+        close_fds: descriptors the postmaster holds for the moment (a client socket
+        in transit) that the child must not keep, or that client never sees EOF.
+        """
         parent_end, child_end = channel.channel_pair()
         pid = os.fork()
         if pid == 0:
             try:
                 parent_end.close()
+                for fd in close_fds:
+                    os.close(fd)
                 self._close_in_child()
                 process.become_child(title)
                 entry(child_end)
@@ -360,7 +366,7 @@ class Postmaster:
         self.listeners[pid] = slot
         self.by_chan[chan.fileno()] = slot
 
-    def _spawn_pooled(self, pool: Pool) -> BackendSlot:
+    def _spawn_pooled(self, pool: Pool, client_fd: int) -> BackendSlot:
         from ..backend import pooled
         secret = self.auth_entries.get(pool.user)
         table, settings = self.table, self.settings
@@ -368,7 +374,8 @@ class Postmaster:
         slot = table.claim(0, status.KIND_POOLED, pool.database, pool.user)
         pid, chan = self._fork(f"backend {pool.database}/{pool.user}",
                                lambda c: pooled.main(settings, pool.database, pool.user, c,
-                                                     table, slot, secret))
+                                                     table, slot, secret),
+                               close_fds=(client_fd,))
         if slot is not None:
             table.counters(slot)[status.PID] = pid
         backend = BackendSlot(pid, chan, status.KIND_POOLED, pool, slot)
