@@ -1,0 +1,779 @@
+"""Benchmark harness: pgbench through direct PostgreSQL, pgforkpool and PgBouncer, interleaved.
+
+One throwaway PostgreSQL 15 cluster, one pgforkpool and one PgBouncer (transaction
+mode) with the same pool size in front of it; every workload of WORKLOADS runs
+through each target in turn (direct, pgforkpool, pgbouncer, direct, ...) for
+--rounds rounds. The median TPS per (workload, target) and the ratios go to stdout
+and to bench-results/bench-<UTC timestamp>.md (copied to bench-results/latest.md).
+
+Run it through scripts/bench, which sets up the environment first.
+"""
+
+import argparse
+import datetime
+import os
+import platform
+import pwd
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import psutil
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+from pgcluster import SERVER_USER, Cluster, pg_bin  # noqa: E402
+from pgcluster import _as_server_user as server_user_ids  # noqa: E402
+
+PGFORKPOOL = os.path.join(os.path.dirname(sys.executable), "pgforkpool")
+PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+RESULTS_DIR = os.path.join(REPO, "bench-results")
+
+DATABASE = "bench"
+USER = "bench"
+PASSWORD = "bench-secret"
+AUTH_METHOD = "scram-sha-256"     # clients authenticate this way to all three targets
+TARGETS = ("direct", "pgforkpool", "pgbouncer")
+STOP_WAIT = 20.0                  # seconds a process gets to stop before SIGKILL
+RUN_GRACE = 60.0                  # seconds past -T before a pgbench run is killed
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One row of the table: pgbench arguments, without -T, -M and the connection options."""
+    key: str                      # short name for --only
+    name: str                     # what the table shows
+    args: tuple[str, ...]
+    protocol: str | None = None   # pgbench -M for this workload; None: each of --protocol
+    latency: bool = False         # also report pgbench's "latency average"
+
+
+# To add a workload, add a line. A workload with protocol=None runs once per
+# --protocol value; one with a protocol runs with that one only.
+WORKLOADS = (
+    Workload("select-10", "select-only, 10 clients", ("-S", "-c", "10", "-j", "2")),
+    Workload("select-100", "select-only, 100 clients", ("-S", "-c", "100", "-j", "2")),
+    Workload("connect-10", "select-only, new connection per transaction, 10 clients",
+             ("-S", "-C", "-c", "10", "-j", "2")),
+    Workload("tpcb-20", "TPC-B-like, 20 clients", ("-c", "20", "-j", "2")),
+    Workload("latency-1", "select-only, 1 client", ("-S", "-c", "1", "-j", "1"), latency=True),
+)
+PROFILED_WORKLOAD = "select-100"  # --profile samples a pgforkpool backend during this one
+
+
+@dataclass(frozen=True)
+class Case:
+    """A workload with its query protocol: what one table row measures."""
+    workload: Workload
+    protocol: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.workload.name} (`{' '.join(self.pgbench_args)}`)"
+
+    @property
+    def pgbench_args(self) -> tuple[str, ...]:
+        return (*self.workload.args, "-M", self.protocol)
+
+
+@dataclass
+class RunResult:
+    tps: float | None = None
+    latency_ms: float | None = None
+    failed_transactions: int = 0
+    error: str = ""               # why the run does not count; empty when it does
+
+    @property
+    def ok(self) -> bool:
+        return not self.error and self.tps is not None
+
+
+class Interrupted(BaseException):
+    """A signal or the whole-run time limit: stop, clean up, report what was measured."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+# ---------------------------------------------------------------- processes
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def give_to_server_user(path: str, mode: int) -> str:
+    """When we are root, the poolers run as postgres: make `path` theirs."""
+    os.chmod(path, mode)
+    if os.geteuid() == 0:
+        entry = pwd.getpwnam(SERVER_USER)
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+    return path
+
+
+def server_dir(path: str) -> str:
+    """A directory the poolers can read and write (configs, logs, pid files, sockets)."""
+    os.makedirs(path, exist_ok=True)
+    return give_to_server_user(path, 0o755)
+
+
+def write_private(path: str, text: str) -> None:
+    """A file only the poolers may read: the auth files."""
+    with open(path, "w") as f:
+        f.write(text)
+    give_to_server_user(path, 0o600)
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, what: str, log_path: str) -> None:
+    deadline = time.monotonic() + STOP_WAIT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited at start (code {proc.returncode}):\n{tail(log_path)}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{what} did not start listening on port {port}:\n{tail(log_path)}")
+
+
+def tail(path: str, lines: int = 30) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def process_tree(pid: int) -> list[psutil.Process]:
+    try:
+        parent = psutil.Process(pid)
+        return [parent, *parent.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def kill_survivors(processes: list[psutil.Process]) -> list[str]:
+    """SIGKILL whichever of these processes (compared by pid and start time) still runs."""
+    survivors = []
+    for p in processes:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                survivors.append(f"{p.pid} {' '.join(p.cmdline())[:60]}")
+                p.kill()
+        except psutil.Error:
+            pass
+    return survivors
+
+
+class Service:
+    """A pooler process we started in the foreground: started, waited for, stopped by pid."""
+
+    def __init__(self, name: str, argv: list[str], port: int, workdir: str, stop_signal: int):
+        self.name = name
+        self.argv = argv
+        self.port = port
+        self.log_path = os.path.join(workdir, f"{name}.log")
+        self.stop_signal = stop_signal
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, **popen_args) -> None:
+        with open(self.log_path, "ab") as log:
+            # A session of its own: a Ctrl-C at the terminal reaches only this
+            # driver, which then stops everything in order.
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         **popen_args)
+        wait_for_port(self.port, self.proc, self.name, self.log_path)
+
+    def stop(self) -> list[str]:
+        """Stop the process and its children; returns what had to be killed."""
+        if self.proc is None:
+            return []
+        tree = process_tree(self.proc.pid)
+        if self.proc.poll() is None:
+            self.proc.send_signal(self.stop_signal)
+            try:
+                self.proc.wait(timeout=STOP_WAIT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=STOP_WAIT)
+        time.sleep(0.2)   # children die with their parent (PR_SET_PDEATHSIG): give them a moment
+        return kill_survivors(tree[1:])
+
+
+def start_pgforkpool(workdir: str, cluster: Cluster, pool_size: int) -> Service:
+    port = free_port()
+    auth_file = os.path.join(workdir, "users.txt")
+    write_private(auth_file, f'"{USER}" "{PASSWORD}"\n')
+    settings = {
+        "listen_addresses": "127.0.0.1",
+        "port": port,
+        "unix_socket_directories": workdir,
+        "upstream_host": cluster.socket_dir,
+        "upstream_port": cluster.port,
+        "session_pool_size": pool_size,
+        "auth_method": AUTH_METHOD,
+        "auth_file": auth_file,
+        "pid_file": os.path.join(workdir, "pgforkpool.pid"),
+    }
+    if os.geteuid() == 0:
+        settings["user"] = SERVER_USER   # it binds its sockets, then switches itself
+    conf = os.path.join(workdir, "pgforkpool.conf")
+    with open(conf, "w") as f:
+        f.writelines(f"{name} = '{value}'\n" for name, value in settings.items())
+    service = Service("pgforkpool", [PGFORKPOOL, "start", conf], port, workdir, signal.SIGINT)
+    service.start()
+    return service
+
+
+def start_pgbouncer(workdir: str, cluster: Cluster, pool_size: int) -> Service:
+    port = free_port()
+    auth_file = os.path.join(workdir, "userlist.txt")
+    write_private(auth_file, f'"{USER}" "{PASSWORD}"\n')
+    conf = os.path.join(workdir, "pgbouncer.ini")
+    with open(conf, "w") as f:
+        f.write(f"""[databases]
+{DATABASE} = host={cluster.socket_dir} port={cluster.port} dbname={DATABASE}
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir = {workdir}
+auth_type = {AUTH_METHOD}
+auth_file = {auth_file}
+pool_mode = transaction
+default_pool_size = {pool_size}
+min_pool_size = 0
+reserve_pool_size = 0
+max_client_conn = 500
+max_db_connections = 0
+; pgforkpool logs neither by default
+log_connections = 0
+log_disconnections = 0
+pidfile = {os.path.join(workdir, "pgbouncer.pid")}
+""")
+    os.chmod(conf, 0o644)
+    # PgBouncer refuses to run as root: run it as postgres, in the foreground,
+    # logging to stderr, which Service sends to pgbouncer.log.
+    service = Service("pgbouncer", [PGBOUNCER, conf], port, workdir, signal.SIGTERM)
+    service.start(**server_user_ids())
+    return service
+
+
+# ------------------------------------------------------------------ pgbench
+
+def pgbench_path() -> str:
+    candidate = os.path.join(pg_bin(), "pgbench")
+    return candidate if os.access(candidate, os.X_OK) else (shutil.which("pgbench") or "pgbench")
+
+
+def parse_pgbench(output: str) -> RunResult:
+    """TPS, latency and failed transactions from pgbench's summary.
+
+    pgbench 15 prints "tps = N (without initial connection time)", and with -C
+    "tps = N (including reconnection times)"; older ones printed two tps lines
+    ("including connections establishing" / "excluding ..."). Take the one that
+    does not count the initial connections, else the first.
+    """
+    result = RunResult()
+    tps_lines = re.findall(r"^tps = ([0-9.]+) \(([^)]*)\)", output, re.MULTILINE)
+    if tps_lines:
+        preferred = [v for v, how in tps_lines if "without" in how or "excluding" in how or "reconnection" in how]
+        result.tps = float((preferred or [tps_lines[0][0]])[0])
+    m = re.search(r"^latency average = ([0-9.]+) ms", output, re.MULTILINE)
+    if m:
+        result.latency_ms = float(m.group(1))
+    m = re.search(r"^number of failed transactions: (\d+)", output, re.MULTILINE)
+    if m:
+        result.failed_transactions = int(m.group(1))
+    return result
+
+
+def start_pgbench(pgbench: str, port: int, args: tuple[str, ...], duration: int) -> subprocess.Popen:
+    """pgbench -T duration against a target on 127.0.0.1, output captured, in a session of its own."""
+    argv = [pgbench, "-h", "127.0.0.1", "-p", str(port), "-U", USER, "-T", str(duration), *args, DATABASE]
+    env = dict(os.environ, PGPASSWORD=PASSWORD, PGSSLMODE="disable", PGGSSENCMODE="disable",
+               PGCONNECT_TIMEOUT="10")
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, start_new_session=True)
+
+
+def run_pgbench(pgbench: str, port: int, args: tuple[str, ...], duration: int, log) -> RunResult:
+    proc = start_pgbench(pgbench, port, args, duration)
+    try:
+        output, _ = proc.communicate(timeout=duration + RUN_GRACE)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        output, _ = proc.communicate()
+        output += f"\n[bench] pgbench killed after {duration + RUN_GRACE:.0f} s\n"
+    finally:
+        if proc.poll() is None:   # interrupted: stop it before anything else
+            proc.kill()
+            proc.wait()
+    log.write(f"$ {' '.join(proc.args)}\n{output}\n")
+    log.flush()
+    result = parse_pgbench(output)
+    if proc.returncode != 0:
+        result.error = f"pgbench exit {proc.returncode}: {first_error(output)}"
+    elif result.failed_transactions:
+        result.error = f"{result.failed_transactions} failed transactions"
+    elif result.tps is None:
+        result.error = "no tps line in pgbench output"
+    return result
+
+
+def first_error(output: str) -> str:
+    for line in output.splitlines():
+        if "error" in line.lower() or "fatal" in line.lower() or "abort" in line.lower():
+            return line.strip()[:200]
+    lines = [line for line in output.splitlines() if line.strip()]
+    return lines[-1].strip()[:200] if lines else "no output"
+
+
+# ------------------------------------------------------------------ report
+
+def fmt(value: float | None, digits: int) -> str:
+    return "—" if value is None else f"{value:,.{digits}f}"
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return "—" if a is None or not b else f"{a / b:.2f}"
+
+
+def median_of(results: list[RunResult], attr: str) -> float | None:
+    values = [getattr(r, attr) for r in results if r.ok and getattr(r, attr) is not None]
+    return statistics.median(values) if values else None
+
+
+def cell(results: list[RunResult], attr: str, digits: int) -> str:
+    value = fmt(median_of(results, attr), digits)
+    failed = sum(not r.ok for r in results)
+    if failed:
+        value += f" ({failed}/{len(results)} failed)"
+    return value
+
+
+def results_table(cases: list[Case], results: dict) -> str:
+    rows = ["| workload | direct tps | pgforkpool tps | pgbouncer tps | pgforkpool/direct | pgforkpool/pgbouncer |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |"]
+
+    def row(case: Case, label: str, attr: str, digits: int) -> None:
+        runs = {t: results.get((case, t), []) for t in TARGETS}
+        if not any(runs.values()):
+            return
+        medians = {t: median_of(runs[t], attr) for t in TARGETS}
+        rows.append(f"| {label} | " + " | ".join(cell(runs[t], attr, digits) for t in TARGETS)
+                    + f" | {ratio(medians['pgforkpool'], medians['direct'])}"
+                    + f" | {ratio(medians['pgforkpool'], medians['pgbouncer'])} |")
+
+    for case in cases:
+        row(case, case.label, "tps", 0)
+    for case in cases:
+        if case.workload.latency:
+            row(case, f"{case.workload.name}: latency average, ms (lower is better) (`-M {case.protocol}`)",
+                "latency_ms", 3)
+    return "\n".join(rows)
+
+
+def runs_table(cases: list[Case], results: dict, rounds: int) -> str:
+    rows = ["| workload | target | " + " | ".join(f"round {i + 1}" for i in range(rounds)) + " |",
+            "| --- | --- |" + " ---: |" * rounds]
+    for case in cases:
+        for target in TARGETS:
+            runs = results.get((case, target), [])
+            if not runs:
+                continue
+            cells = [fmt(r.tps, 0) + ("" if r.ok else " ✗") for r in runs]
+            cells += [""] * (rounds - len(cells))
+            rows.append(f"| {case.workload.name} `-M {case.protocol}` | {target} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def failures_section(cases: list[Case], results: dict) -> str:
+    lines = []
+    for case in cases:
+        for target in TARGETS:
+            for i, r in enumerate(results.get((case, target), [])):
+                if not r.ok:
+                    lines.append(f"- {case.workload.name} `-M {case.protocol}`, {target}, round {i + 1}: {r.error}")
+    return "\n".join(lines)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def command_output(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=30, cwd=REPO)
+        return (out.stdout or out.stderr).strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return "unknown"
+
+
+# ------------------------------------------------------------------ profile
+
+def py_spy() -> str:
+    path = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    if not os.access(path, os.X_OK):
+        say("installing py-spy into the virtual environment")
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "py-spy"], check=True)
+    return path
+
+
+def pooled_backends(postmaster_pid: int) -> list[int]:
+    pids = []
+    for child in process_tree(postmaster_pid)[1:]:
+        try:
+            if " ".join(child.cmdline()).startswith("pgforkpool: backend"):
+                pids.append(child.pid)
+        except psutil.Error:
+            pass
+    return pids
+
+
+def summarize_raw(path: str, top: int = 25) -> str:
+    """Self and inclusive sample counts per function from py-spy's raw (collapsed) output.
+
+    A frame reads "function (file:line)"; the line number is dropped to count per function.
+    """
+    self_counts: Counter[str] = Counter()
+    incl_counts: Counter[str] = Counter()
+    total = 0
+    with open(path) as f:
+        for line in f:
+            stack, _, count = line.rstrip("\n").rpartition(" ")
+            if not stack or not count.isdigit():
+                continue
+            n = int(count)
+            total += n
+            frames = [re.sub(r":\d+\)$", ")", frame) for frame in stack.split(";")]
+            self_counts[frames[-1]] += n
+            incl_counts.update(dict.fromkeys(frames, n))
+    if not total:
+        return "no samples\n"
+    out = [f"{total} samples (those py-spy sees as idle left out)", "", "self %  function"]
+    out += [f"{100 * n / total:6.1f}  {fn}" for fn, n in self_counts.most_common(top)]
+    out += ["", "total %  function"]
+    out += [f"{100 * n / total:7.1f}  {fn}" for fn, n in incl_counts.most_common(top)]
+    return "\n".join(out) + "\n"
+
+
+def profile_pgforkpool(pgbench: str, pooler: Service, case: Case, seconds: int, stamp: str, log) -> list[str]:
+    """An extra, unrecorded run of `case` through pgforkpool while py-spy samples two pooled backends."""
+    spy = py_spy()
+    svg = os.path.join(RESULTS_DIR, f"profile-{stamp}.svg")
+    raw = os.path.join(RESULTS_DIR, f"profile-{stamp}.raw.txt")
+    summary = os.path.join(RESULTS_DIR, f"profile-{stamp}.txt")
+    load = start_pgbench(pgbench, pooler.port, case.pgbench_args, seconds + 6)
+    spies: list[subprocess.Popen] = []
+    raw_pid = None
+    try:
+        time.sleep(3)   # let the clients connect and the backends fork
+        backends = pooled_backends(pooler.proc.pid)
+        if not backends:
+            raise RuntimeError("no pooled backend found under the pgforkpool postmaster")
+        say(f"profiling pgforkpool backend {backends[0]} for {seconds} s (flame graph)"
+            + (f" and backend {backends[1]} (raw stacks)" if len(backends) > 1 else ""))
+        spies.append(subprocess.Popen([spy, "record", "--pid", str(backends[0]), "--duration", str(seconds),
+                                       "--format", "flamegraph", "-o", svg],
+                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        raw_pid = backends[1] if len(backends) > 1 else None
+        if raw_pid:
+            spies.append(subprocess.Popen([spy, "record", "--pid", str(raw_pid), "--duration", str(seconds),
+                                           "--format", "raw", "-o", raw],
+                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        for spy_proc in spies:
+            spy_proc.wait(timeout=seconds + RUN_GRACE)
+        output, _ = load.communicate(timeout=seconds + RUN_GRACE)
+        log.write(f"$ {' '.join(load.args)}   # profiled\n{output}\n")
+    finally:
+        for proc in (*spies, load):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    files = [svg] if os.path.exists(svg) else []
+    if raw_pid and os.path.exists(raw):
+        with open(summary, "w") as f:
+            f.write(f"py-spy, pgforkpool pooled backend {raw_pid}, {case.label} through pgforkpool, "
+                    f"{seconds} s\n\n" + summarize_raw(raw))
+        files += [raw, summary]
+    return files
+
+
+# ------------------------------------------------------------------ main
+
+def say(message: str) -> None:
+    print(f"==> {message}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    keys = ", ".join(w.key for w in WORKLOADS)
+    parser = argparse.ArgumentParser(
+        prog="scripts/bench",
+        description="pgbench through direct PostgreSQL, pgforkpool and PgBouncer (transaction mode, "
+                    "same pool size), interleaved; median TPS and ratios.")
+    parser.add_argument("--duration", type=int, help="seconds of each pgbench run (-T); default 8, 3 with --quick")
+    parser.add_argument("--rounds", type=int, help="rounds of interleaved runs; the median is taken "
+                                                   "over them; default 3, 1 with --quick")
+    parser.add_argument("--quick", action="store_true", help="a ~1 minute smoke run (1 round of 3 s runs)")
+    parser.add_argument("--pool-size", type=int, default=4,
+                        help="pgforkpool session_pool_size and PgBouncer default_pool_size (default 4)")
+    parser.add_argument("--scale", type=int, default=10, help="pgbench -i scale factor (default 10)")
+    parser.add_argument("--protocol", default="simple",
+                        help="pgbench -M for the workloads that do not fix one: simple, extended or "
+                             "prepared, or several separated by commas for one row each (default simple)")
+    parser.add_argument("--only", metavar="KEYS", help=f"comma-separated workloads to run, of: {keys}")
+    parser.add_argument("--profile", action="store_true",
+                        help=f"after the rounds, an extra {PROFILED_WORKLOAD} run through pgforkpool "
+                             "while py-spy samples two of its pooled backends")
+    parser.add_argument("--profile-duration", type=int, default=10, help="seconds py-spy samples (default 10)")
+    parser.add_argument("--timeout", type=int,
+                        help="bound on the whole run in seconds (default: twice the estimate plus 5 min)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the temporary directory (cluster, configs, logs) for inspection")
+    args = parser.parse_args(argv)
+    args.duration = args.duration or (3 if args.quick else 8)
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.protocols = [p.strip() for p in args.protocol.split(",") if p.strip()]
+    for p in args.protocols:
+        if p not in ("simple", "extended", "prepared"):
+            parser.error(f"--protocol: unknown protocol {p!r}")
+    workloads = WORKLOADS
+    if args.only:
+        wanted = [k.strip() for k in args.only.split(",") if k.strip()]
+        unknown = set(wanted) - {w.key for w in WORKLOADS}
+        if unknown:
+            parser.error(f"--only: unknown workload(s) {', '.join(sorted(unknown))}; known: {keys}")
+        workloads = tuple(w for w in WORKLOADS if w.key in wanted)
+    args.cases = [Case(w, p) for w in workloads for p in ([w.protocol] if w.protocol else args.protocols)]
+    if min(args.duration, args.rounds, args.pool_size, args.scale) < 1:
+        parser.error("--duration, --rounds, --pool-size and --scale must be at least 1")
+    return args
+
+
+def raise_interrupted(signum, _frame) -> None:
+    if signum == signal.SIGALRM:
+        raise Interrupted("the time limit on the whole run (--timeout) was reached")
+    raise Interrupted(f"signal {signal.Signals(signum).name}")
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    runs = len(args.cases) * len(TARGETS) * args.rounds
+    estimate = 20 + args.scale + runs * (args.duration + 1) + (args.profile_duration + 10 if args.profile else 0)
+    limit = args.timeout or 2 * estimate + 300
+    signal.signal(signal.SIGTERM, raise_interrupted)
+    signal.signal(signal.SIGHUP, raise_interrupted)
+    signal.signal(signal.SIGINT, raise_interrupted)
+    signal.signal(signal.SIGALRM, raise_interrupted)   # the bound on the whole run
+    signal.alarm(limit)
+
+    started = datetime.datetime.now(datetime.timezone.utc)
+    load_before = os.getloadavg()[0]
+    revision = command_output(["git", "describe", "--always", "--dirty"])   # what scripts/bench installed
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    workdir = server_dir(tempfile.mkdtemp(prefix="pgforkpool-bench-"))
+    pgbench_log_path = os.path.join(RESULTS_DIR, f"bench-{stamp}.pgbench.log")
+    say(f"{runs} runs of {args.duration} s; expected ~{estimate // 60} min {estimate % 60} s, "
+        f"bounded at {limit} s; working in {workdir}")
+
+    cluster = Cluster(os.path.join(workdir, "pg"), free_port())
+    services: list[Service] = []
+    results: dict[tuple[Case, str], list[RunResult]] = {}
+    interrupted = ""
+    leftovers: list[str] = []
+    profile_files: list[str] = []
+    profile_error = ""
+    server_version = "unknown"
+    pg_tree: list[psutil.Process] = []
+    pgbench = pgbench_path()
+    try:
+        with open(pgbench_log_path, "w") as pgbench_log:
+            say(f"starting PostgreSQL 15 on port {cluster.port}")
+            cluster.init({"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"})
+            cluster.start()
+            pg_tree = postgres_tree(cluster)
+            cluster.psql(f"CREATE ROLE {USER} LOGIN PASSWORD '{PASSWORD}'")
+            cluster.psql(f"CREATE DATABASE {DATABASE} OWNER {USER}")
+            say(f"pgbench -i -s {args.scale}")
+            init = subprocess.run([pgbench, "-i", "-q", "-s", str(args.scale), "-h", cluster.socket_dir,
+                                   "-p", str(cluster.port), "-U", USER, DATABASE],
+                                  capture_output=True, text=True, timeout=600)
+            if init.returncode != 0:
+                raise RuntimeError(f"pgbench -i failed:\n{init.stderr}")
+            cluster.psql("CHECKPOINT")
+            server_version = cluster.psql("SHOW server_version")
+
+            say("starting pgforkpool and PgBouncer")
+            services.append(start_pgforkpool(server_dir(os.path.join(workdir, "pgforkpool")), cluster,
+                                             args.pool_size))
+            services.append(start_pgbouncer(server_dir(os.path.join(workdir, "pgbouncer")), cluster,
+                                            args.pool_size))
+            ports = {"direct": cluster.port, "pgforkpool": services[0].port, "pgbouncer": services[1].port}
+
+            say("warming up each target (not recorded)")
+            for target in TARGETS:
+                warm = run_pgbench(pgbench, ports[target], ("-S", "-c", "4", "-j", "2", "-M", args.protocols[0]),
+                                   2, pgbench_log)
+                if not warm.ok:
+                    raise RuntimeError(f"warm-up through {target} failed: {warm.error}\n"
+                                       f"(see {pgbench_log_path})")
+
+            done = 0
+            for rnd in range(args.rounds):
+                for case in args.cases:
+                    for target in TARGETS:
+                        done += 1
+                        r = run_pgbench(pgbench, ports[target], case.pgbench_args, args.duration, pgbench_log)
+                        for service in services:
+                            if service.name == target and service.proc.poll() is not None:
+                                r.error = "; ".join(filter(None, (
+                                    f"{target} has exited (code {service.proc.returncode})", r.error)))
+                        results.setdefault((case, target), []).append(r)
+                        shown = f"{r.tps:,.0f} tps" if r.tps is not None else "no tps"
+                        if r.latency_ms is not None and case.workload.latency:
+                            shown += f", {r.latency_ms:.3f} ms"
+                        say(f"[{done}/{runs}] round {rnd + 1} {case.workload.key} -M {case.protocol} "
+                            f"{target}: {shown}" + (f"  FAILED: {r.error}" if not r.ok else ""))
+
+            if args.profile:
+                case = next((c for c in args.cases if c.workload.key == PROFILED_WORKLOAD),
+                            Case(next(w for w in WORKLOADS if w.key == PROFILED_WORKLOAD), args.protocols[0]))
+                try:
+                    profile_files = profile_pgforkpool(pgbench, services[0], case, args.profile_duration,
+                                                       stamp, pgbench_log)
+                except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
+                    profile_error = str(exc)
+                    say(f"profile failed: {exc}")
+    except Interrupted as exc:
+        interrupted = exc.reason
+        say(f"stopping: {interrupted}")
+    except (RuntimeError, subprocess.SubprocessError, OSError) as exc:
+        interrupted = f"error: {exc}"
+        say(interrupted)
+    finally:
+        # Nothing may interrupt the clean-up; each step is bounded.
+        signal.alarm(0)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        say("stopping PgBouncer, pgforkpool and PostgreSQL")
+        log_tails = {s.name: tail(s.log_path, 40) for s in services}
+        for service in reversed(services):
+            leftovers += service.stop()
+        pg_tree = postgres_tree(cluster) or pg_tree
+        try:
+            cluster.stop("fast")
+        except subprocess.SubprocessError as exc:
+            say(f"pg_ctl stop failed: {exc}")
+        leftovers += kill_survivors(pg_tree)
+        if leftovers:
+            say(f"killed leftover processes: {'; '.join(leftovers)}")
+        if args.keep:
+            say(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    if not results:
+        if os.path.exists(pgbench_log_path) and not os.path.getsize(pgbench_log_path):
+            os.remove(pgbench_log_path)
+        say("no results")
+        return 1
+    versions = {
+        "pgbench": command_output([pgbench, "--version"]),
+        "PgBouncer": command_output([PGBOUNCER, "--version"]),
+        "pgforkpool": command_output([PGFORKPOOL, "--version"]),
+        "PostgreSQL server": server_version,
+        "Python": platform.python_version(),
+        "git": revision,
+    }
+    load = (load_before, os.getloadavg()[0])
+    report = render(args, started, load, versions, results, interrupted, profile_files, profile_error,
+                    log_tails, pgbench_log_path)
+    path = os.path.join(RESULTS_DIR, f"bench-{stamp}.md")
+    with open(path, "w") as f:
+        f.write(report)
+    if not interrupted:   # latest.md is always a complete run
+        shutil.copyfile(path, os.path.join(RESULTS_DIR, "latest.md"))
+    print(report)
+    say(f"written to {os.path.relpath(path, REPO)}" + ("" if interrupted else " and bench-results/latest.md")
+        + f"; pgbench output in {os.path.relpath(pgbench_log_path, REPO)}")
+    failed = any(not r.ok for rs in results.values() for r in rs)
+    return 1 if interrupted or failed else 0
+
+
+def postgres_tree(cluster: Cluster) -> list[psutil.Process]:
+    """The postmaster (from postmaster.pid) and its children, to make sure they are gone at the end."""
+    try:
+        with open(os.path.join(cluster.data_dir, "postmaster.pid")) as f:
+            return process_tree(int(f.readline()))
+    except (OSError, ValueError):
+        return []
+
+
+def render(args, started, load, versions, results, interrupted, profile_files, profile_error, log_tails,
+           pgbench_log_path) -> str:
+    header = [
+        f"# pgforkpool benchmark, {started.strftime('%Y-%m-%d %H:%M UTC')}",
+        "",
+        f"- machine: {os.cpu_count()} CPUs ({cpu_model()}), {platform.system()} {platform.release()}; "
+        f"pgbench, the poolers and PostgreSQL share them; 1-minute load average {load[0]:.2f} before the run, "
+        f"{load[1]:.2f} after (other work on the machine skews the figures)",
+        f"- pool size: {args.pool_size} (pgforkpool `session_pool_size`, PgBouncer `default_pool_size`, "
+        "`pool_mode = transaction`)",
+        f"- rounds: {args.rounds}, interleaved direct → pgforkpool → pgbouncer per workload; "
+        f"duration: {args.duration} s per run (`-T`); table cells are medians over the rounds",
+        f"- data: `pgbench -i -s {args.scale}`; server with fsync, synchronous_commit and "
+        "full_page_writes off",
+        f"- client authentication: {AUTH_METHOD} over TCP 127.0.0.1 for all three targets; "
+        "the poolers reach PostgreSQL through its unix socket",
+        "- versions: " + "; ".join(f"{k} {v}" if not v.lower().startswith(k.lower()) else v
+                                   for k, v in versions.items()),
+    ]
+    if interrupted:
+        header.append(f"- **incomplete run**: {interrupted}")
+    body = ["", results_table(args.cases, results), "",
+            "Ratios above 1 mean pgforkpool is faster in the tps rows and slower in the latency rows.", "",
+            "## Every run (tps; ✗ = failed, not counted)", "",
+            runs_table(args.cases, results, args.rounds)]
+    failures = failures_section(args.cases, results)
+    if failures:
+        body += ["", "## Failures", "", failures,
+                 "", f"pgbench output: `{os.path.relpath(pgbench_log_path, REPO)}`"]
+        for name, text in log_tails.items():
+            if text.strip():
+                body += ["", f"Last lines of the {name} log:", "", "```", text.rstrip(), "```"]
+    if profile_files or profile_error:
+        body += ["", "## Profile", ""]
+        body += [f"- `{os.path.relpath(p, REPO)}`" for p in profile_files]
+        if profile_error:
+            body.append(f"- failed: {profile_error}")
+        for p in profile_files:
+            if p.endswith(".txt") and not p.endswith(".raw.txt"):
+                with open(p) as f:
+                    text = f.read().split("\n\ntotal %")[0]   # the self-time part
+                body += ["", "```", text.rstrip(), "```"]
+    return "\n".join(header + body) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
