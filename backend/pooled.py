@@ -59,7 +59,14 @@ _IDLE_STATUS, _FAILED_STATUS = protocol.TRANS_IDLE, protocol.TRANS_FAILED
 # settings (set_config, custom settings), temporary objects, session advisory locks.
 _SETTINGS_TEXT = re.compile(rb"set_config|set\s+(?:session\s+|local\s+)?[a-z_0-9$]+\.", re.IGNORECASE)
 _PIN_TEXT = re.compile(rb"\btemp(?:orary)?\b|pg_temp|advisory_(?:un)?lock", re.IGNORECASE)
-_STATE_TEXT = re.compile(_SETTINGS_TEXT.pattern + b"|" + _PIN_TEXT.pattern, re.IGNORECASE)
+# A C-speed first look (lower-case, then substring search) before any regex:
+# most statements mention none of these words.
+_LOWER = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", b"abcdefghijklmnopqrstuvwxyz")
+
+
+def _may_touch_state(data: bytes) -> bool:
+    lowered = data.translate(_LOWER)
+    return b"set" in lowered or b"temp" in lowered or b"advisory" in lowered
 # Command tags after which the session's settings are read back.
 _SETTING_TAGS = (b"SET\0", b"RESET\0", b"DISCARD")
 _RESET_TAGS = (b"RESET\0", b"DISCARD")
@@ -135,6 +142,9 @@ class PooledBackend:
         poll = self.epoll.poll
         handlers = self.handlers
         queue = self.queue
+        monotonic = time.monotonic
+        turns, ready_sum = status.TURNS, status.READY_SUM
+        waiting = status.WAITING
         while True:
             events = poll(self._timeout())
             for fd, mask in events:
@@ -143,20 +153,21 @@ class PooledBackend:
                     handler(mask)
             server = self.server
             ready = len(queue) + (server is not None and server.owner is not None)
-            counters[status.TURNS] += 1
-            counters[status.READY_SUM] += ready
-            counters[status.WAITING] = ready
-            if not events or time.monotonic() - self.title_at > 1.0:
+            counters[turns] += 1
+            counters[ready_sum] += ready
+            counters[waiting] = ready
+            if not events or monotonic() > self.title_at:
                 self._housekeeping()
-            if self.shutdown_mode is not None and not self.sessions:
-                break
+                if self.shutdown_mode is not None and not self.sessions:
+                    break
         if self.server is not None:
             self.server.close()
         os._exit(0)
 
     def _timeout(self) -> float:
-        if self.server is not None and self.server.state in (srv.CONNECTING, srv.LOGIN):
-            return max(0.0, self.server.deadline - time.monotonic())
+        server = self.server
+        if server is not None and server.state is not srv.ACTIVE and server.state is not srv.IDLE:
+            return max(0.0, server.deadline - time.monotonic())
         if self.cancels or self.shutdown_mode:
             return 1.0
         return 5.0
@@ -171,6 +182,7 @@ class PooledBackend:
             if now > sender.deadline:
                 self._drop_cancel(sender)
         self._update_title(now)
+        self.title_at = now + 1.0   # next housekeeping while busy
 
     def _update_title(self, now: float) -> None:
         title = (f"backend {self.database}/{self.user} {len(self.sessions)} sessions "
@@ -178,7 +190,6 @@ class PooledBackend:
         if title != self.title:
             process.set_title(title)
             self.title = title
-        self.title_at = now
         self.counters[status.SESSIONS] = len(self.sessions)
 
     def _register(self, obj, mask: int, handler) -> None:
@@ -282,6 +293,20 @@ class PooledBackend:
                 session.inbuf.clear()
             self._forward_client(session, data)
             return
+        if state == IDLE and not session.inbuf:
+            # The common case: a whole query from an idle session, the server
+            # connection free and already in this session's context.
+            server = self.server
+            if (server is not None and server.state is srv.IDLE and not self.queue
+                    and session.pinned is None and not self.registry.evicted
+                    and (server.context is session.settings or server.context == session.settings)
+                    and len(data) >= 5 and len(data) >= 1 + _length(data, 1)[0]):
+                session.state = ACTIVE
+                server.owner = session
+                server.state = srv.ACTIVE
+                server.context = session.settings
+                self._forward_client(session, data)
+                return
         session.inbuf += data
         if state == IDLE:
             if _has_whole_message(session.inbuf):
@@ -328,7 +353,7 @@ class PooledBackend:
                 server.seg_sent += 1
                 if not text_checked:
                     text_checked = True
-                    if _STATE_TEXT.search(data):
+                    if _may_touch_state(data):
                         self._may_change_state(session, data)
             elif msg_type == _SYNC:
                 expect.append(None)
@@ -339,7 +364,7 @@ class PooledBackend:
                 if msg_type in _NAMING:
                     if msg_type == _PARSE and not text_checked:
                         text_checked = True
-                        if _STATE_TEXT.search(data):
+                        if _may_touch_state(data):
                             self._may_change_state(session, data)
                     replacement = self._statement_message(session, server, msg_type, data, pos, end)
                     if replacement is not None:

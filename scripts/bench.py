@@ -6,6 +6,12 @@ through each target in turn (direct, pgforkpool, pgbouncer, direct, ...) for
 --rounds rounds. The median TPS per (workload, target) and the ratios go to stdout
 and to bench-results/bench-<UTC timestamp>.md (copied to bench-results/latest.md).
 
+With --baseline REV, a fourth target, pgforkpool@REV, is the pooler as it was at
+git revision REV: extracted with `git archive` into the temporary directory,
+installed into a virtual environment of its own there, started with the same
+configuration on a port of its own, and run after the current pgforkpool in every
+round; the table gains its column and the ratio current/baseline.
+
 Run it through scripts/bench, which sets up the environment first.
 """
 
@@ -41,30 +47,31 @@ DATABASE = "bench"
 USER = "bench"
 PASSWORD = "bench-secret"
 AUTH_METHOD = "scram-sha-256"     # clients authenticate this way to all three targets
-TARGETS = ("direct", "pgforkpool", "pgbouncer")
+TARGETS = ("direct", "pgforkpool", "pgbouncer")   # --baseline adds pgforkpool@REV after pgforkpool
 STOP_WAIT = 20.0                  # seconds a process gets to stop before SIGKILL
 RUN_GRACE = 60.0                  # seconds past -T before a pgbench run is killed
 
 
 @dataclass(frozen=True)
 class Workload:
-    """One row of the table: pgbench arguments, without -T, -M and the connection options."""
+    """One workload: pgbench arguments, without -T, -M and the connection options."""
     key: str                      # short name for --only
     name: str                     # what the table shows
     args: tuple[str, ...]
-    protocol: str | None = None   # pgbench -M for this workload; None: each of --protocol
+    protocols: tuple[str, ...] = ("simple",)   # pgbench -M values, one table row each, unless --protocol
     latency: bool = False         # also report pgbench's "latency average"
 
 
-# To add a workload, add a line. A workload with protocol=None runs once per
-# --protocol value; one with a protocol runs with that one only.
+# To add a workload, add a line. Each runs once per protocol of its own (one row
+# each), or once per --protocol value when that option is given.
+BOTH = ("simple", "prepared")
 WORKLOADS = (
-    Workload("select-10", "select-only, 10 clients", ("-S", "-c", "10", "-j", "2")),
-    Workload("select-100", "select-only, 100 clients", ("-S", "-c", "100", "-j", "2")),
+    Workload("select-10", "select-only, 10 clients", ("-S", "-c", "10", "-j", "2"), BOTH),
+    Workload("select-100", "select-only, 100 clients", ("-S", "-c", "100", "-j", "2"), BOTH),
     Workload("connect-10", "select-only, new connection per transaction, 10 clients",
              ("-S", "-C", "-c", "10", "-j", "2")),
     Workload("tpcb-20", "TPC-B-like, 20 clients", ("-c", "20", "-j", "2")),
-    Workload("latency-1", "select-only, 1 client", ("-S", "-c", "1", "-j", "1"), latency=True),
+    Workload("latency-1", "select-only, 1 client", ("-S", "-c", "1", "-j", "1"), BOTH, latency=True),
 )
 PROFILED_WORKLOAD = "select-100"  # --profile samples a pgforkpool backend during this one
 
@@ -183,7 +190,7 @@ class Service:
         self.name = name
         self.argv = argv
         self.port = port
-        self.log_path = os.path.join(workdir, f"{name}.log")
+        self.log_path = os.path.join(workdir, re.sub(r"[^\w.@+-]", "_", name) + ".log")
         self.stop_signal = stop_signal
         self.proc: subprocess.Popen | None = None
 
@@ -212,7 +219,9 @@ class Service:
         return kill_survivors(tree[1:])
 
 
-def start_pgforkpool(workdir: str, cluster: Cluster, pool_size: int) -> Service:
+def start_pgforkpool(workdir: str, cluster: Cluster, pool_size: int, name: str = "pgforkpool",
+                     program: str = PGFORKPOOL) -> Service:
+    """The pgforkpool at `program` (the current one, or the --baseline one) with the same configuration."""
     port = free_port()
     auth_file = os.path.join(workdir, "users.txt")
     write_private(auth_file, f'"{USER}" "{PASSWORD}"\n')
@@ -232,7 +241,7 @@ def start_pgforkpool(workdir: str, cluster: Cluster, pool_size: int) -> Service:
     conf = os.path.join(workdir, "pgforkpool.conf")
     with open(conf, "w") as f:
         f.writelines(f"{name} = '{value}'\n" for name, value in settings.items())
-    service = Service("pgforkpool", [PGFORKPOOL, "start", conf], port, workdir, signal.SIGINT)
+    service = Service(name, [program, "start", conf], port, workdir, signal.SIGINT)
     service.start()
     return service
 
@@ -269,6 +278,68 @@ pidfile = {os.path.join(workdir, "pgbouncer.pid")}
     service = Service("pgbouncer", [PGBOUNCER, conf], port, workdir, signal.SIGTERM)
     service.start(**server_user_ids())
     return service
+
+
+# ------------------------------------------------------------------ baseline
+
+BASELINE_PYTHON = "/usr/bin/python3"   # what scripts/lib/setup.sh makes the current venv from
+
+
+def resolve_revision(rev: str) -> str | None:
+    """The full commit hash that git revision `rev` of this repository names, or None."""
+    if not rev or rev.startswith("-"):
+        return None
+    try:
+        out = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
+                             cwd=REPO, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+
+
+def run_logged(argv: list[str], log_path: str, timeout: float, **popen_args) -> None:
+    """A set-up command, its output appended to log_path, in a session of its own whose
+    processes are all killed if it overruns or the run is interrupted meanwhile."""
+    with open(log_path, "ab") as log:
+        log.write(f"$ {' '.join(argv)}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, **popen_args)
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)   # the group of the process we started
+            except ProcessLookupError:
+                pass
+            proc.wait()
+    if proc.returncode != 0:
+        raise RuntimeError(f"`{' '.join(argv)}` failed (exit {proc.returncode}):\n{tail(log_path, 20)}")
+
+
+def build_baseline(commit: str, directory: str) -> str:
+    """pgforkpool as of `commit`, in a virtual environment of its own under `directory`
+    (pip's cache is reused); returns the path of its pgforkpool program.
+
+    `git archive` rather than a worktree: nothing is registered in the repository,
+    so nothing is left there whatever happens to this run; the tree goes with the
+    temporary directory. As root the pooler runs as postgres, which must read it all.
+    """
+    src, venv, log = (os.path.join(directory, name) for name in ("src", "venv", "build.log"))
+    os.makedirs(src)
+    archive = os.path.join(directory, "src.tar")
+    run_logged(["git", "archive", "--format=tar", "-o", archive, commit], log, 120, cwd=REPO)
+    run_logged(["tar", "-xf", archive, "-C", src], log, 120)
+    os.remove(archive)
+    run_logged([BASELINE_PYTHON, "-m", "venv", venv], log, 300)
+    run_logged([os.path.join(venv, "bin", "pip"), "install", "-q", "--disable-pip-version-check", src],
+               log, 900)
+    run_logged(["chmod", "-R", "a+rX", directory], log, 120)
+    program = os.path.join(venv, "bin", "pgforkpool")
+    if not os.access(program, os.X_OK):
+        raise RuntimeError(f"the baseline at {commit} installed no pgforkpool program:\n{tail(log, 20)}")
+    return program
 
 
 # ------------------------------------------------------------------ pgbench
@@ -364,18 +435,20 @@ def cell(results: list[RunResult], attr: str, digits: int) -> str:
     return value
 
 
-def results_table(cases: list[Case], results: dict) -> str:
-    rows = ["| workload | direct tps | pgforkpool tps | pgbouncer tps | pgforkpool/direct | pgforkpool/pgbouncer |",
-            "| --- | ---: | ---: | ---: | ---: | ---: |"]
+def results_table(cases: list[Case], results: dict, targets: tuple[str, ...], baseline: str | None) -> str:
+    """Medians per target, then pgforkpool over direct, over PgBouncer and over the baseline (if any)."""
+    compared = ["direct", "pgbouncer"] + ([baseline] if baseline else [])
+    rows = ["| workload | " + " | ".join(f"{t} tps" for t in targets) + " | pgforkpool/direct | "
+            "pgforkpool/pgbouncer |" + (" pgforkpool/baseline |" if baseline else ""),
+            "| --- |" + " ---: |" * (len(targets) + len(compared))]
 
     def row(case: Case, label: str, attr: str, digits: int) -> None:
-        runs = {t: results.get((case, t), []) for t in TARGETS}
+        runs = {t: results.get((case, t), []) for t in targets}
         if not any(runs.values()):
             return
-        medians = {t: median_of(runs[t], attr) for t in TARGETS}
-        rows.append(f"| {label} | " + " | ".join(cell(runs[t], attr, digits) for t in TARGETS)
-                    + f" | {ratio(medians['pgforkpool'], medians['direct'])}"
-                    + f" | {ratio(medians['pgforkpool'], medians['pgbouncer'])} |")
+        medians = {t: median_of(runs[t], attr) for t in targets}
+        rows.append(f"| {label} | " + " | ".join(cell(runs[t], attr, digits) for t in targets) + " | "
+                    + " | ".join(ratio(medians["pgforkpool"], medians[t]) for t in compared) + " |")
 
     for case in cases:
         row(case, case.label, "tps", 0)
@@ -386,11 +459,11 @@ def results_table(cases: list[Case], results: dict) -> str:
     return "\n".join(rows)
 
 
-def runs_table(cases: list[Case], results: dict, rounds: int) -> str:
+def runs_table(cases: list[Case], results: dict, rounds: int, targets: tuple[str, ...]) -> str:
     rows = ["| workload | target | " + " | ".join(f"round {i + 1}" for i in range(rounds)) + " |",
             "| --- | --- |" + " ---: |" * rounds]
     for case in cases:
-        for target in TARGETS:
+        for target in targets:
             runs = results.get((case, target), [])
             if not runs:
                 continue
@@ -400,10 +473,10 @@ def runs_table(cases: list[Case], results: dict, rounds: int) -> str:
     return "\n".join(rows)
 
 
-def failures_section(cases: list[Case], results: dict) -> str:
+def failures_section(cases: list[Case], results: dict, targets: tuple[str, ...]) -> str:
     lines = []
     for case in cases:
-        for target in TARGETS:
+        for target in targets:
             for i, r in enumerate(results.get((case, target), [])):
                 if not r.ok:
                     lines.append(f"- {case.workload.name} `-M {case.protocol}`, {target}, round {i + 1}: {r.error}")
@@ -529,18 +602,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     keys = ", ".join(w.key for w in WORKLOADS)
     parser = argparse.ArgumentParser(
         prog="scripts/bench",
-        description="pgbench through direct PostgreSQL, pgforkpool and PgBouncer (transaction mode, "
-                    "same pool size), interleaved; median TPS and ratios.")
-    parser.add_argument("--duration", type=int, help="seconds of each pgbench run (-T); default 8, 3 with --quick")
+        description="pgbench through direct PostgreSQL, pgforkpool, optionally pgforkpool as of an "
+                    "older revision (--baseline), and PgBouncer (transaction mode, same pool size), "
+                    "interleaved; median TPS and ratios.")
+    parser.add_argument("--duration", type=int,
+                        help="seconds of each pgbench run (-T); default 6, or 4 with --baseline (a fourth "
+                             "target), so that the default run takes about 9 minutes; 2 with --quick")
     parser.add_argument("--rounds", type=int, help="rounds of interleaved runs; the median is taken "
                                                    "over them; default 3, 1 with --quick")
-    parser.add_argument("--quick", action="store_true", help="a ~1 minute smoke run (1 round of 3 s runs)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a ~2 minute smoke run (1 round of 2 s runs; ~3 minutes with --baseline)")
+    parser.add_argument("--baseline", metavar="REV",
+                        help="also run pgforkpool as of git revision REV (a commit, tag or branch of this "
+                             "repository) as a fourth target, pgforkpool@REV, built into the temporary "
+                             "directory; the table gains the ratio pgforkpool/baseline")
     parser.add_argument("--pool-size", type=int, default=4,
                         help="pgforkpool session_pool_size and PgBouncer default_pool_size (default 4)")
     parser.add_argument("--scale", type=int, default=10, help="pgbench -i scale factor (default 10)")
-    parser.add_argument("--protocol", default="simple",
-                        help="pgbench -M for the workloads that do not fix one: simple, extended or "
-                             "prepared, or several separated by commas for one row each (default simple)")
+    parser.add_argument("--protocol",
+                        help="pgbench -M for every workload: simple, extended or prepared, or several "
+                             "separated by commas for one row each (default: simple and prepared for "
+                             + ", ".join(w.key for w in WORKLOADS if len(w.protocols) > 1)
+                             + "; simple for the others)")
     parser.add_argument("--only", metavar="KEYS", help=f"comma-separated workloads to run, of: {keys}")
     parser.add_argument("--profile", action="store_true",
                         help=f"after the rounds, an extra {PROFILED_WORKLOAD} run through pgforkpool "
@@ -551,12 +634,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true",
                         help="keep the temporary directory (cluster, configs, logs) for inspection")
     args = parser.parse_args(argv)
-    args.duration = args.duration or (3 if args.quick else 8)
+    args.duration = args.duration or (2 if args.quick else 4 if args.baseline else 6)
     args.rounds = args.rounds or (1 if args.quick else 3)
-    args.protocols = [p.strip() for p in args.protocol.split(",") if p.strip()]
-    for p in args.protocols:
-        if p not in ("simple", "extended", "prepared"):
-            parser.error(f"--protocol: unknown protocol {p!r}")
+    args.protocols = None
+    if args.protocol is not None:
+        args.protocols = [p.strip() for p in args.protocol.split(",") if p.strip()]
+        if not args.protocols:
+            parser.error("--protocol: no protocol given")
+        for p in args.protocols:
+            if p not in ("simple", "extended", "prepared"):
+                parser.error(f"--protocol: unknown protocol {p!r}")
+    args.targets = TARGETS
+    args.baseline_target = args.baseline_commit = None
+    if args.baseline is not None:
+        args.baseline_commit = resolve_revision(args.baseline)
+        if not args.baseline_commit:
+            parser.error(f"--baseline: {args.baseline!r} names no commit of the repository {REPO} "
+                         "(give a commit hash, tag or branch; `git log --oneline` lists them)")
+        args.baseline_target = f"pgforkpool@{args.baseline}"
+        args.targets = ("direct", "pgforkpool", args.baseline_target, "pgbouncer")
     workloads = WORKLOADS
     if args.only:
         wanted = [k.strip() for k in args.only.split(",") if k.strip()]
@@ -564,7 +660,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if unknown:
             parser.error(f"--only: unknown workload(s) {', '.join(sorted(unknown))}; known: {keys}")
         workloads = tuple(w for w in WORKLOADS if w.key in wanted)
-    args.cases = [Case(w, p) for w in workloads for p in ([w.protocol] if w.protocol else args.protocols)]
+    args.cases = [Case(w, p) for w in workloads for p in (args.protocols or w.protocols)]
     if min(args.duration, args.rounds, args.pool_size, args.scale) < 1:
         parser.error("--duration, --rounds, --pool-size and --scale must be at least 1")
     return args
@@ -576,10 +672,15 @@ def raise_interrupted(signum, _frame) -> None:
     raise Interrupted(f"signal {signal.Signals(signum).name}")
 
 
+BASELINE_BUILD_ESTIMATE = 30   # seconds: git archive, venv, pip install with a warm cache
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    runs = len(args.cases) * len(TARGETS) * args.rounds
-    estimate = 20 + args.scale + runs * (args.duration + 1) + (args.profile_duration + 10 if args.profile else 0)
+    runs = len(args.cases) * len(args.targets) * args.rounds
+    estimate = (20 + args.scale + 3 * len(args.targets) + runs * (args.duration + 1)
+                + (BASELINE_BUILD_ESTIMATE if args.baseline else 0)
+                + (args.profile_duration + 10 if args.profile else 0))
     limit = args.timeout or 2 * estimate + 300
     signal.signal(signal.SIGTERM, raise_interrupted)
     signal.signal(signal.SIGHUP, raise_interrupted)
@@ -607,8 +708,20 @@ def main(argv: list[str]) -> int:
     server_version = "unknown"
     pg_tree: list[psutil.Process] = []
     pgbench = pgbench_path()
+    baseline_program = ""
+    baseline_info = ""
     try:
         with open(pgbench_log_path, "w") as pgbench_log:
+            if args.baseline:
+                # First: a revision that does not build fails the run before anything else.
+                say(f"building {args.baseline_target} (commit {args.baseline_commit[:12]}) in a virtual "
+                    "environment of its own")
+                baseline_program = build_baseline(args.baseline_commit, os.path.join(workdir, "baseline"))
+                baseline_info = (f"{args.baseline_target} is commit {args.baseline_commit[:12]} "
+                                 f"(\"{command_output(['git', 'log', '-1', '--format=%s', args.baseline_commit])}\"), "
+                                 f"{command_output([baseline_program, '--version'])}, installed from `git archive` "
+                                 "into a virtual environment of its own; same configuration as pgforkpool, "
+                                 "its own port")
             say(f"starting PostgreSQL 15 on port {cluster.port}")
             cluster.init({"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"})
             cluster.start()
@@ -624,16 +737,19 @@ def main(argv: list[str]) -> int:
             cluster.psql("CHECKPOINT")
             server_version = cluster.psql("SHOW server_version")
 
-            say("starting pgforkpool and PgBouncer")
+            say("starting " + ", ".join(args.targets[1:]))
             services.append(start_pgforkpool(server_dir(os.path.join(workdir, "pgforkpool")), cluster,
                                              args.pool_size))
+            if args.baseline:
+                services.append(start_pgforkpool(server_dir(os.path.join(workdir, "pgforkpool-baseline")),
+                                                 cluster, args.pool_size, args.baseline_target, baseline_program))
             services.append(start_pgbouncer(server_dir(os.path.join(workdir, "pgbouncer")), cluster,
                                             args.pool_size))
-            ports = {"direct": cluster.port, "pgforkpool": services[0].port, "pgbouncer": services[1].port}
+            ports = {"direct": cluster.port, **{s.name: s.port for s in services}}
 
             say("warming up each target (not recorded)")
-            for target in TARGETS:
-                warm = run_pgbench(pgbench, ports[target], ("-S", "-c", "4", "-j", "2", "-M", args.protocols[0]),
+            for target in args.targets:
+                warm = run_pgbench(pgbench, ports[target], ("-S", "-c", "4", "-j", "2", "-M", "simple"),
                                    2, pgbench_log)
                 if not warm.ok:
                     raise RuntimeError(f"warm-up through {target} failed: {warm.error}\n"
@@ -642,7 +758,7 @@ def main(argv: list[str]) -> int:
             done = 0
             for rnd in range(args.rounds):
                 for case in args.cases:
-                    for target in TARGETS:
+                    for target in args.targets:
                         done += 1
                         r = run_pgbench(pgbench, ports[target], case.pgbench_args, args.duration, pgbench_log)
                         for service in services:
@@ -658,7 +774,8 @@ def main(argv: list[str]) -> int:
 
             if args.profile:
                 case = next((c for c in args.cases if c.workload.key == PROFILED_WORKLOAD),
-                            Case(next(w for w in WORKLOADS if w.key == PROFILED_WORKLOAD), args.protocols[0]))
+                            Case(next(w for w in WORKLOADS if w.key == PROFILED_WORKLOAD),
+                                 (args.protocols or ["simple"])[0]))
                 try:
                     profile_files = profile_pgforkpool(pgbench, services[0], case, args.profile_duration,
                                                        stamp, pgbench_log)
@@ -676,7 +793,8 @@ def main(argv: list[str]) -> int:
         signal.alarm(0)
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
-        say("stopping PgBouncer, pgforkpool and PostgreSQL")
+        say("stopping " + ", ".join(s.name for s in reversed(services)) + (", " if services else "")
+            + "PostgreSQL")
         log_tails = {s.name: tail(s.log_path, 40) for s in services}
         for service in reversed(services):
             leftovers += service.stop()
@@ -707,8 +825,8 @@ def main(argv: list[str]) -> int:
         "git": revision,
     }
     load = (load_before, os.getloadavg()[0])
-    report = render(args, started, load, versions, results, interrupted, profile_files, profile_error,
-                    log_tails, pgbench_log_path)
+    report = render(args, started, load, versions, baseline_info, results, interrupted, profile_files,
+                    profile_error, log_tails, pgbench_log_path)
     path = os.path.join(RESULTS_DIR, f"bench-{stamp}.md")
     with open(path, "w") as f:
         f.write(report)
@@ -730,8 +848,8 @@ def postgres_tree(cluster: Cluster) -> list[psutil.Process]:
         return []
 
 
-def render(args, started, load, versions, results, interrupted, profile_files, profile_error, log_tails,
-           pgbench_log_path) -> str:
+def render(args, started, load, versions, baseline_info, results, interrupted, profile_files, profile_error,
+           log_tails, pgbench_log_path) -> str:
     header = [
         f"# pgforkpool benchmark, {started.strftime('%Y-%m-%d %H:%M UTC')}",
         "",
@@ -740,22 +858,26 @@ def render(args, started, load, versions, results, interrupted, profile_files, p
         f"{load[1]:.2f} after (other work on the machine skews the figures)",
         f"- pool size: {args.pool_size} (pgforkpool `session_pool_size`, PgBouncer `default_pool_size`, "
         "`pool_mode = transaction`)",
-        f"- rounds: {args.rounds}, interleaved direct → pgforkpool → pgbouncer per workload; "
+        f"- rounds: {args.rounds}, interleaved {' → '.join(args.targets)} per workload; "
         f"duration: {args.duration} s per run (`-T`); table cells are medians over the rounds",
         f"- data: `pgbench -i -s {args.scale}`; server with fsync, synchronous_commit and "
         "full_page_writes off",
-        f"- client authentication: {AUTH_METHOD} over TCP 127.0.0.1 for all three targets; "
+        f"- client authentication: {AUTH_METHOD} over TCP 127.0.0.1 for all {len(args.targets)} targets; "
         "the poolers reach PostgreSQL through its unix socket",
         "- versions: " + "; ".join(f"{k} {v}" if not v.lower().startswith(k.lower()) else v
                                    for k, v in versions.items()),
     ]
+    if baseline_info:
+        header.append(f"- baseline: {baseline_info}")
     if interrupted:
         header.append(f"- **incomplete run**: {interrupted}")
-    body = ["", results_table(args.cases, results), "",
-            "Ratios above 1 mean pgforkpool is faster in the tps rows and slower in the latency rows.", "",
+    body = ["", results_table(args.cases, results, args.targets, args.baseline_target), "",
+            "Ratios above 1 mean pgforkpool is faster in the tps rows and slower in the latency rows"
+            + (f" (pgforkpool/baseline: the current pgforkpool over {args.baseline_target})"
+               if args.baseline else "") + ".", "",
             "## Every run (tps; ✗ = failed, not counted)", "",
-            runs_table(args.cases, results, args.rounds)]
-    failures = failures_section(args.cases, results)
+            runs_table(args.cases, results, args.rounds, args.targets)]
+    failures = failures_section(args.cases, results, args.targets)
     if failures:
         body += ["", "## Failures", "", failures,
                  "", f"pgbench output: `{os.path.relpath(pgbench_log_path, REPO)}`"]
