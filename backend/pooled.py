@@ -43,7 +43,6 @@ _PARSE, _BIND, _CLOSE = protocol.PARSE, protocol.BIND, protocol.CLOSE
 # Messages that may name a prepared statement.
 _NAMING = frozenset({protocol.PARSE, protocol.BIND, protocol.DESCRIBE, protocol.CLOSE})
 _STATEMENT_KIND = ord("S")
-_PARSE_COMPLETE = ord("1")
 # Extended-query messages that leave work on the server until the next Sync.
 # (Flush does not: psycopg ends a pipeline with Sync then Flush.)
 _EXTENDED = frozenset({protocol.PARSE, protocol.BIND, protocol.DESCRIBE, protocol.EXECUTE,
@@ -54,6 +53,9 @@ _COPY = frozenset({protocol.COPY_DATA, protocol.COPY_DONE, protocol.COPY_FAIL})
 _Z, _PS, _ERR = protocol.READY_FOR_QUERY, protocol.PARAMETER_STATUS, protocol.ERROR_RESPONSE
 _CC, _DATA_ROW = protocol.COMMAND_COMPLETE, ord("D")
 _IDLE_STATUS, _FAILED_STATUS = protocol.TRANS_IDLE, protocol.TRANS_FAILED
+_PARSE_COMPLETE = ord("1")
+# Server messages the owner's stream is watched for; everything else passes untouched.
+_NOTED = frozenset({_Z, _PS, _ERR, _CC, protocol.COPY_IN_RESPONSE, _PARSE_COMPLETE})
 
 # Statement text that may change session state without a telling command tag:
 # settings (set_config, custom settings), temporary objects, session advisory locks.
@@ -783,7 +785,9 @@ class PooledBackend:
                     hidden = expect[0] if expect else None
                 pos = end
                 continue
-            if msg_type == _Z:
+            if msg_type not in _NOTED:
+                pass   # rows, descriptions, notices: only forwarded
+            elif msg_type == _Z:
                 if expect:
                     expect.popleft()
                 if server.parses and server.parses[0].segment == server.seg_recv:
