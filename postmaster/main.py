@@ -12,7 +12,6 @@ import pwd
 import select
 import signal
 import socket
-import time
 
 from ..shared import auth, channel, config, log, process, status
 from ..shared.errors import PgError

@@ -185,3 +185,40 @@ def pooler(start_pooler) -> Pooler:
 def server_pid(conn: psycopg.Connection) -> int:
     """The upstream server process serving this connection now."""
     return conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+
+
+def backend_pid(conn: psycopg.Connection) -> int:
+    """The pooler process serving this session: the pid of its BackendKeyData."""
+    return conn.pgconn.backend_pid
+
+
+def title(proc) -> str:
+    """A process's title as ps shows it ('pgforkpool: backend app/app 2 sessions 0 waiting')."""
+    import psutil
+    try:
+        return " ".join(proc.cmdline()).strip()
+    except psutil.Error:
+        return ""
+
+
+def wait_for(predicate, what: str = "a condition", timeout: float = WAIT):
+    """Poll predicate until it returns something true; fail after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def two(start_pooler):
+    """Two sessions interleaved on one pooled backend (one shared server connection)."""
+    pooler = start_pooler(session_pool_size=1)
+    a, b = pooler.connect(), pooler.connect()
+    assert server_pid(a) == server_pid(b)
+    yield pooler, a, b
+    a.close()
+    b.close()

@@ -3,33 +3,18 @@
 import json
 import socket
 import subprocess
-import time
 
 import psycopg
 import pytest
 import yaml
 
-from conftest import PGFORKPOOL, WAIT, Pooler, free_port
+from conftest import PGFORKPOOL, Pooler, WAIT, backend_pid, free_port, wait_for
 
 
 def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([PGFORKPOOL, *args], capture_output=True, text=True, timeout=timeout)
 
 
-def backend_pid(conn) -> int:
-    """The pooled backend serving this session: the pid of its BackendKeyData."""
-    return conn.pgconn.backend_pid
-
-
-def wait_for(predicate, what: str, timeout: float = WAIT):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def listening(port: int) -> bool:

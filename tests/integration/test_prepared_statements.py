@@ -5,8 +5,6 @@ import subprocess
 import threading
 import time
 
-import psycopg
-import pytest
 from psycopg import pq
 
 from conftest import USERS, server_pid
@@ -32,15 +30,6 @@ def sqlstate(result: pq.PGresult) -> str:
 def message(result: pq.PGresult) -> str:
     return (result.error_field(pq.DiagnosticField.MESSAGE_PRIMARY) or b"").decode()
 
-
-@pytest.fixture
-def two(start_pooler):
-    pooler = start_pooler(session_pool_size=1)
-    a, b = pooler.connect(), pooler.connect()
-    assert server_pid(a) == server_pid(b)
-    yield pooler, a, b
-    a.close()
-    b.close()
 
 
 def test_same_name_different_queries(two):

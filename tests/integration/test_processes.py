@@ -11,32 +11,11 @@ import psutil
 import psycopg
 import pytest
 
-from conftest import PGFORKPOOL, WAIT, Pooler, server_pid
+from conftest import PGFORKPOOL, Pooler, WAIT, backend_pid, server_pid, title, wait_for
 from pgforkpool.shared import status
 
 
-def backend_pid(conn) -> int:
-    """The pooler process serving this session: the pid of its BackendKeyData."""
-    return conn.pgconn.backend_pid
 
-
-def title(proc: psutil.Process) -> str:
-    try:
-        return " ".join(proc.cmdline()).strip()
-    except psutil.Error:
-        return ""
-
-
-def wait_for(predicate, what: str, timeout: float = WAIT):
-    """Poll predicate until it returns something true; fail after timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def children_titled(pooler, prefix: str) -> dict[int, str]:

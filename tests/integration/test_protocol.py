@@ -16,19 +16,11 @@ from contextlib import closing
 import psycopg
 import pytest
 
-from conftest import USERS, WAIT, server_pid
+from conftest import USERS, WAIT, server_pid, wait_for
 from pgforkpool.shared import protocol
 from test_errors import RawClient, assert_refused, key_data, ready_status, rows
 
 TCP_CLOSE_WAIT = 8   # Linux's tcp_info.tcpi_state for a connection the peer has closed
-
-
-def wait_for(condition, what: str, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 class Background:

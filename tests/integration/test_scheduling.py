@@ -4,37 +4,15 @@ import json
 import re
 import subprocess
 import threading
-import time
 
 import psutil
 
-from conftest import PGFORKPOOL, WAIT, server_pid
+from conftest import PGFORKPOOL, WAIT, backend_pid, server_pid, title, wait_for
 
 BACKEND_TITLE = re.compile(r"^pgforkpool: backend (\S+)/(\S+) (\d+) sessions (\d+) waiting$")
 
 
-def backend_pid(conn) -> int:
-    """The pooled backend serving this session: the pid of its BackendKeyData."""
-    return conn.pgconn.backend_pid
 
-
-def title(proc: psutil.Process) -> str:
-    try:
-        return " ".join(proc.cmdline()).strip()
-    except psutil.Error:
-        return ""
-
-
-def wait_for(predicate, what: str, timeout: float = WAIT):
-    """Poll predicate until it returns something true; fail after timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def wait_for_titles(pooler, expected: list[str]) -> None:

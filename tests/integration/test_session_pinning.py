@@ -9,26 +9,8 @@ import time
 import psycopg
 import pytest
 
-from conftest import USERS, WAIT, server_pid
+from conftest import USERS, WAIT, server_pid, wait_for
 
-
-def wait_until(predicate, timeout=WAIT, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return False
-
-
-@pytest.fixture
-def two(start_pooler):
-    pooler = start_pooler(session_pool_size=1)
-    a, b = pooler.connect(), pooler.connect()
-    assert server_pid(a) == server_pid(b)
-    yield pooler, a, b
-    a.close()
-    b.close()
 
 
 def pinned_count(pooler) -> int:
@@ -53,7 +35,7 @@ def test_temp_table_pins_and_stays_private(two):
     assert pinned_count(pooler) == 1
     # Dropping the last temporary table may return the session to the shared connection.
     a.execute("DROP TABLE scratch")
-    assert wait_until(lambda: pinned_count(pooler) == 0)
+    assert wait_for(lambda: pinned_count(pooler) == 0)
     assert server_pid(a) == server_pid(b)
 
 
@@ -65,7 +47,7 @@ def test_session_advisory_lock_pins(two):
                      "AND pid = pg_backend_pid()").fetchone()[0] == 1
     assert server_pid(a) != server_pid(b)
     a.execute("SELECT pg_advisory_unlock_all()")
-    assert wait_until(lambda: pinned_count(pooler) == 0)
+    assert wait_for(lambda: pinned_count(pooler) == 0)
     assert b.execute("SELECT pg_try_advisory_lock(4242)").fetchone()[0] is True
     b.execute("SELECT pg_advisory_unlock_all()")
 
@@ -109,7 +91,7 @@ def test_pinned_connection_closes_with_its_session(two):
     a.execute("CREATE TEMP TABLE t (x int)")
     pinned = server_pid(a)
     a.close()
-    assert wait_until(lambda: pooler.cluster.psql(
+    assert wait_for(lambda: pooler.cluster.psql(
         f"SELECT count(*) FROM pg_stat_activity WHERE pid = {pinned}") == "0")
     assert b.execute("SELECT 1").fetchone()[0] == 1
 
@@ -137,7 +119,7 @@ def test_uncommitted_rows_of_a_vanished_client_never_reach_the_next_session(star
                              stderr=subprocess.DEVNULL, text=True, env=env)
     ghost.stdin.write("BEGIN;\nINSERT INTO items VALUES (990001, 'ghost');\n")
     ghost.stdin.flush()
-    assert wait_until(lambda: pooler.cluster.psql(
+    assert wait_for(lambda: pooler.cluster.psql(
         "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
         "WHERE c.relname = 'items' AND l.mode = 'RowExclusiveLock'", database="app") == "1")
     os.kill(ghost.pid, signal.SIGKILL)

@@ -1,6 +1,5 @@
 """Every setting a session makes is its own: kept across switches, never seen by another session."""
 
-import psycopg
 import pytest
 
 from conftest import server_pid
@@ -8,18 +7,6 @@ from conftest import server_pid
 
 def show(conn, name):
     return conn.execute(f"SHOW {name}").fetchone()[0]
-
-
-@pytest.fixture
-def two(start_pooler):
-    """Two sessions interleaved on one pooled backend (one server connection)."""
-    pooler = start_pooler(session_pool_size=1)
-    a = pooler.connect()
-    b = pooler.connect()
-    assert server_pid(a) == server_pid(b)
-    yield pooler, a, b
-    a.close()
-    b.close()
 
 
 @pytest.mark.parametrize("name,value", [
