@@ -12,7 +12,7 @@ come: None for the owner's own work, or a HiddenQuery the pooler sent itself
 client).  Replies to hidden queries never reach a client.
 
 Every byte a client sends passes through _forward_client and every byte the
-server sends through _server_readable: keep them lean.
+server sends through _server_data: keep them lean.
 """
 
 import collections
@@ -35,6 +35,7 @@ from .session import (ACTIVE, CLOSED, IDLE, PIN_CHECK_QUERY, REPORTED_SETTABLE, 
 logger = log.get("backend")
 
 EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
+_READABLE = EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 _length = struct.Struct("!I").unpack_from
 
 # Message types the hot loops look at.
@@ -643,11 +644,26 @@ class PooledBackend:
 
     def _on_server(self, server: srv.ServerConnection, mask: int) -> None:
         state = server.state
-        if state == srv.ACTIVE or state == srv.IDLE:
+        if state is srv.ACTIVE or state is srv.IDLE:
             if mask & EPOLLOUT:
                 self._server_writable(server)
-            if mask & (EPOLLIN | select.EPOLLHUP | select.EPOLLERR) and server.state != srv.CLOSED:
-                self._server_readable(server)
+                if server.state is srv.CLOSED:
+                    return
+            if mask & _READABLE:
+                try:
+                    data = server.sock.recv(262144)
+                except BlockingIOError:
+                    return
+                except OSError:
+                    data = b""
+                if not data:
+                    self._server_lost(server)
+                    return
+                if server.inbuf:
+                    server.inbuf += data
+                    data = bytes(server.inbuf)
+                    server.inbuf.clear()
+                self._server_data(server, data)
             return
         try:
             if state == srv.CONNECTING:
@@ -735,22 +751,6 @@ class PooledBackend:
                 owner.paused = False
                 self._set_mask(owner, owner.mask | EPOLLIN)
 
-    def _server_readable(self, server: srv.ServerConnection) -> None:
-        try:
-            data = server.sock.recv(262144)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self._server_lost(server)
-            return
-        if server.inbuf:
-            server.inbuf += data
-            data = bytes(server.inbuf)
-            server.inbuf.clear()
-        self._server_data(server, data)
-
     def _server_data(self, server: srv.ServerConnection, data: bytes) -> None:
         owner = server.owner
         if owner is None:
@@ -811,7 +811,7 @@ class PooledBackend:
                     boundary = True
                 hidden = expect[0] if expect else None
             elif msg_type == _CC:
-                if data[pos + 5:pos + 8] != b"SEL" and owner is not None:
+                if owner is not None and not data.startswith(b"SELECT ", pos + 5):
                     self._command_tag(server, owner, data[pos + 5:pos + 25])
             elif msg_type == _COPY_IN_RESPONSE:
                 server.copy_in = True

@@ -144,11 +144,11 @@ def test_pgbench_prepared_through_the_pooler(start_pooler, tmp_path):
     script = tmp_path / "q.sql"
     script.write_text("\\set id random(1, 1000)\nSELECT :id::int + 1;\nSELECT count(*) FROM items WHERE id = :id;\n")
     out = subprocess.run(["pgbench", "-n", "-h", "127.0.0.1", "-p", str(pooler.port), "-U", "app",
-                          "-M", "prepared", "-c", "8", "-j", "2", "-t", "200", "-f", str(script), "app"],
+                          "-M", "prepared", "-c", "20", "-j", "2", "-t", "100", "-f", str(script), "app"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "number of failed transactions: 0" in out.stdout
-    assert "number of transactions actually processed: 1600/1600" in out.stdout
+    assert "number of transactions actually processed: 2000/2000" in out.stdout
 
 
 def test_unused_statements_beyond_the_cache_are_closed_on_the_server(start_pooler):
