@@ -213,6 +213,13 @@ def wait_for(predicate, what: str = "a condition", timeout: float = WAIT):
         time.sleep(0.05)
 
 
+def query_running(cluster, text: str) -> bool:
+    """True when a server process is executing a statement that starts with text."""
+    from pgforkpool.shared import protocol
+    return cluster.psql("SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+                        f"AND query LIKE {protocol.quote_literal(text + '%')}") != "0"
+
+
 @pytest.fixture
 def two(start_pooler):
     """Two sessions interleaved on one pooled backend (one shared server connection)."""

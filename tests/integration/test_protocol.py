@@ -16,7 +16,7 @@ from contextlib import closing
 import psycopg
 import pytest
 
-from conftest import USERS, WAIT, server_pid, wait_for
+from conftest import USERS, WAIT, query_running, server_pid, wait_for
 from pgforkpool.shared import protocol
 from test_errors import RawClient, assert_refused, key_data, ready_status, rows
 
@@ -44,12 +44,6 @@ class Background:
         self.thread.join(timeout)
         assert not self.thread.is_alive(), "the call did not finish in time"
         return self
-
-
-def query_running(cluster, text: str) -> bool:
-    """True when a server process is executing a statement that starts with text."""
-    return cluster.psql("SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
-                        f"AND query LIKE {protocol.quote_literal(text + '%')}") != "0"
 
 
 @pytest.fixture

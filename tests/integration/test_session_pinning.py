@@ -9,7 +9,7 @@ import time
 import psycopg
 import pytest
 
-from conftest import USERS, WAIT, server_pid, wait_for
+from conftest import USERS, WAIT, query_running, server_pid, wait_for
 
 
 
@@ -145,7 +145,7 @@ def test_hold_prepared_transactions(start_pooler):
 
 
 def test_cancel_reaches_only_its_own_query(two):
-    _, a, b = two
+    pooler, a, b = two
     outcome = {}
 
     def sleeper():
@@ -156,11 +156,12 @@ def test_cancel_reaches_only_its_own_query(two):
             outcome["a"] = "canceled"
 
     thread = threading.Thread(target=sleeper)
-    started = time.monotonic()
     thread.start()
-    time.sleep(0.5)
+    wait_for(lambda: query_running(pooler.cluster, "SELECT pg_sleep(5)"), "the sleep to start")
     b.cancel()          # b's key: b runs nothing, so nothing is canceled
     time.sleep(0.5)
+    assert query_running(pooler.cluster, "SELECT pg_sleep(5)"), "another session's cancel reached a's query"
+    started = time.monotonic()
     a.cancel()
     thread.join(10)
     assert outcome["a"] == "canceled"

@@ -3,7 +3,7 @@
 import threading
 import time
 
-from conftest import server_pid
+from conftest import query_running, server_pid, wait_for
 
 
 def test_two_clients_share_one_server_process(start_pooler):
@@ -62,9 +62,9 @@ def test_long_statement_makes_the_other_wait_then_both_succeed(start_pooler):
         sleeper = threading.Thread(
             target=lambda: outcome.setdefault("sleep", client2.execute("SELECT pg_sleep(1.5)").fetchone()))
         sleeper.start()
-        time.sleep(0.3)
+        wait_for(lambda: query_running(pooler.cluster, "SELECT pg_sleep(1.5)"), "the sleep to start")
         started = time.monotonic()
         assert client1.execute("SELECT 1").fetchone()[0] == 1
-        assert time.monotonic() - started > 0.8
+        assert time.monotonic() - started > 0.5
         sleeper.join(10)
         assert outcome["sleep"] == ("",) or outcome["sleep"] == (None,)
