@@ -134,6 +134,8 @@ class PooledBackend:
         self.shutdown_mode: str | None = None
         self.title_at = 0.0
         self.title = ""
+        self.empty_since = time.monotonic()   # when the last session left (idle_pool_backend_timeout)
+        self.idle_reported = False
 
     # ================================================================ event loop
 
@@ -173,6 +175,9 @@ class PooledBackend:
             return max(0.0, server.deadline - time.monotonic())
         if self.cancels or self.shutdown_mode:
             return 1.0
+        timeout = self.settings.idle_pool_backend_timeout
+        if timeout and not self.sessions and not self.idle_reported:
+            return max(0.05, min(5.0, self.empty_since + timeout - time.monotonic()))
         return 5.0
 
     def _housekeeping(self) -> None:
@@ -184,6 +189,12 @@ class PooledBackend:
         for sender in list(self.cancels.values()):
             if now > sender.deadline:
                 self._drop_cancel(sender)
+        timeout = self.settings.idle_pool_backend_timeout
+        if (timeout and not self.sessions and not self.idle_reported
+                and now - self.empty_since >= timeout):
+            # The postmaster decides: it retires us only if it has sent us no new session.
+            self.idle_reported = True
+            channel.send(self.chan, ("idle",))
         self._update_title(now)
         self.title_at = now + 1.0   # next housekeeping while busy
 
@@ -261,6 +272,7 @@ class PooledBackend:
             session.key = (session.key * 7 + 1) & 0x7FFFFFFF or 1
         self.sessions[session.fd] = session
         self.by_key[session.key] = session
+        self.idle_reported = False
         self._register(session, EPOLLIN, lambda mask, s=session: self._on_client(s, mask))
         self.counters[status.SESSIONS] = len(self.sessions)
         self.counters[status.SERVED] += 1
@@ -627,6 +639,8 @@ class PooledBackend:
                 pass
         session.sock.close()
         self.counters[status.SESSIONS] = len(self.sessions)
+        if not self.sessions:
+            self.empty_since = time.monotonic()
         channel.send(self.chan, ("closed", session.conn_id))
 
     # ================================================================ server connection

@@ -274,6 +274,10 @@ class Postmaster:
             self.connections -= 1
             if backend.draining and backend.sessions == 0 and backend.pool is not None:
                 self._tell(backend, ("shutdown", "smart"))
+        elif kind == "idle" and backend.sessions == 0 and not backend.draining:
+            # idle_pool_backend_timeout: it has had no session for that long.
+            logger.debug("retiring idle pooled backend %d", backend.pid)
+            self._retire(backend)
         elif kind == "server_failed" and backend.sessions == 0:
             # The upstream refuses this pool (no such database or role): do not keep
             # a process for it; the next session of the pool starts afresh.

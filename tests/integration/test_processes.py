@@ -302,3 +302,18 @@ def test_unix_socket(start_pooler):
     with pooler.connect(host=pooler.dir) as over_unix, pooler.connect() as over_tcp:
         assert over_unix.execute("SELECT current_user").fetchone() == ("app",)
         assert server_pid(over_unix) == server_pid(over_tcp)
+
+
+def test_idle_pool_backend_timeout(start_pooler):
+    """A pooled backend with no session for idle_pool_backend_timeout exits; the pool starts afresh."""
+    pooler = start_pooler(session_pool_size=1, idle_pool_backend_timeout="1s")
+    with pooler.connect() as session:
+        first = backend_pid(session)
+        time.sleep(1.5)   # busy sessions keep their backend however long they last
+        assert session.execute("SELECT 1").fetchone() == (1,)
+        assert backend_pid(session) == first
+    wait_for(lambda: not psutil.pid_exists(first) or psutil.Process(first).status() == psutil.STATUS_ZOMBIE,
+             "the idle backend to exit")
+    with pooler.connect() as session:
+        assert backend_pid(session) != first
+        assert session.execute("SELECT 1").fetchone() == (1,)
