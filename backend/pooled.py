@@ -28,7 +28,8 @@ from ..shared import channel, log, process, protocol, status
 from ..shared.errors import PgError
 from . import server as srv
 from .statements import MISSING, ParseEntry, StatementRegistry, parse_message, with_statement_name
-from .session import (ACTIVE, CLOSED, IDLE, PIN_CHECK_QUERY, REPORTED_SETTABLE, STARTING, WAITING,
+from .session import (ACTIVE, CLOSED, IDLE, PIN_CHECK_QUERY, REPORTED_SETTABLE, RESTORING, STARTING,
+                      WAITING,
                       Session, capture_query, captured_settings, custom_setting_names, fixup_query,
                       restore_query)
 
@@ -81,6 +82,9 @@ _UNPIN_TAGS = (b"DISCARD", b"DROP TABLE", b"UNLISTEN", b"CLOSE CURSOR", b"DEALLO
 _COPY_IN_RESPONSE = protocol.COPY_IN_RESPONSE
 _COPY_END = frozenset({protocol.COPY_DONE, protocol.COPY_FAIL})
 COPY_FAIL = protocol.message(b"f", protocol.cstring("client disconnected"))
+# Ends a half-sent pipeline of a vanished client with an error, so that the
+# Sync after it rolls its implicit transaction back instead of committing it.
+ABORT_PIPELINE = protocol.message(b"E", protocol.cstring("pgforkpool.abort") + b"\0\0\0\0")
 
 # Buffered bytes beyond which the producing side is paused.
 HIGH_WATER = 1 << 20
@@ -171,7 +175,7 @@ class PooledBackend:
 
     def _timeout(self) -> float:
         server = self.server
-        if server is not None and server.state is not srv.ACTIVE and server.state is not srv.IDLE:
+        if server is not None and (server.state is srv.CONNECTING or server.state is srv.LOGIN):
             return max(0.0, server.deadline - time.monotonic())
         if self.cancels or self.shutdown_mode:
             return 1.0
@@ -188,7 +192,7 @@ class PooledBackend:
                                                 "timeout expired while connecting to upstream server"))
         for sender in list(self.cancels.values()):
             if now > sender.deadline:
-                self._drop_cancel(sender)
+                self._cancel_done(sender)
         timeout = self.settings.idle_pool_backend_timeout
         if (timeout and not self.sessions and not self.idle_reported
                 and now - self.empty_since >= timeout):
@@ -334,8 +338,9 @@ class PooledBackend:
         if session.state == IDLE:
             session.state = WAITING
         if session.pinned is not None:   # its own connection: no queue
-            self._activate(session.pinned, session)
-            return
+            if session.pinned.state is srv.IDLE:
+                self._activate(session.pinned, session)
+            return   # else it goes on when its connection is free (_cancel_done)
         server = self.server
         if server is not None and server.state == srv.IDLE and not self.queue:
             self._activate(server, session)
@@ -599,7 +604,7 @@ class PooledBackend:
                 self._server_send(server, COPY_FAIL)
                 server.copy_in = False
             if server.unsynced:
-                self._server_send(server, protocol.SYNC_MESSAGE)
+                self._server_send(server, ABORT_PIPELINE + protocol.SYNC_MESSAGE)
                 server.expect.append(None)
                 server.seg_sent += 1
                 server.unsynced = False
@@ -658,7 +663,7 @@ class PooledBackend:
 
     def _on_server(self, server: srv.ServerConnection, mask: int) -> None:
         state = server.state
-        if state is srv.ACTIVE or state is srv.IDLE:
+        if state is not srv.CONNECTING and state is not srv.LOGIN:
             if mask & EPOLLOUT:
                 self._server_writable(server)
                 if server.state is srv.CLOSED:
@@ -897,37 +902,56 @@ class PooledBackend:
         kind, session, error = hidden.kind, hidden.session, hidden.error
         if kind == RESTORE:
             if error is not None:
-                # It ran as one implicit transaction, so none of it applied.
-                if not session.greeted:
-                    # As PostgreSQL refuses a startup packet with a bad setting.
-                    error.severity = "FATAL"
-                    self._client_send(session, error.packet())
-                    self._close_session(session)
-                    self._release(server)
-                    return
-                logger.warning("could not restore the settings of a session: %s", error.text)
-                server.context = None
-            else:
-                server.context = session.settings
+                # It ran as one implicit transaction, so none of it applied; the
+                # session's input must not run without its settings.
+                if session.greeted:
+                    logger.warning("could not restore the settings of a session: %s", error.text)
+                    error = PgError(error.sqlstate, "could not restore this session's settings: "
+                                    + error.text, detail=error.detail)
+                error.severity = "FATAL"   # as PostgreSQL refuses a startup packet with a bad setting
+                self._client_send(session, error.packet())
+                self._close_session(session)
+                self._release(server)
+                return
+            server.context = session.settings
+            if session.gone:
+                self._release(server)
+                return
+            session.state = ACTIVE
             if not session.greeted:
                 self._greet_restored(server, session)
-            elif not session.gone:
-                self._report_parameters(session, server.params)
+                return
+            self._report_parameters(session, server.params)
+            self._forward_buffered(server, session)
+            return
         elif kind == CAPTURE:
             if error is None:
                 session.settings = captured_settings(hidden.rows, self.user)
                 server.context = session.settings
+                session.capture_failures = 0
             else:
                 logger.warning("could not read back the settings of a session: %s", error.text)
                 server.context = None
+                session.capture_failures += 1
+                if session.capture_failures < 3:
+                    session.dirty = True   # try again before anyone else uses the connection
         elif kind == PIN_CHECK:
-            holds_state = error is None and bool(hidden.rows) and hidden.rows[0][0] == "t"
-            if holds_state and session.pinned is None:
+            # If the server could not say, assume the state is there: pinning is the safe side.
+            holds_state = error is not None or (bool(hidden.rows) and hidden.rows[0][0] == "t")
+            if session.gone:
+                if holds_state and server.pinned is None:
+                    # A vanished client's temporary tables or locks: they die with the connection.
+                    self._drop_server(server)
+                    return
+            elif holds_state and session.pinned is None:
                 if not self._pin(server, session):
                     return
-            elif not holds_state and session.pinned is not None and error is None:
-                self._unpin(server, session)
-                return
+            elif not holds_state and session.pinned is not None:
+                if server.expect or server.unsynced:
+                    session.pin_check = True   # its next statement is running here: ask again later
+                else:
+                    self._unpin(server, session)
+                    return
         elif kind == FIXUP:
             if error is not None:
                 logger.warning("could not re-apply startup settings: %s", error.text)
@@ -946,6 +970,10 @@ class PooledBackend:
         if owner.gone:
             if not server.idle_status:
                 self._hidden(server, ROLLBACK, "ROLLBACK")
+                return
+            if owner.pin_check and server.pinned is None:
+                owner.pin_check = False
+                self._hidden(server, PIN_CHECK, PIN_CHECK_QUERY, owner)
                 return
             if owner.dirty:
                 server.context = None   # what it set was never read back
@@ -998,10 +1026,11 @@ class PooledBackend:
         if self.registry.evicted:
             self._deallocate_evicted(server)
         if server.context is not session.settings and server.context != session.settings:
+            # Its input waits for the restore: it must not run in another session's settings.
+            session.state = RESTORING
             self._hidden(server, RESTORE, restore_query(server.context, session.settings), session)
-            if not session.greeted:
-                return   # greeted when the restore's reply arrives
-        elif not session.greeted:
+            return
+        if not session.greeted:
             self._greet(session, dict(server.params))
             if not _has_whole_message(session.inbuf):
                 self._release(server)
@@ -1029,7 +1058,7 @@ class PooledBackend:
         """The transaction is over: the server connection goes to the next waiting session."""
         session = server.owner
         server.owner = None
-        server.state = srv.IDLE
+        server.state = srv.CANCEL_WAIT if server.cancels else srv.IDLE
         self.counters[status.TRANSACTIONS] += 1
         if session is not None and session.state == ACTIVE:
             session.state = IDLE
@@ -1040,7 +1069,7 @@ class PooledBackend:
                 # The client already sent its next transaction: it waits its turn.
                 session.state = WAITING
                 self.queue.append(session)
-        if server.pinned is None:
+        if server.pinned is None and server.state is srv.IDLE:
             self._next_session(server)
 
     # ================================================================ pinning
@@ -1133,25 +1162,51 @@ class PooledBackend:
 
     def _send_cancel(self, server: srv.ServerConnection) -> None:
         try:
-            sender = srv.CancelSender(self.settings, server.cancel_packet())
+            sender = srv.CancelSender(self.settings, server)
         except OSError as exc:
             logger.warning("could not send cancel request: %s", exc)
             return
+        server.cancels += 1
         self.cancels[sender.fd] = sender
         self.epoll.register(sender.fd, EPOLLOUT)
-        self.handlers[sender.fd] = lambda mask, c=sender: self._drop_cancel(c, send=True)
+        self.handlers[sender.fd] = lambda mask, c=sender: self._on_cancel(c, mask)
 
-    def _drop_cancel(self, sender: srv.CancelSender, send: bool = False) -> None:
+    def _on_cancel(self, sender: srv.CancelSender, mask: int) -> None:
+        if not sender.sent:
+            if not sender.send():
+                self._cancel_done(sender)   # never sent: nothing was signalled
+            else:
+                self.epoll.modify(sender.fd, EPOLLIN)
+        elif sender.taken():
+            self._cancel_done(sender)
+
+    def _cancel_done(self, sender: srv.CancelSender) -> None:
+        """The server took the request (or it was never sent): its connection may serve others."""
         self.cancels.pop(sender.fd, None)
         self.handlers.pop(sender.fd, None)
         try:
             self.epoll.unregister(sender.fd)
         except (OSError, ValueError):
             pass
-        if send:
-            sender.writable()
-        else:
-            sender.sock.close()
+        uncertain = sender.sent and not sender.taken()   # timed out after sending
+        sender.sock.close()
+        server = sender.server
+        server.cancels -= 1
+        if server.state is srv.CLOSED:
+            return
+        if uncertain:
+            # The signal may still come: that connection must not run anyone's query.
+            logger.warning("cancel request not confirmed by the server; closing its connection")
+            if server.owner is None:
+                self._drop_server(server)
+            return
+        if server.cancels == 0 and server.state is srv.CANCEL_WAIT:
+            server.state = srv.IDLE
+            session = server.pinned
+            if session is None:
+                self._next_session(server)
+            elif session.state == WAITING:
+                self._activate(server, session)
 
 
 def _has_whole_message(buf: bytearray) -> bool:

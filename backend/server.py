@@ -13,6 +13,10 @@ CONNECTING = "connecting"   # TCP/unix connect in progress
 LOGIN = "login"             # startup packet sent, authenticating
 IDLE = "idle"               # ready, no session owns it
 ACTIVE = "active"           # a session owns it until ReadyForQuery 'I'
+# Released while a cancel request sent for its last owner may still arrive: it
+# serves nobody until the server has taken the request, or the signal could
+# cancel the next session's query.
+CANCEL_WAIT = "cancel wait"
 CLOSED = "closed"
 
 _two_int32 = struct.Struct("!ii")
@@ -33,7 +37,7 @@ class ServerConnection:
 
     __slots__ = ("sock", "fd", "state", "mask", "inbuf", "outbuf", "params", "pid", "key",
                  "owner", "context", "expect", "unsynced", "fixup", "held", "prepared", "parses",
-                 "seg_sent", "seg_recv", "error_names", "pinned", "copy_in",
+                 "seg_sent", "seg_recv", "error_names", "pinned", "copy_in", "cancels",
                  "idle_status", "deadline", "_reader", "_auth", "_startup")
 
     def __init__(self, settings, startup: dict[str, str], secret: str | None):
@@ -73,6 +77,7 @@ class ServerConnection:
         # The session this connection belongs to alone (its state cannot be copied), or None.
         self.pinned = None
         self.copy_in = False                # COPY FROM STDIN in progress
+        self.cancels = 0                    # cancel requests for it not yet taken by the server
         self.deadline = time.monotonic() + settings.upstream_connect_timeout
         self.idle_status = True            # the last ReadyForQuery said 'I'
         self._reader = protocol.MessageReader()
@@ -146,27 +151,46 @@ class ServerConnection:
 
 
 class CancelSender:
-    """A one-shot connection that delivers a CancelRequest to the upstream server."""
+    """A one-shot connection that delivers a CancelRequest for one server connection.
 
-    __slots__ = ("sock", "fd", "packet", "deadline")
+    PostgreSQL signals the server process and then closes the connection, so
+    end of file here means the signal has been sent.
+    """
 
-    def __init__(self, settings, packet: bytes):
+    __slots__ = ("sock", "fd", "packet", "deadline", "server", "sent")
+
+    def __init__(self, settings, server: ServerConnection):
         family, addr = upstream_address(settings)
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setblocking(False)
         self.fd = self.sock.fileno()
-        self.packet = packet
+        self.packet = server.cancel_packet()
+        self.server = server
+        self.sent = False
         self.deadline = time.monotonic() + settings.upstream_connect_timeout
         try:
             self.sock.connect(addr)
         except BlockingIOError:
             pass
-
-    def writable(self) -> None:
-        """Send the request; the server closes the connection when it has read it."""
-        try:
-            if not self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
-                self.sock.send(self.packet)
         except OSError:
-            pass
-        self.sock.close()
+            self.sock.close()
+            raise
+
+    def send(self) -> bool:
+        """Send the request once connected; False if it could not be sent (nothing was signalled)."""
+        try:
+            if self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                return False
+            self.sent = self.sock.send(self.packet) == len(self.packet)
+        except OSError:
+            self.sent = False
+        return self.sent
+
+    def taken(self) -> bool:
+        """True once the server has closed the connection (the request is processed)."""
+        try:
+            return self.sock.recv(64) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True

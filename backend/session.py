@@ -17,6 +17,7 @@ STARTING = "starting"   # handed over, not yet greeted (its context not yet appl
 IDLE = "idle"           # between transactions, no input waiting
 WAITING = "waiting"     # has a whole message queued, waits for the server connection
 ACTIVE = "active"       # owns the server connection
+RESTORING = "restoring" # owns it; its settings are being put back before its input goes on
 CLOSED = "closed"
 
 # Startup packet fields that are not settings.
@@ -35,7 +36,7 @@ class Session:
     __slots__ = ("sock", "fd", "conn_id", "key", "state", "mask", "inbuf", "outbuf",
                  "settings", "startup", "client_params", "greeted", "gone", "database", "user",
                  "paused", "dirty", "custom_names", "statements", "pinned", "pin_check",
-                 "prepared_xacts")
+                 "prepared_xacts", "capture_failures")
 
     def __init__(self, sock: socket.socket, conn_id: int, startup: dict[str, str]):
         self.sock = sock
@@ -66,6 +67,7 @@ class Session:
         self.pin_check = False
         # Prepared transactions (2PC) it has not yet committed or rolled back.
         self.prepared_xacts = 0
+        self.capture_failures = 0
         self.client_params: dict[str, str] = {}      # ParameterStatus values this client has seen
         self.greeted = False
         self.gone = False
@@ -156,6 +158,7 @@ def captured_settings(rows: list[tuple[str, str]], login_user: str) -> dict[str,
     """A session's context from the rows of CAPTURE_QUERY (defaults left out)."""
     settings = {}
     for name, value in rows:
+        name = name.lower()   # pg_settings spells some names in mixed case (TimeZone)
         if value is None or (name == "role" and value == "none"):
             continue
         if name == "session_authorization" and value == login_user:
