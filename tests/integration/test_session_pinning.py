@@ -1,6 +1,7 @@
 """State that cannot be copied pins a session to a server connection of its own; nothing leaks."""
 
 import os
+import struct
 import signal
 import subprocess
 import threading
@@ -8,6 +9,8 @@ import time
 
 import psycopg
 import pytest
+
+from pgforkpool.shared import protocol
 
 from conftest import USERS, WAIT, query_running, server_pid, wait_for
 
@@ -167,3 +170,40 @@ def test_cancel_reaches_only_its_own_query(two):
     assert outcome["a"] == "canceled"
     assert time.monotonic() - started < 4
     assert b.execute("SELECT 1").fetchone()[0] == 1
+
+
+def test_vanished_pipeline_is_rolled_back_not_committed(start_pooler):
+    """Parse/Bind/Execute of an INSERT, then the client vanishes before Sync: as with
+    PostgreSQL, the implicit transaction is rolled back, not committed."""
+    from test_errors import RawClient
+    pooler = start_pooler(session_pool_size=1)
+    for row in (990101, 990102, 990103):
+        raw = RawClient(pooler.port, timeout=5)
+        raw.login()
+        raw.send(protocol.message(b"P", b"\0INSERT INTO items VALUES ($1, 'unsynced')\0\0\0")
+                 + protocol.message(b"B", b"\0\0\0\0\0\1" + struct.pack("!i", 6) + str(row).encode()
+                                    + b"\0\0")
+                 + protocol.message(b"E", b"\0\0\0\0\0")
+                 + protocol.message(b"H"))
+        raw.read_until(protocol.COMMAND_COMPLETE, protocol.ERROR_RESPONSE)
+        raw.sock.close()
+    with pooler.connect() as probe:
+        assert probe.execute("SELECT 1").fetchone() == (1,)   # the backend has cleaned up by now
+    assert pooler.cluster.psql("SELECT count(*) FROM items WHERE note = 'unsynced'", database="app") == "0"
+
+
+def test_vanished_clients_session_state_dies_with_it(start_pooler):
+    """A client that takes a session advisory lock (or makes a temp table) and leaves at once:
+    nothing of it stays on the shared connection."""
+    pooler = start_pooler(session_pool_size=1)
+    env = dict(os.environ, PGPASSWORD=USERS["app"])
+    for sql in ("SELECT pg_advisory_lock(5150)", "CREATE TEMP TABLE left_behind (x int)"):
+        subprocess.run(["psql", "-X", "-q", "-h", "127.0.0.1", "-p", str(pooler.port), "-U", "app",
+                        "-d", "app", "-c", sql], check=True, env=env, timeout=WAIT)
+    with pooler.connect() as other:
+        wait_for(lambda: other.execute("SELECT pg_try_advisory_lock(5150)").fetchone()[0],
+                 "the vanished client's lock to be released")
+        other.execute("SELECT pg_advisory_unlock_all()")
+        with pytest.raises(psycopg.errors.UndefinedTable):
+            other.execute("SELECT * FROM pg_temp.left_behind")
+    wait_for(lambda: pinned_count(pooler) == 0, "no pinned connection left over")

@@ -142,3 +142,17 @@ def test_workload_without_settings_runs_no_hidden_queries(start_pooler):
             "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = 'app'")
         # 40 transactions of the clients; stats lag is tolerated, extra statements are not.
         assert int(after) - int(before) <= 44
+
+
+def test_startup_timezone_survives_other_sessions_settings(start_pooler):
+    """A session whose time zone came with its startup packet keeps it after another
+    session on the same connection ran SET (names read back from pg_settings are
+    spelled TimeZone, startup names timezone: the same setting)."""
+    pooler = start_pooler(session_pool_size=1)
+    with pooler.connect(options="-c timezone=Asia/Tokyo") as a, pooler.connect() as b:
+        b.execute("SET timezone = 'Europe/Paris'")
+        b.execute("SET work_mem = '5MB'")
+        for _ in range(3):
+            assert show(a, "timezone") == "Asia/Tokyo"
+            assert a.info.parameter_status("TimeZone") == "Asia/Tokyo"
+            assert show(b, "timezone") == "Europe/Paris"
