@@ -60,8 +60,10 @@ _PARSE_COMPLETE = ord("1")
 _NOTED = frozenset({_Z, _PS, _ERR, _CC, protocol.COPY_IN_RESPONSE, _PARSE_COMPLETE})
 
 # Statement text that may change session state without a telling command tag:
-# settings (set_config, custom settings), temporary objects, session advisory locks.
-_SETTINGS_TEXT = re.compile(rb"set_config|set\s+(?:session\s+|local\s+)?[a-z_0-9$]+\.", re.IGNORECASE)
+# set_config() in any statement, temporary objects made by SELECT INTO or
+# CREATE VIEW/SEQUENCE, session advisory locks.  (SET, RESET, LISTEN, PREPARE,
+# CREATE TABLE… have command tags; see _command_tag.)
+_SETTINGS_TEXT = re.compile(rb"set_config", re.IGNORECASE)
 _PIN_TEXT = re.compile(rb"\btemp(?:orary)?\b|pg_temp|advisory_(?:un)?lock", re.IGNORECASE)
 # A C-speed first look (lower-case, then substring search) before any regex:
 # most statements mention none of these words.
@@ -70,9 +72,13 @@ _LOWER = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", b"abcdefghijklmnopqrstuv
 
 def _may_touch_state(data: bytes) -> bool:
     lowered = data.translate(_LOWER)
-    return b"set" in lowered or b"temp" in lowered or b"advisory" in lowered
+    return b"set_config" in lowered or b"temp" in lowered or b"advisory" in lowered
 # Command tags after which the session's settings are read back.
 _SETTING_TAGS = (b"SET\0", b"RESET\0", b"DISCARD")
+# Every tag _command_tag acts on starts with one of these; others (SELECT,
+# INSERT, UPDATE, BEGIN, COMMIT…) pass with one C-level test.
+_TAG_PREFIXES = (b"SET\0", b"RESET\0", b"DISCARD", b"DEALLOCATE", b"LISTEN", b"UNLISTEN",
+                 b"DECLARE", b"PREPARE", b"CREATE TABLE", b"DROP TABLE", b"CLOSE CURSOR")
 _RESET_TAGS = (b"RESET\0", b"DISCARD")
 # Command tags after which the server holds no prepared statement any more.
 _DEALLOCATE_TAGS = (b"DISCARD ALL\0", b"DEALLOCATE ALL\0")
@@ -373,6 +379,7 @@ class PooledBackend:
                 server.seg_sent += 1
                 if not text_checked:
                     text_checked = True
+                    session.last_text = data
                     if _may_touch_state(data):
                         self._may_change_state(session, data)
             elif msg_type == _SYNC:
@@ -384,6 +391,7 @@ class PooledBackend:
                 if msg_type in _NAMING:
                     if msg_type == _PARSE and not text_checked:
                         text_checked = True
+                        session.last_text = data
                         if _may_touch_state(data):
                             self._may_change_state(session, data)
                     replacement = self._statement_message(session, server, msg_type, data, pos, end)
@@ -830,7 +838,7 @@ class PooledBackend:
                     boundary = True
                 hidden = expect[0] if expect else None
             elif msg_type == _CC:
-                if owner is not None and not data.startswith(b"SELECT ", pos + 5):
+                if owner is not None and (data.startswith(_TAG_PREFIXES, pos + 5) or owner.prepared_xacts):
                     self._command_tag(server, owner, data[pos + 5:pos + 25])
             elif msg_type == _COPY_IN_RESPONSE:
                 server.copy_in = True
@@ -864,6 +872,8 @@ class PooledBackend:
         """What a CommandComplete says about the owner's session state."""
         if tag.startswith(_SETTING_TAGS):
             owner.dirty = True
+            # SET myapp.tenant = …: a custom setting pg_settings will not list.
+            owner.custom_names |= custom_setting_names(owner.last_text)
             if tag.startswith(_RESET_TAGS) and owner.startup:
                 server.fixup = True
         if tag.startswith(_DEALLOCATE_TAGS):

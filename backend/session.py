@@ -36,7 +36,7 @@ class Session:
     __slots__ = ("sock", "fd", "conn_id", "key", "state", "mask", "inbuf", "outbuf",
                  "settings", "startup", "client_params", "greeted", "gone", "database", "user",
                  "paused", "dirty", "custom_names", "statements", "pinned", "pin_check",
-                 "prepared_xacts", "capture_failures")
+                 "prepared_xacts", "capture_failures", "last_text")
 
     def __init__(self, sock: socket.socket, conn_id: int, startup: dict[str, str]):
         self.sock = sock
@@ -68,6 +68,7 @@ class Session:
         # Prepared transactions (2PC) it has not yet committed or rolled back.
         self.prepared_xacts = 0
         self.capture_failures = 0
+        self.last_text = b""   # the last statement text it sent (for custom setting names)
         self.client_params: dict[str, str] = {}      # ParameterStatus values this client has seen
         self.greeted = False
         self.gone = False
