@@ -146,6 +146,8 @@ class PooledBackend:
         self.title = ""
         self.empty_since = time.monotonic()   # when the last session left (idle_pool_backend_timeout)
         self.idle_reported = False
+        # Read every turn of the loop: a plain attribute, not a Settings lookup.
+        self.idle_timeout = settings.idle_pool_backend_timeout
 
     # ================================================================ event loop
 
@@ -185,9 +187,8 @@ class PooledBackend:
             return max(0.0, server.deadline - time.monotonic())
         if self.cancels or self.shutdown_mode:
             return 1.0
-        timeout = self.settings.idle_pool_backend_timeout
-        if timeout and not self.sessions and not self.idle_reported:
-            return max(0.05, min(5.0, self.empty_since + timeout - time.monotonic()))
+        if self.idle_timeout and not self.sessions and not self.idle_reported:
+            return max(0.05, min(5.0, self.empty_since + self.idle_timeout - time.monotonic()))
         return 5.0
 
     def _housekeeping(self) -> None:
@@ -199,9 +200,8 @@ class PooledBackend:
         for sender in list(self.cancels.values()):
             if now > sender.deadline:
                 self._cancel_done(sender)
-        timeout = self.settings.idle_pool_backend_timeout
-        if (timeout and not self.sessions and not self.idle_reported
-                and now - self.empty_since >= timeout):
+        if (self.idle_timeout and not self.sessions and not self.idle_reported
+                and now - self.empty_since >= self.idle_timeout):
             # The postmaster decides: it retires us only if it has sent us no new session.
             self.idle_reported = True
             channel.send(self.chan, ("idle",))
@@ -252,6 +252,7 @@ class PooledBackend:
                 self.settings = msg[1]
                 self.secret = msg[2]
                 self.registry.cache_size = self.settings.prepared_statement_cache_size
+                self.idle_timeout = self.settings.idle_pool_backend_timeout
             elif kind == "shutdown":
                 self._shutdown(msg[1])
 
