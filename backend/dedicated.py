@@ -140,7 +140,7 @@ class DedicatedBackend:
                         return
                 if mask & (EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
                     try:
-                        data = source.sock.recv(262144)
+                        data = source.sock.recv(65536)   # see pooled.RECV_SIZE
                     except BlockingIOError:
                         continue
                     except OSError:
