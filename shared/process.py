@@ -18,7 +18,7 @@ def set_title(text: str) -> None:
     prctl.set_name(title[:15])
 
 
-def become_child(title: str, keep_fds: tuple[int, ...] = ()) -> None:
+def become_child(title: str) -> None:
     """Set-up in a freshly forked child: die with the postmaster, default signals, title."""
     prctl.set_pdeathsig(signal.SIGKILL)
     if os.getppid() == 1:  # the postmaster died before we set the death signal

@@ -142,11 +142,6 @@ def error_response(severity: str, sqlstate: str, text: str,
     return message(b"E", _fields(severity, sqlstate, text, detail, hint))
 
 
-def notice_response(severity: str, sqlstate: str, text: str,
-                    detail: str | None = None, hint: str | None = None) -> bytes:
-    return message(b"N", _fields(severity, sqlstate, text, detail, hint))
-
-
 def parse_error_fields(payload: bytes) -> dict[str, str]:
     """Fields of an ErrorResponse/NoticeResponse keyed by their one-letter code."""
     fields: dict[str, str] = {}
@@ -158,36 +153,12 @@ def parse_error_fields(payload: bytes) -> dict[str, str]:
     return fields
 
 
-def row_description(columns: list[tuple[str, int]]) -> bytes:
-    """RowDescription for text-format columns given as (name, type oid)."""
-    payload = struct.pack("!h", len(columns))
-    for name, oid in columns:
-        payload += cstring(name) + struct.pack("!ihihih", 0, 0, oid, -1, -1, 0)
-    return message(b"T", payload)
-
-
-def data_row(values: list[str | None]) -> bytes:
-    payload = struct.pack("!h", len(values))
-    for value in values:
-        if value is None:
-            payload += _int32.pack(-1)
-        else:
-            raw = value.encode()
-            payload += _int32.pack(len(raw)) + raw
-    return message(b"D", payload)
-
-
-def command_complete(tag: str) -> bytes:
-    return message(b"C", cstring(tag))
-
-
 # ---------------------------------------------------------------- frontend messages
 
 def query(sql: str) -> bytes:
     return message(b"Q", cstring(sql))
 
 
-TERMINATE_MESSAGE = message(b"X")
 SYNC_MESSAGE = message(b"S")
 
 

@@ -1,0 +1,76 @@
+"""A session's saved context and its statements, on plain values: no server."""
+
+import pytest
+
+from pgforkpool.backend import session, statements
+
+
+def test_startup_settings_take_fields_and_options():
+    got = session.startup_settings({
+        "user": "app", "database": "app", "application_name": "psql",
+        "options": r"-c search_path=a,b --work-mem=8MB -cTimeZone=UTC -c x.y=one\ two"})
+    assert got == {"application_name": "psql", "search_path": "a,b", "work_mem": "8MB",
+                   "timezone": "UTC", "x.y": "one two"}
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ValueError):
+        session.parse_options("stray")
+    with pytest.raises(ValueError):
+        session.parse_options("-c novalue")
+
+
+def test_restore_sends_only_differences():
+    sql = session.restore_query({"timezone": "UTC", "work_mem": "4MB"},
+                                {"timezone": "UTC", "application_name": "a"})
+    assert "timezone" not in sql
+    assert "set_config('application_name', 'a', false)" in sql
+    assert 'RESET "work_mem"' in sql
+    assert session.restore_query({"a": "1"}, {"a": "1"}) == ""
+
+
+def test_restore_puts_session_authorization_before_role():
+    sql = session.restore_query({}, {"role": "r", "session_authorization": "s"})
+    assert sql.index("'session_authorization'") < sql.index("'role'")
+    # Leaving a SET ROLE session: the role is reset explicitly (RESET ALL would not).
+    assert session.restore_query({"role": "r"}, {}) == "RESET ROLE"
+
+
+def test_restore_from_an_unknown_context_resets_everything_first():
+    sql = session.restore_query(None, {"timezone": "UTC"})
+    assert sql.startswith("RESET SESSION AUTHORIZATION; RESET ROLE; RESET ALL; ")
+
+
+def test_captured_settings_lower_case_names_and_drop_defaults():
+    rows = [("TimeZone", "UTC"), ("role", "none"), ("session_authorization", "app"),
+            ("myapp.tenant", "t1"), ("other.unset", None)]
+    assert session.captured_settings(rows, "app") == {"timezone": "UTC", "myapp.tenant": "t1"}
+
+
+def test_custom_setting_names_from_statement_text():
+    text = b"SET myapp.tenant = 'x'; SELECT set_config('App.User', 'y', false); SET work_mem = 1"
+    assert session.custom_setting_names(text) == {"myapp.tenant", "app.user"}
+
+
+def test_statement_registry_shares_and_evicts():
+    registry = statements.StatementRegistry(cache_size=1)
+    first = registry.acquire(b"SELECT 1\0\0\0")
+    again = registry.acquire(b"SELECT 1\0\0\0")
+    assert first is again and first.refs == 2
+    other = registry.acquire(b"SELECT 2\0\0\0")
+    assert other.name != first.name
+    registry.release(first)
+    registry.release(first)
+    registry.release(other)    # two unused statements, room for one: the older goes
+    assert registry.evicted == [first.name]
+    assert registry.acquire(b"SELECT 1\0\0\0").name not in (first.name, other.name)
+
+
+def test_renamed_messages():
+    from pgforkpool.shared import protocol
+    reader = protocol.MessageReader()
+    reader.feed(statements.parse_message(b"s1", b"SELECT 1\0\0\0"))
+    assert reader.next() == (protocol.PARSE, b"s1\0SELECT 1\0\0\0")
+    bind = statements.with_statement_name(b"B", b"\0", b"pgforkpool.s1", b"\0\0\0\0\0\0")
+    assert bind[0:1] == b"B" and b"\0pgforkpool.s1\0" in bind
+    assert int.from_bytes(bind[1:5], "big") == len(bind) - 1
