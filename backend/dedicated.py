@@ -15,24 +15,10 @@ import time
 from ..shared import channel, log, process, protocol, status
 from ..shared.errors import PgError
 from . import server as srv
+from .scheduler import ServerState
+from .stream import EPOLLIN, EPOLLOUT, HIGH_WATER, LOW_WATER, READABLE, Stream
 
 logger = log.get("dedicated")
-
-EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
-HIGH_WATER = 1 << 20
-
-
-class Endpoint:
-    """One side of the relay: a socket, what is waiting to be written to it, its epoll mask."""
-
-    __slots__ = ("sock", "fd", "outbuf", "mask")
-
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.outbuf = bytearray()
-        self.mask = EPOLLIN
-
 
 class DedicatedBackend:
     def __init__(self, settings, conn_id: int, startup: dict[str, str], client_fd: int,
@@ -41,13 +27,12 @@ class DedicatedBackend:
         self.conn_id = conn_id
         self.chan = chan
         self.counters = counters
-        self.client = Endpoint(socket.socket(fileno=client_fd))
-        self.client.sock.setblocking(False)
+        self.client_sock = socket.socket(fileno=client_fd)
+        self.client_sock.setblocking(False)
         self.key = int.from_bytes(os.urandom(4), "big") & 0x7FFFFFFF or 1
         self.epoll = select.epoll()
         startup = dict(startup)
         self.server_conn = srv.ServerConnection(settings, startup, secret)
-        self.server = Endpoint(self.server_conn.sock)
         self.greeting = bytearray()
 
     def run(self) -> None:
@@ -55,16 +40,16 @@ class DedicatedBackend:
             self._login()
         except PgError as exc:
             exc.severity = "FATAL"
-            self._send_now(self.client, exc.packet())
+            self._send_now(self.client_sock, exc.packet())
             return
         self.counters[status.SESSIONS] = 1
         self._relay()
 
-    def _send_now(self, end: Endpoint, data: bytes) -> None:
+    def _send_now(self, sock: socket.socket, data: bytes) -> None:
         try:
-            end.sock.setblocking(True)
-            end.sock.settimeout(5)
-            end.sock.sendall(data)
+            sock.setblocking(True)
+            sock.settimeout(5)
+            sock.sendall(data)
         except OSError:
             pass
 
@@ -75,19 +60,19 @@ class DedicatedBackend:
         conn = self.server_conn
         poller = select.epoll()
         poller.register(conn.fd, EPOLLOUT)
-        poller.register(self.client.fd, EPOLLIN)
-        while conn.state != srv.IDLE:
+        poller.register(self.client_sock.fileno(), EPOLLIN)
+        while conn.state is not ServerState.IDLE:
             timeout = conn.deadline - time.monotonic()
             if timeout <= 0:
                 raise PgError("sqlclient_unable_to_establish_sqlconnection",
                               "timeout expired while connecting to upstream server")
             for fd, _mask in poller.poll(timeout):
-                if fd == self.client.fd:
-                    if not self.client.sock.recv(1, socket.MSG_PEEK):
+                if fd == self.client_sock.fileno():
+                    if not self.client_sock.recv(1, socket.MSG_PEEK):
                         raise PgError("connection_failure", "client closed the connection")
-                    poller.unregister(self.client.fd)   # it speaks before its turn: later
+                    poller.unregister(fd)   # it speaks before its turn: later
                     continue
-                if conn.state == srv.CONNECTING:
+                if conn.state is ServerState.CONNECTING:
                     conn.sock.sendall(conn.connected())
                     poller.modify(conn.fd, EPOLLIN)
                     conn.sock.setblocking(True)
@@ -107,8 +92,8 @@ class DedicatedBackend:
         poller.close()
         conn.sock.setblocking(False)
         self.greeting += bytes(conn.inbuf)
-        self._send_now(self.client, bytes(self.greeting))
-        self.client.sock.setblocking(False)
+        self._send_now(self.client_sock, bytes(self.greeting))
+        self.client_sock.setblocking(False)
 
     def _greeting_message(self, msg_type: int, payload: bytes) -> None:
         if msg_type == protocol.AUTHENTICATION:
@@ -121,10 +106,10 @@ class DedicatedBackend:
     # -------------------------------------------------------------- relay
 
     def _relay(self) -> None:
+        """Bytes both ways through two streams; either side's end ends the session."""
         ep = self.epoll
-        client, server = self.client, self.server
-        ep.register(client.fd, EPOLLIN)
-        ep.register(server.fd, EPOLLIN)
+        client = Stream(self.client_sock, ep)
+        server = Stream(self.server_conn.sock, ep)
         self.chan.setblocking(False)
         ep.register(self.chan.fileno(), EPOLLIN)
         peer = {client.fd: (client, server), server.fd: (server, client)}
@@ -136,58 +121,25 @@ class DedicatedBackend:
                     continue
                 source, target = peer[fd]
                 if mask & EPOLLOUT:
-                    if not self._flush(source, peer):
+                    source.flush()
+                    if source.broken:
                         return
-                if mask & (EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
-                    try:
-                        data = source.sock.recv(65536)   # see pooled.RECV_SIZE
-                    except BlockingIOError:
+                    if len(source.outbuf) < LOW_WATER:
+                        target.resume_reading()
+                if mask & READABLE:
+                    data = source.recv()
+                    if data is None:
                         continue
-                    except OSError:
-                        data = b""
                     if not data:
                         if source is server:
-                            self._send_now(client, PgError(
+                            self._send_now(self.client_sock, PgError(
                                 "connection_failure", "server closed the connection unexpectedly").packet())
                         return
-                    if not self._write(target, data, source):
+                    target.send(data)
+                    if target.broken:
                         return
-
-    def _write(self, target: Endpoint, data: bytes, source: Endpoint) -> bool:
-        if not target.outbuf:
-            try:
-                sent = target.sock.send(data)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                return False
-            if sent == len(data):
-                return True
-            data = data[sent:]
-        target.outbuf += data
-        self._set_mask(target, target.mask | EPOLLOUT)
-        if len(target.outbuf) > HIGH_WATER:
-            self._set_mask(source, source.mask & ~EPOLLIN)
-        return True
-
-    def _flush(self, end: Endpoint, peer) -> bool:
-        try:
-            sent = end.sock.send(end.outbuf)
-        except BlockingIOError:
-            return True
-        except OSError:
-            return False
-        del end.outbuf[:sent]
-        if not end.outbuf:
-            self._set_mask(end, end.mask & ~EPOLLOUT)
-            other = peer[end.fd][1]
-            self._set_mask(other, other.mask | EPOLLIN)
-        return True
-
-    def _set_mask(self, end: Endpoint, mask: int) -> None:
-        if end.mask != mask:
-            end.mask = mask
-            self.epoll.modify(end.fd, mask)
+                    if len(target.outbuf) > HIGH_WATER:
+                        source.pause_reading()
 
     def _on_channel(self) -> bool:
         while True:
@@ -207,7 +159,7 @@ class DedicatedBackend:
                 except OSError as exc:
                     logger.warning("could not send cancel request: %s", exc)
             elif msg[0] == "shutdown" and msg[1] != "smart":
-                self._send_now(self.client, PgError(
+                self._send_now(self.client_sock, PgError(
                     "admin_shutdown", "terminating connection due to administrator command").packet())
                 return False
 

@@ -1,26 +1,351 @@
-"""A backend's connection to the upstream PostgreSQL server: non-blocking connect, login, state."""
+"""A backend's connection to the upstream PostgreSQL server: non-blocking connect and login, and cancel requests."""
 
 import collections
+import enum
 import socket
 import struct
 import time
 
 from ..shared import auth, protocol
 from ..shared.errors import PgError
+from .scheduler import ServerState
+from .context import REPORTED_SETTABLE
+from .statements import ParseEntry
 
-# States of a server connection, as PgBouncer names its SV_* states.
-CONNECTING = "connecting"   # TCP/unix connect in progress
-LOGIN = "login"             # startup packet sent, authenticating
-IDLE = "idle"               # ready, no session owns it
-ACTIVE = "active"           # a session owns it until ReadyForQuery 'I'
-# Released while a cancel request sent for its last owner may still arrive: it
-# serves nobody until the server has taken the request, or the signal could
-# cancel the next session's query.
-CANCEL_WAIT = "cancel wait"
-CLOSED = "closed"
+# ---------------------------------------------------------------- the protocol, sans I/O
 
+class TransactionStatus(enum.IntEnum):
+    """The status byte of ReadyForQuery."""
+    IDLE = protocol.TRANS_IDLE
+    IN_BLOCK = protocol.TRANS_INBLOCK
+    FAILED = protocol.TRANS_FAILED
+
+
+class HiddenQuery:
+    """A query the pooler sent on a server connection itself, and what came back."""
+
+    __slots__ = ("kind", "session", "rows", "error")
+
+    def __init__(self, kind: str, session=None):
+        self.kind = kind
+        self.session = session
+        self.rows: list[tuple] = []
+        self.error: PgError | None = None
+
+    def __repr__(self) -> str:
+        return f"HiddenQuery({self.kind!r})"
+
+
+# Events of ServerProtocol.receive().
+BOUNDARY = "boundary"   # every reply the owner awaited has come: its transaction may be over
+BROKEN = "broken"       # the server sent what is not the protocol: drop the connection
+
+# Facts about the owner's session state gathered from the server's replies
+# (ServerProtocol.notes), acted on at the transaction boundary.
+NOTE_SETTINGS = 1       # a setting may have changed: read them back
+NOTE_RESET = 2          # RESET or DISCARD: startup values to re-apply
+NOTE_PIN = 4            # state that cannot be copied may exist now
+NOTE_UNPIN = 8          # such state may be gone now
+NOTE_DISCARDED = 16     # the server holds no prepared statement any more
+
+_length = struct.Struct("!I").unpack_from
+Z, PS, ERR, CC = (protocol.READY_FOR_QUERY, protocol.PARAMETER_STATUS, protocol.ERROR_RESPONSE,
+                  protocol.COMMAND_COMPLETE)
+NOTICE, NOTIFICATION = protocol.NOTICE_RESPONSE, protocol.NOTIFICATION_RESPONSE
+PARSE_COMPLETE, DATA_ROW, ROW_DESCRIPTION = ord("1"), ord("D"), ord("T")
+COPY_IN, COPY_BOTH, COPY_DATA = protocol.COPY_IN_RESPONSE, protocol.COPY_BOTH_RESPONSE, ord("d")
+# Server messages the owner's stream is watched for; everything else passes untouched.
+NOTED = frozenset({Z, PS, ERR, CC, NOTICE, COPY_IN, COPY_BOTH, PARSE_COMPLETE})
+# Messages that may be large and are passed on as they arrive.
+STREAMED = frozenset({DATA_ROW, COPY_DATA, ROW_DESCRIPTION})
+# Longest message a server may send that is kept whole (errors, notices, tags).
+MAX_KEPT_MESSAGE = 1 << 26
+
+# Command tags that say something about session state; all others (SELECT,
+# INSERT, BEGIN, COMMIT…) pass with one C-level prefix test.
+_TAG_PREFIXES = (b"SET\0", b"RESET\0", b"DISCARD", b"DEALLOCATE", b"LISTEN", b"UNLISTEN",
+                 b"DECLARE", b"PREPARE", b"CREATE TABLE", b"DROP TABLE", b"CLOSE CURSOR", b"LOAD",
+                 b"COMMIT PREPARED", b"ROLLBACK PREPARED")
+_TAG_NOTES = (
+    ((b"SET\0", b"RESET\0", b"DISCARD", b"LOAD"), NOTE_SETTINGS),
+    ((b"RESET\0", b"DISCARD"), NOTE_RESET),
+    ((b"LISTEN", b"DECLARE CURSOR", b"PREPARE\0", b"CREATE TABLE"), NOTE_PIN),
+    ((b"DISCARD", b"DROP TABLE", b"UNLISTEN", b"CLOSE CURSOR", b"DEALLOCATE"), NOTE_UNPIN),
+    ((b"DISCARD ALL\0", b"DEALLOCATE ALL\0"), NOTE_DISCARDED),
+)
+# The server removed a placeholder setting (a library reserved its prefix):
+# WARNING 42602 "invalid configuration parameter name …, removing it".
+_PLACEHOLDER_REMOVED = b"C42602\0"
+
+
+class ServerProtocol:
+    """A server connection's side of the protocol: what the server owes, and what its replies mean.
+
+    pending is the one queue of outstanding replies, in the order they will
+    come: None for a ReadyForQuery the owner awaits (after its Query, Sync or
+    FunctionCall), a HiddenQuery for a query of the pooler's own, a
+    statements.ParseEntry for a Parse whose ParseComplete is to come.
+    receive() returns the bytes to pass to the session that receives this
+    connection's output, and an event: None, BOUNDARY, BROKEN, or a
+    HiddenQuery whose reply is complete.  Input after an event waits in inbuf
+    for the next receive(b"").
+    """
+
+    __slots__ = ("state", "owner", "pinned", "pending", "unsynced", "status", "copy_in",
+                 "prepared", "unnamed", "error_names", "params", "context", "reported", "notes",
+                 "xacts", "held", "inbuf", "need", "passthrough", "cancels", "sock", "fd", "mask",
+                 "pid", "key", "deadline", "stream", "_reader", "_auth", "_startup", "__weakref__")
+
+    def __init__(self) -> None:
+        self.state = ServerState.IDLE
+        self.owner = None                   # the session that owns the connection now
+        self.pinned = None                  # the session it belongs to alone (state it cannot copy)
+        self.pending: collections.deque = collections.deque()
+        self.unsynced = False               # extended-protocol messages sent since the last Sync
+        self.status = TransactionStatus.IDLE
+        self.copy_in = False                # COPY FROM STDIN in progress
+        self.prepared: set[bytes] = set()   # server names of statements prepared here
+        self.unnamed = None                 # the statements.Statement that is the unnamed one here
+        self.error_names: dict[bytes, bytes] = {}   # server name -> client's, until the next ReadyForQuery
+        self.params: dict[str, str] = {}    # ParameterStatus values in force
+        # Session settings in force on the server now; None when unknown (a
+        # session that changed settings vanished before they were read back).
+        self.context: dict[str, str] | None = {}
+        self.reported: dict | None = None   # ParameterStatus values the receiving client has seen
+        self.notes = 0                      # NOTE_* facts since the last boundary
+        self.xacts = 0                      # PREPARE TRANSACTION minus COMMIT/ROLLBACK PREPARED since then
+        self.held = b""                     # the owner's last ReadyForQuery, held back (NOTE_RESET)
+        self.inbuf = bytearray()            # received, not yet processed
+        self.need = 5                       # processing is tried again once inbuf holds this many bytes
+        self.passthrough = 0                # bytes of a streamed message still to come
+        self.cancels = 0                    # cancel requests for it not yet taken by the server
+        self.sock = None
+        self.stream = None
+        self.fd = -1
+        self.mask = 0
+        self.pid = 0
+        self.key = 0
+
+    def hidden(self, kind: str, sql: str, session=None) -> bytes:
+        """A query of the pooler's own: its replies are collected, not forwarded."""
+        self.pending.append(HiddenQuery(kind, session))
+        self.unnamed = None
+        return protocol.query(sql)
+
+    def idle(self) -> bool:
+        """Nothing is owed and no transaction is open."""
+        return not self.pending and not self.unsynced and self.status == TransactionStatus.IDLE
+
+    def receive(self, data: bytes):
+        head = b""
+        if self.passthrough:
+            k = self.passthrough if self.passthrough < len(data) else len(data)
+            self.passthrough -= k
+            if k == len(data):
+                return data, None
+            head = data[:k]
+            data = data[k:]
+        if self.inbuf:
+            self.inbuf += data
+            if len(self.inbuf) < self.need:
+                return head, None
+            data = bytes(self.inbuf)
+            self.inbuf = bytearray()
+        try:
+            out, event = self._process(data)
+        except (ValueError, IndexError, struct.error):
+            return head, BROKEN
+        return (head + out if head else out), event
+
+    def _process(self, data: bytes):
+        pending = self.pending
+        n = len(data)
+        pos = start = 0        # data[start:pos] is to be forwarded
+        pieces = None
+        event = None
+        head = pending[0] if pending else None
+        while n - pos >= 5:
+            msg_type = data[pos]
+            length = _length(data, pos + 1)[0]
+            if length < 4:
+                return b"", BROKEN
+            end = pos + 1 + length
+            if head.__class__ is HiddenQuery:
+                if end > n:
+                    if length > MAX_KEPT_MESSAGE:
+                        return b"", BROKEN
+                    break
+                # A reply to the pooler's own query: forward what came before, keep this.
+                if pos > start:
+                    if pieces is None:
+                        pieces = []
+                    pieces.append(data[start:pos])
+                start = end
+                if msg_type == NOTIFICATION:
+                    start = pos   # the session's, whatever the pooler is doing
+                else:
+                    self._hidden_message(head, msg_type, data, pos + 5, end)
+                if msg_type == Z:
+                    pending.popleft()
+                    self.status = TransactionStatus(data[pos + 5])
+                    pos = end
+                    event = head
+                    break
+                pos = end
+                continue
+            if end > n:
+                if msg_type in STREAMED:
+                    self.passthrough = end - n
+                    pos = n
+                elif length > MAX_KEPT_MESSAGE:
+                    return b"", BROKEN
+                break
+            if msg_type not in NOTED:
+                pos = end   # rows, descriptions, notifications: only forwarded
+                continue
+            if msg_type == Z:
+                while head.__class__ is ParseEntry:   # Parses an error skipped
+                    pending.popleft().failed()
+                    head = pending[0] if pending else None
+                if pending:
+                    pending.popleft()
+                if self.error_names:
+                    self.error_names.clear()
+                self.copy_in = False
+                self.status = TransactionStatus(data[pos + 5])
+                head = pending[0] if pending else None
+                if not pending and not self.unsynced:
+                    if self.notes & NOTE_RESET and self.status != TransactionStatus.FAILED:
+                        # Held until the startup values are back (the caller decides).
+                        if pos > start:
+                            if pieces is None:
+                                pieces = []
+                            pieces.append(data[start:pos])
+                        self.held = data[pos:end]
+                        start = end
+                    pos = end
+                    event = BOUNDARY
+                    break
+            elif msg_type == CC:
+                if data.startswith(_TAG_PREFIXES, pos + 5):
+                    self._command_tag(data[pos + 5:end])
+            elif msg_type == PARSE_COMPLETE:
+                if head.__class__ is ParseEntry:
+                    pending.popleft()
+                    if head.hidden:
+                        # The pooler's own Parse (a statement this connection lacked).
+                        if pos > start:
+                            if pieces is None:
+                                pieces = []
+                            pieces.append(data[start:pos])
+                        start = end
+                    head = pending[0] if pending else None
+            elif msg_type == ERR:
+                while head.__class__ is ParseEntry:   # failed, or skipped until the Sync
+                    pending.popleft().failed()
+                    head = pending[0] if pending else None
+                if self.error_names:
+                    if pieces is None:
+                        pieces = []
+                    pieces.append(data[start:pos])
+                    pieces.append(self._client_error(data[pos + 5:end]))
+                    start = end
+            elif msg_type == PS:
+                self._parameter_status(data, pos + 5, end, True)
+            elif msg_type == NOTICE:
+                if data.find(_PLACEHOLDER_REMOVED, pos + 5, end) >= 0:
+                    self.notes |= NOTE_SETTINGS
+            else:   # CopyInResponse, CopyBothResponse
+                self.copy_in = True
+            pos = end
+        if pos < n:
+            self.inbuf = bytearray(data[pos:])
+            self.need = 5 if n - pos < 5 else 1 + _length(data, pos + 1)[0]
+        if pieces is None:
+            return (data if start == 0 and pos == n else data[start:pos]), event
+        pieces.append(data[start:pos])
+        return b"".join(pieces), event
+
+    def _command_tag(self, tag: bytes) -> None:
+        """What a CommandComplete says about the owner's session state."""
+        for prefixes, note in _TAG_NOTES:
+            if tag.startswith(prefixes):
+                self.notes |= note
+        if tag.startswith(b"DISCARD ALL\0") or tag.startswith(b"DEALLOCATE ALL\0"):
+            self.prepared.clear()
+            self.unnamed = None
+        if tag.startswith(b"PREPARE TRANSACTION"):
+            self.xacts += 1
+        elif tag.startswith((b"COMMIT PREPARED", b"ROLLBACK PREPARED")):
+            self.xacts -= 1
+
+    def _parameter_status(self, data: bytes, pos: int, end: int, forwarded: bool) -> None:
+        name_end = data.find(b"\0", pos, end)
+        value_end = data.find(b"\0", name_end + 1, end)
+        if name_end < 0 or value_end < 0:
+            return
+        name = data[pos:name_end].decode("utf-8", "replace")
+        value = data[name_end + 1:value_end].decode("utf-8", "replace")
+        self.params[name] = value
+        if forwarded:
+            if self.reported is not None:
+                self.reported[name] = value
+            if name.lower() in REPORTED_SETTABLE:
+                self.notes |= NOTE_SETTINGS   # read back at the end of the transaction
+
+    def _hidden_message(self, hidden: HiddenQuery, msg_type: int, data: bytes,
+                        pos: int, end: int) -> None:
+        if msg_type == DATA_ROW:
+            hidden.rows.append(text_row(data, pos, end))
+        elif msg_type == ERR and hidden.error is None:
+            hidden.error = PgError.from_fields(protocol.parse_error_fields(data[pos:end]))
+        elif msg_type == PS:
+            self._parameter_status(data, pos, end, False)
+
+    def _client_error(self, payload: bytes) -> bytes:
+        """The server's error with the pooler's statement names shown as the client's."""
+        fields = protocol.parse_error_fields(payload)
+        text = fields.get("M", "")
+        for server_name, client_name in self.error_names.items():
+            quoted = f'"{server_name.decode()}"'
+            if quoted in text and not client_name:
+                text = text.replace("prepared statement " + quoted, "unnamed prepared statement")
+            text = text.replace(quoted, f'"{client_name.decode("utf-8", "replace")}"')
+        fields["M"] = text
+        body = b"".join(code.encode() + protocol.cstring(value) for code, value in fields.items())
+        return protocol.message(b"E", body + b"\0")
+
+    def take_notes(self) -> tuple[int, int]:
+        """The NOTE_* facts and prepared-transaction count since the last boundary, cleared."""
+        notes, xacts = self.notes, self.xacts
+        self.notes = self.xacts = 0
+        return notes, xacts
+
+
+def text_row(data: bytes, pos: int, end: int) -> tuple:
+    """The text values of a DataRow payload data[pos:end]."""
+    count = _int16(data, pos)[0]
+    pos += 2
+    values = []
+    for _ in range(count):
+        size = _int32(data, pos)[0]
+        pos += 4
+        if size < 0:
+            values.append(None)
+        else:
+            if pos + size > end:
+                raise ValueError("DataRow overruns its message")
+            values.append(data[pos:pos + size].decode("utf-8", "replace"))
+            pos += size
+    return tuple(values)
+
+
+_int16 = struct.Struct("!h").unpack_from
+_int32 = struct.Struct("!i").unpack_from
 _two_int32 = struct.Struct("!ii")
 
+
+# ---------------------------------------------------------------- the connection
 
 def upstream_address(settings) -> tuple[int, object]:
     """(address family, address) of the upstream server, as libpq reads host/port."""
@@ -32,54 +357,19 @@ def upstream_address(settings) -> tuple[int, object]:
     return family, addr
 
 
-class ServerConnection:
-    """One server connection and its protocol state, driven by a backend's event loop."""
-
-    __slots__ = ("sock", "fd", "state", "mask", "inbuf", "outbuf", "params", "pid", "key",
-                 "owner", "context", "expect", "unsynced", "fixup", "held", "prepared", "parses",
-                 "seg_sent", "seg_recv", "error_names", "pinned", "copy_in", "cancels",
-                 "idle_status", "deadline", "_reader", "_auth", "_startup")
+class ServerConnection(ServerProtocol):
+    """One server connection: its socket and login, with the protocol state it inherits."""
 
     def __init__(self, settings, startup: dict[str, str], secret: str | None):
+        super().__init__()
         family, addr = upstream_address(settings)
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setblocking(False)
         if family != socket.AF_UNIX:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.fd = self.sock.fileno()
-        self.state = CONNECTING
-        self.mask = 0
-        self.inbuf = bytearray()
-        self.outbuf = bytearray()
-        self.params: dict[str, str] = {}   # ParameterStatus values currently in force
-        self.pid = 0
-        self.key = 0
-        self.owner = None                   # the Session that owns the connection now
-        # Session settings in force on the server now; None when unknown (a
-        # session that changed settings vanished before they were read back).
-        self.context: dict[str, str] | None = {}
-        # One entry per ReadyForQuery still to come, in order: None for the
-        # owner's own work, a HiddenQuery for a query the pooler sent itself.
-        self.expect: collections.deque = collections.deque()
-        self.unsynced = False               # extended-protocol messages sent since last Sync
-        self.fixup = False                  # the owner ran RESET/DISCARD: re-apply its startup values
-        self.held = b""                     # the owner's ReadyForQuery, held back during a fix-up
-        # Named statements: server names prepared on this connection; one entry
-        # per Parse sent whose ParseComplete is still to come; ReadyForQuery
-        # messages sent and received (a Parse belongs to the segment that the
-        # next ReadyForQuery closes); server names to show as the client's own
-        # in the error of the current segment.
-        self.prepared: set[bytes] = set()
-        self.parses: collections.deque = collections.deque()
-        self.seg_sent = 0
-        self.seg_recv = 0
-        self.error_names: dict[bytes, bytes] = {}
-        # The session this connection belongs to alone (its state cannot be copied), or None.
-        self.pinned = None
-        self.copy_in = False                # COPY FROM STDIN in progress
-        self.cancels = 0                    # cancel requests for it not yet taken by the server
+        self.state = ServerState.CONNECTING
         self.deadline = time.monotonic() + settings.upstream_connect_timeout
-        self.idle_status = True            # the last ReadyForQuery said 'I'
         self._reader = protocol.MessageReader()
         self._auth = auth.ClientAuth(startup["user"], secret)
         self._startup = startup
@@ -98,7 +388,7 @@ class ServerConnection:
         if err:
             raise PgError("sqlclient_unable_to_establish_sqlconnection",
                           f"could not connect to upstream server: {socket.errno.errorcode.get(err, err)}")
-        self.state = LOGIN
+        self.state = ServerState.LOGIN
         return protocol.startup_message(self._startup)
 
     def login(self, data: bytes, on_message=None) -> bytes:
@@ -110,7 +400,7 @@ class ServerConnection:
         """
         self._reader.feed(data)
         out = b""
-        while self.state == LOGIN:
+        while self.state is ServerState.LOGIN:
             item = self._reader.next()
             if item is None:
                 break
@@ -128,12 +418,13 @@ class ServerConnection:
             elif msg_type == protocol.ERROR_RESPONSE:
                 raise PgError.from_fields(protocol.parse_error_fields(payload))
             elif msg_type == protocol.READY_FOR_QUERY:
-                self.state = IDLE
+                self.state = ServerState.IDLE
             if on_message is not None:
                 on_message(msg_type, payload)
-        if self.state == IDLE:
+        if self.state is ServerState.IDLE:
             # Whatever followed ReadyForQuery (nothing, normally) is ordinary traffic.
             self.inbuf = self._reader.buf
+            self.need = 1
             self._reader = None
             self._auth = None
         return out
@@ -142,8 +433,8 @@ class ServerConnection:
         return protocol.cancel_request(self.pid, self.key)
 
     def close(self) -> None:
-        if self.state != CLOSED:
-            self.state = CLOSED
+        if self.state is not ServerState.CLOSED:
+            self.state = ServerState.CLOSED
             try:
                 self.sock.close()
             except OSError:

@@ -1,10 +1,23 @@
-"""Protocol-level named prepared statements, shared by the sessions of a pooled backend.
+"""Every rule for prepared statements on a shared server connection: renaming, prepare-where-missing, undo after errors.
 
-A client's statement name is its own; on the server a statement has a name of
-the pooler's (`pgforkpool.s<N>`), one per distinct query text and parameter
-types, prepared on a server connection only when a session needs it there.
-Names with a dot cannot be written as SQL PREPARE names without quotes, so they
-do not collide with a client's own.
+A client's statement names are its own.  On the server a named statement has
+a name of the pooler's (`pgforkpool.s<N>`), one per distinct query text and
+parameter types, prepared on a server connection only when a session needs it
+there.  Names with a dot cannot be written as SQL PREPARE names without
+quotes, so they do not collide with a client's own.
+
+The unnamed statement is kept per session too: PostgreSQL keeps it until the
+next unnamed Parse or simple Query on the connection, and a client may prepare
+it in one round trip and use it in the next (psql's \\gdesc, PQprepare with
+""), by which time another session may have used the connection.  It is
+parsed again where the connection's unnamed statement is not the session's.
+
+A statement carries the flags its text earned (client.text_flags): each
+Bind of it marks the session as one that may have changed state, whatever
+round trip the Bind comes in.
+
+Nothing here raises on a client's bytes: callers pass message bodies they have
+framed, and a malformed one comes back as a ProtocolViolation.
 """
 
 import collections
@@ -15,30 +28,66 @@ import struct
 MISSING = b"pgforkpool.missing"
 
 _header = struct.Struct("!cI")
+_int16 = struct.Struct("!h").unpack_from
+_STATEMENT = ord("S")
+_PORTAL = ord("P")
+_PARSE, _BIND, _DESCRIBE, _CLOSE = ord("P"), ord("B"), ord("D"), ord("C")
+
+
+class ProtocolViolation:
+    """A client broke the protocol: its session ends with 08P01 and this text."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __repr__(self) -> str:
+        return f"ProtocolViolation({self.text!r})"
 
 
 class Statement:
-    __slots__ = ("name", "key", "refs")
+    __slots__ = ("name", "key", "refs", "flags")
 
-    def __init__(self, name: bytes, key: bytes):
-        self.name = name      # server-side name
+    def __init__(self, name: bytes, key: bytes, flags: int = 0):
+        self.name = name      # server-side name (b"" for a session's unnamed statement)
         self.key = key        # query text NUL parameter types: the Parse payload after the name
         self.refs = 0         # sessions that hold it under a name of theirs
+        self.flags = flags    # client.text_flags of its text
 
 
 class ParseEntry:
     """A Parse sent to the server whose ParseComplete has not arrived yet."""
 
-    __slots__ = ("segment", "hidden", "session", "client_name", "statement", "prepared_here")
+    __slots__ = ("hidden", "server", "statement", "client", "client_name", "prepared_here")
 
-    def __init__(self, segment: int, hidden: bool, session=None, client_name: bytes | None = None,
-                 statement: Statement | None = None, prepared_here: bool = False):
-        self.segment = segment
+    def __init__(self, hidden: bool, server, statement: Statement | None = None, client=None,
+                 client_name: bytes | None = None, prepared_here: bool = False):
         self.hidden = hidden              # the pooler's own: its ParseComplete is not forwarded
-        self.session = session
-        self.client_name = client_name
+        self.server = server              # the ServerProtocol it was sent on
         self.statement = statement
-        self.prepared_here = prepared_here
+        self.client = client              # the ClientProtocol whose name it binds (or None)
+        self.client_name = client_name    # that name; None for the unnamed statement
+        self.prepared_here = prepared_here   # it creates statement.name on this connection
+
+    def failed(self) -> None:
+        """An error failed or skipped the Parse: it created nothing."""
+        statement = self.statement
+        if statement is None:
+            return
+        if self.prepared_here:
+            self.server.prepared.discard(statement.name)
+        client = self.client
+        if client is None:
+            return
+        if self.client_name is None:
+            if client.unnamed is statement:
+                client.unnamed = None
+            if self.server.unnamed is statement:
+                self.server.unnamed = None
+        elif client.statements.get(self.client_name) is statement:
+            del client.statements[self.client_name]
+            client.registry.release(statement)
 
 
 class StatementRegistry:
@@ -51,11 +100,11 @@ class StatementRegistry:
         self.evicted: list[bytes] = []   # server names to DEALLOCATE on the shared connection
         self.counter = 0
 
-    def acquire(self, key: bytes) -> Statement:
+    def acquire(self, key: bytes, flags: int) -> Statement:
         statement = self.by_key.get(key)
         if statement is None:
             self.counter += 1
-            statement = self.by_key[key] = Statement(b"pgforkpool.s%d" % self.counter, key)
+            statement = self.by_key[key] = Statement(b"pgforkpool.s%d" % self.counter, key, flags)
         elif statement.refs == 0:
             self.unused.pop(key, None)
         statement.refs += 1
@@ -76,7 +125,27 @@ def parse_message(name: bytes, key: bytes) -> bytes:
     return _header.pack(b"P", len(name) + len(key) + 5) + name + b"\0" + key
 
 
-def with_statement_name(msg_type: bytes, before: bytes, name: bytes, after: bytes) -> bytes:
+def with_statement_name(msg_type: int, before: bytes, name: bytes, after) -> bytes:
     """A Bind/Describe/Close message with its statement name replaced."""
-    payload = before + name + b"\0" + after
-    return _header.pack(msg_type, len(payload) + 4) + payload
+    payload_len = len(before) + len(name) + 1 + len(after)
+    return _header.pack(bytes((msg_type,)), payload_len + 4) + before + name + b"\0" + after
+
+
+def bind_header_end(data, body: int, limit: int) -> int:
+    """Where the statement name of a Bind body at `body` ends (its NUL), or -1 if not within limit."""
+    portal_end = data.find(b"\0", body, limit)
+    if portal_end < 0:
+        return -1
+    return data.find(b"\0", portal_end + 1, limit)
+
+
+def parse_key(data, body: int, end: int):
+    """(name, key) of a Parse body data[body:end], or a ProtocolViolation if it is malformed."""
+    name_end = data.find(b"\0", body, end)
+    text_end = data.find(b"\0", name_end + 1, end) if name_end >= 0 else -1
+    if text_end < 0 or text_end + 3 > end:
+        return ProtocolViolation("invalid Parse message")
+    count = _int16(data, text_end + 1)[0]
+    if count < 0 or text_end + 3 + 4 * count != end:
+        return ProtocolViolation("invalid Parse message")
+    return data[body:name_end], data[name_end + 1:end]

@@ -12,6 +12,14 @@ installed into a virtual environment of its own there, started with the same
 configuration on a port of its own, and run after the current pgforkpool in every
 round; the table gains its column and the ratio current/baseline.
 
+The large-message workload (`--only large`) measures bytea round trips instead of,
+or besides, pgbench: a client on a connection of its own makes round trips of 1, 4,
+16 and 64 MB (`SELECT $1::bytea`, the value bound as a binary parameter, the result
+in binary), and select-only with 10 clients runs alone and then while another such
+client loops 16 MB round trips through the same target. Those clients are
+processes of their own (bench.py --bytea-client), bounded in round trips and in
+time, and killed past their bound.
+
 A run fails (pgbench exits non-zero, prints an error, has failed transactions or
 none at all) in its own table cell; the exit status is 1 when a run through direct
 or pgforkpool failed or the whole run was cut short (PgBouncer's and the baseline's
@@ -26,6 +34,7 @@ import os
 import platform
 import pwd
 import re
+import select
 import shutil
 import signal
 import socket
@@ -33,9 +42,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from operator import attrgetter
 
 import psutil
 
@@ -56,27 +68,46 @@ TARGETS = ("direct", "pgforkpool", "pgbouncer")   # --baseline adds pgforkpool@R
 STOP_WAIT = 20.0                  # seconds a process gets to stop before SIGKILL
 RUN_GRACE = 60.0                  # seconds past -T before a pgbench run is killed
 
+# The large-message workload: one bytea round trip sends N MB (2^20 bytes) and receives them back.
+BYTEA_SIZES_MB = (1, 4, 16, 64)   # round trips of each size, one client; --quick leaves out 64
+BYTEA_TRIPS = 5                   # round trips per size (the median is reported), and fewer:
+BYTEA_SECONDS = 10.0              # none starts after this many seconds on one size
+GROWTH_SIZES_MB = (1, 16)         # time per MB at the second over that at the first: 1.00 is linear
+DURING_MB = 16                    # the size of the round trips looped during a pgbench run (large-during),
+DURING_TRIPS = 100                # at most this many
+BYTEA_CLIENT = "--bytea-client"   # first argument of bench.py run as a bytea client (ByteaClient)
+
 
 @dataclass(frozen=True)
 class Workload:
     """One workload: pgbench arguments, without -T, -M and the connection options."""
     key: str                      # short name for --only
     name: str                     # what the table shows
-    args: tuple[str, ...]
+    args: tuple[str, ...]         # none for bytea_sizes, which runs no pgbench
     protocols: tuple[str, ...] = ("simple",)   # pgbench -M values, one table row each, unless --protocol
     latency: bool = False         # also report pgbench's "latency average"
+    bytea_sizes: bool = False     # instead of pgbench: round trips of each size of BYTEA_SIZES_MB (--quick: less 64)
+    bytea_during: int = 0         # MB of the round trips another client loops through the target during pgbench
+    relative_to: str = ""         # the key of the workload whose tps this one's is also reported over
 
 
 # To add a workload, add a line. Each runs once per protocol of its own (one row
 # each), or once per --protocol value when that option is given.
 BOTH = ("simple", "prepared")
+SELECT_10 = ("-S", "-c", "10", "-j", "2")
 WORKLOADS = (
-    Workload("select-10", "select-only, 10 clients", ("-S", "-c", "10", "-j", "2"), BOTH),
+    Workload("select-10", "select-only, 10 clients", SELECT_10, BOTH),
     Workload("select-100", "select-only, 100 clients", ("-S", "-c", "100", "-j", "2"), BOTH),
     Workload("connect-10", "select-only, new connection per transaction, 10 clients",
              ("-S", "-C", "-c", "10", "-j", "2")),
     Workload("tpcb-20", "TPC-B-like, 20 clients", ("-c", "20", "-j", "2")),
     Workload("latency-1", "select-only, 1 client", ("-S", "-c", "1", "-j", "1"), BOTH, latency=True),
+    # --only large: issue 6's large messages (see bytea_client); the round trips last, so that a
+    # pooler they break fails them rather than the others
+    Workload("large-alone", "select-only, 10 clients, alone", SELECT_10),
+    Workload("large-during", f"select-only, 10 clients, during {DURING_MB} MB bytea round trips", SELECT_10,
+             bytea_during=DURING_MB, relative_to="large-alone"),
+    Workload("large-sizes", "bytea round trips, 1 client", (), bytea_sizes=True),
 )
 PROFILED_WORKLOAD = "select-100"  # --profile samples a pgforkpool backend during this one
 
@@ -85,11 +116,15 @@ PROFILED_WORKLOAD = "select-100"  # --profile samples a pgforkpool backend durin
 class Case:
     """A workload with its query protocol: what one table row measures."""
     workload: Workload
-    protocol: str
+    protocol: str                 # "" for a workload that runs no pgbench
 
     @property
     def label(self) -> str:
-        return f"{self.workload.name} (`{' '.join(self.pgbench_args)}`)"
+        return f"{self.workload.name} (`{' '.join(self.pgbench_args)}`)" if self.protocol else self.workload.name
+
+    @property
+    def short(self) -> str:
+        return f"{self.workload.name} `-M {self.protocol}`" if self.protocol else self.workload.name
 
     @property
     def pgbench_args(self) -> tuple[str, ...]:
@@ -101,11 +136,23 @@ class RunResult:
     tps: float | None = None
     latency_ms: float | None = None
     failed_transactions: int = 0
+    round_trips: dict[int, list[float]] = field(default_factory=dict)   # bytea: seconds of each, by MB
     error: str = ""               # why the run does not count; empty when it does
 
     @property
     def ok(self) -> bool:
-        return not self.error and self.tps is not None
+        return not self.error and (self.tps is not None or bool(self.round_trips))
+
+    def seconds(self, mb: int) -> float | None:
+        """The median seconds of the round trips of `mb` MB."""
+        trips = self.round_trips.get(mb)
+        return statistics.median(trips) if trips else None
+
+    @property
+    def growth(self) -> float | None:
+        """Time per MB at the larger of GROWTH_SIZES_MB over that at the smaller: 1.00 is linear."""
+        (small, small_s), (large, large_s) = ((mb, self.seconds(mb)) for mb in GROWTH_SIZES_MB)
+        return quotient(large_s / large, small_s / small) if small_s and large_s else None
 
 
 class Interrupted(BaseException):
@@ -378,13 +425,17 @@ def parse_pgbench(output: str) -> RunResult:
     return result
 
 
+def client_env() -> dict[str, str]:
+    """libpq's environment for the clients (pgbench, the bytea clients): the password, no SSL or GSS."""
+    return dict(os.environ, PGPASSWORD=PASSWORD, PGSSLMODE="disable", PGGSSENCMODE="disable",
+                PGCONNECT_TIMEOUT="10")
+
+
 def start_pgbench(pgbench: str, port: int, args: tuple[str, ...], duration: int) -> subprocess.Popen:
     """pgbench -T duration against a target on 127.0.0.1, output captured, in a session of its own."""
     argv = [pgbench, "-h", "127.0.0.1", "-p", str(port), "-U", USER, "-T", str(duration), *args, DATABASE]
-    env = dict(os.environ, PGPASSWORD=PASSWORD, PGSSLMODE="disable", PGGSSENCMODE="disable",
-               PGCONNECT_TIMEOUT="10")
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, start_new_session=True)
+                            env=client_env(), start_new_session=True)
 
 
 def run_pgbench(pgbench: str, port: int, args: tuple[str, ...], duration: int, log) -> RunResult:
@@ -444,23 +495,193 @@ def last_line(output: str) -> str:
     return lines[-1].strip()[:200] if lines else "no output"
 
 
+# ------------------------------------------------------------ large messages
+
+def bytea_client(argv: list[str]) -> int:
+    """`bench.py --bytea-client PORT TRIPS SECONDS MB...`: the large-message client that ByteaClient runs.
+
+    Connects to 127.0.0.1:PORT as the pgbench clients do (same user and database,
+    so into the same pgforkpool pool; client_env() from its parent), autocommit and
+    without prepared statements (PgBouncer's transaction mode has none), makes one
+    untimed 1 MB round trip (the session's first statement, its buffers), prints
+    "connected", then for each size makes up to TRIPS round trips of `SELECT $1::bytea`
+    with an MB-megabyte value bound as a binary parameter and the result in binary,
+    starting none after SECONDS on that size or once its standard input is closed (its
+    parent's way of saying stop), and prints "MB SECONDS" after each. An error is
+    printed as "error: ..." (exit 1).
+    """
+    import psycopg   # only this client needs it
+
+    port, trips, seconds, *sizes = argv
+
+    def round_trip(conn: psycopg.Connection, mb: int) -> float:
+        payload = bytes(range(256)) * (4096 * mb)
+        start = time.perf_counter()
+        value = conn.execute("SELECT %b::bytea", [payload], binary=True).fetchone()[0]
+        elapsed = time.perf_counter() - start
+        if value != payload:
+            raise RuntimeError(f"the {mb} MB value came back altered ({len(value)} bytes)")
+        return elapsed
+
+    try:
+        with psycopg.connect(host="127.0.0.1", port=int(port), user=USER, dbname=DATABASE,
+                             autocommit=True, prepare_threshold=None) as conn:
+            round_trip(conn, 1)
+            print("connected", flush=True)
+            for mb in map(int, sizes):
+                deadline = time.monotonic() + float(seconds)
+                for _ in range(int(trips)):
+                    if select.select([sys.stdin], [], [], 0)[0]:   # end of file: stop
+                        return 0
+                    print(f"{mb} {round_trip(conn, mb):.6f}", flush=True)
+                    if time.monotonic() >= deadline:
+                        break
+    except (psycopg.Error, RuntimeError, OSError) as exc:
+        print(f"error: {' '.join(str(exc).split())[:300]}", flush=True)
+        return 1
+    return 0
+
+
+class ByteaClient:
+    """bytea_client in a process (and session) of its own, its output read by a thread as it
+    comes; killed if it outlives its own bounds by RUN_GRACE or the run is interrupted."""
+
+    def __init__(self, port: int, sizes: tuple[int, ...], trips: int, seconds: float):
+        self.argv = [sys.executable, os.path.abspath(__file__), BYTEA_CLIENT, str(port), str(trips),
+                     str(seconds), *map(str, sizes)]
+        self.bound = len(sizes) * seconds + RUN_GRACE
+        self.deadline = time.monotonic() + self.bound
+        self.lines: list[str] = []
+        self.connected = threading.Event()
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, env=client_env(),
+                                     start_new_session=True)
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+            if line == "connected\n":
+                self.connected.set()
+        self.connected.set()   # it has exited: wait no more
+
+    def __enter__(self) -> "ByteaClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:   # interrupted: stop it before anything else
+            self.proc.kill()
+            self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+
+    def wait_connected(self) -> bool:
+        self.connected.wait(STOP_WAIT)
+        return "connected" in self.lines
+
+    def finish(self, log, stop: bool = False) -> RunResult:
+        """Its round trips and error, once it has exited (told to `stop` first, or killed past its bound)."""
+        if stop:
+            self.proc.stdin.close()
+        killed = ""
+        try:
+            self.proc.wait(timeout=max(0.0, self.deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            killed = f"bytea client killed after {self.bound:.0f} s"
+        self.reader.join(timeout=STOP_WAIT)
+        lines = list(self.lines)
+        output = "\n".join(lines)
+        log.write(f"$ {' '.join(self.argv[1:])}\n{output}\n" + (f"[bench] {killed}\n" if killed else "") + "\n")
+        log.flush()
+        result = RunResult()
+        for line in lines:
+            if re.fullmatch(r"\d+ [0-9.]+", line):
+                mb, seconds = line.split()
+                result.round_trips.setdefault(int(mb), []).append(float(seconds))
+        errors = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
+        if not errors and self.proc.returncode not in (0, None) and not killed:
+            errors = [f"bytea client exit {self.proc.returncode}: {last_line(output)}"]
+        if not errors and "connected" not in lines:
+            errors = ["it never connected (connection and an untimed 1 MB round trip)"]
+        result.error = "; ".join(filter(None, (killed, *errors)))
+        return result
+
+
+def run_bytea_sizes(port: int, sizes: tuple[int, ...], log) -> RunResult:
+    """Round trips of each of `sizes` MB through a target, one client."""
+    with ByteaClient(port, sizes, BYTEA_TRIPS, BYTEA_SECONDS) as client:
+        result = client.finish(log)
+    missing = [str(mb) for mb in sizes if mb not in result.round_trips]
+    if missing:
+        result.error = "; ".join(filter(None, (result.error, f"no round trip of {', '.join(missing)} MB")))
+    return result
+
+
+def run_pgbench_during_bytea(pgbench: str, port: int, args: tuple[str, ...], duration: int, log,
+                             mb: int) -> RunResult:
+    """A pgbench run while another client loops `mb` MB round trips through the same target, from
+    before pgbench starts until it ends (DURING_TRIPS at most); the tps, and those round trips."""
+    with ByteaClient(port, (mb,), DURING_TRIPS, duration + STOP_WAIT) as client:
+        if not client.wait_connected():
+            stuck = client.proc.poll() is None
+            client.proc.kill()
+            background = client.finish(log)
+            return RunResult(error=f"{mb} MB client: " + (f"not connected after {STOP_WAIT:.0f} s (connection and an "
+                                                          "untimed 1 MB round trip)" if stuck else background.error))
+        result = run_pgbench(pgbench, port, args, duration, log)
+        background = client.finish(log, stop=True)
+    result.round_trips = background.round_trips
+    if background.error:
+        result.error = "; ".join(filter(None, (result.error, f"{mb} MB client: {background.error}")))
+    return result
+
+
+def run_case(pgbench: str, case: Case, port: int, args: argparse.Namespace, log) -> RunResult:
+    if case.workload.bytea_sizes:
+        return run_bytea_sizes(port, args.sizes, log)
+    if case.workload.bytea_during:
+        return run_pgbench_during_bytea(pgbench, port, case.pgbench_args, args.duration, log,
+                                        case.workload.bytea_during)
+    return run_pgbench(pgbench, port, case.pgbench_args, args.duration, log)
+
+
+def case_seconds(case: Case, args: argparse.Namespace) -> float:
+    """About how long one run of `case` takes (for the estimate)."""
+    if case.workload.bytea_sizes:
+        return 2.0 * len(args.sizes)
+    return args.duration + (1.2 if case.workload.bytea_during else 0.2)
+
+
 # ------------------------------------------------------------------ report
 
 def fmt(value: float | None, digits: int) -> str:
     return "—" if value is None else f"{value:,.{digits}f}"
 
 
+def quotient(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
 def ratio(a: float | None, b: float | None) -> str:
-    return "—" if a is None or not b else f"{a / b:.2f}"
+    return fmt(quotient(a, b), 2)
 
 
-def median_of(results: list[RunResult], attr: str) -> float | None:
-    values = [getattr(r, attr) for r in results if r.ok and getattr(r, attr) is not None]
+Measure = Callable[[RunResult], float | None]   # what a table row shows of a run
+
+
+def median_of(results: list[RunResult], measure: Measure) -> float | None:
+    values = [measure(r) for r in results if r.ok and measure(r) is not None]
     return statistics.median(values) if values else None
 
 
-def cell(results: list[RunResult], attr: str, digits: int) -> str:
-    value = fmt(median_of(results, attr), digits)
+def cell(results: list[RunResult], measure: Measure, digits: int) -> str:
+    value = fmt(median_of(results, measure), digits)
     failed = sum(not r.ok for r in results)
     if failed:
         value += f" ({failed}/{len(results)} failed)"
@@ -474,20 +695,40 @@ def results_table(cases: list[Case], results: dict, targets: tuple[str, ...], ba
             "pgforkpool/pgbouncer |" + (" pgforkpool/baseline |" if baseline else ""),
             "| --- |" + " ---: |" * (len(targets) + len(compared))]
 
-    def row(case: Case, label: str, attr: str, digits: int) -> None:
-        runs = {t: results.get((case, t), []) for t in targets}
-        if not any(runs.values()):
-            return
-        medians = {t: median_of(runs[t], attr) for t in targets}
-        rows.append(f"| {label} | " + " | ".join(cell(runs[t], attr, digits) for t in targets) + " | "
+    def add(label: str, cells: dict[str, str], medians: dict[str, float | None]) -> None:
+        rows.append(f"| {label} | " + " | ".join(cells[t] for t in targets) + " | "
                     + " | ".join(ratio(medians["pgforkpool"], medians[t]) for t in compared) + " |")
 
+    def row(case: Case, label: str, measure: Measure, digits: int) -> None:
+        runs = {t: results.get((case, t), []) for t in targets}
+        if any(runs.values()):
+            add(label, {t: cell(runs[t], measure, digits) for t in targets},
+                {t: median_of(runs[t], measure) for t in targets})
+
     for case in cases:
-        row(case, case.label, "tps", 0)
+        if case.protocol:
+            row(case, case.label, attrgetter("tps"), 0)
+    for case in cases:
+        if case.workload.relative_to:   # tps over that of the workload it is relative to, per target
+            base = Case(next(w for w in WORKLOADS if w.key == case.workload.relative_to), case.protocol)
+            if any(results.get((base, t)) for t in targets):
+                medians = {t: quotient(median_of(results.get((case, t), []), attrgetter("tps")),
+                                       median_of(results.get((base, t), []), attrgetter("tps"))) for t in targets}
+                add(f"{case.workload.name}: tps over that of {base.workload.key} (`-M {case.protocol}`)",
+                    {t: fmt(medians[t], 2) for t in targets}, medians)
     for case in cases:
         if case.workload.latency:
             row(case, f"{case.workload.name}: latency average, ms (lower is better) (`-M {case.protocol}`)",
-                "latency_ms", 3)
+                attrgetter("latency_ms"), 3)
+    for case in cases:
+        if case.workload.bytea_sizes:
+            sizes = sorted({mb for t in targets for r in results.get((case, t), []) for mb in r.round_trips})
+            for mb in sizes:
+                row(case, f"{case.workload.name}, {mb} MB each way: median seconds (lower is better)",
+                    lambda r, mb=mb: r.seconds(mb), 4)
+            small, large = GROWTH_SIZES_MB
+            row(case, f"{case.workload.name}: time per MB at {large} MB over at {small} MB (1.00 is linear)",
+                attrgetter("growth"), 2)
     return "\n".join(rows)
 
 
@@ -499,9 +740,9 @@ def runs_table(cases: list[Case], results: dict, rounds: int, targets: tuple[str
             runs = results.get((case, target), [])
             if not runs:
                 continue
-            cells = [fmt(r.tps, 0) + ("" if r.ok else " ✗") for r in runs]
+            cells = [summary(case, r, tps_unit="") + ("" if r.ok else " ✗") for r in runs]
             cells += [""] * (rounds - len(cells))
-            rows.append(f"| {case.workload.name} `-M {case.protocol}` | {target} | " + " | ".join(cells) + " |")
+            rows.append(f"| {case.short} | {target} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -511,8 +752,20 @@ def failures_section(cases: list[Case], results: dict, targets: tuple[str, ...])
         for target in targets:
             for i, r in enumerate(results.get((case, target), [])):
                 if not r.ok:
-                    lines.append(f"- {case.workload.name} `-M {case.protocol}`, {target}, round {i + 1}: {r.error}")
+                    lines.append(f"- {case.short}, {target}, round {i + 1}: {r.error}")
     return "\n".join(lines)
+
+
+def summary(case: Case, r: RunResult, tps_unit: str = " tps") -> str:
+    """One run in a few words: its tps (and latency), and its bytea round trips."""
+    parts = []
+    if r.tps is not None:
+        parts.append(f"{r.tps:,.0f}{tps_unit}"
+                     + (f", {r.latency_ms:.3f} ms" if case.workload.latency and r.latency_ms is not None else ""))
+    elif not r.round_trips:
+        parts.append("no tps" if case.protocol else "no round trip")
+    parts += [f"{len(trips)} × {mb} MB, median {r.seconds(mb):.4f} s" for mb, trips in sorted(r.round_trips.items())]
+    return "; ".join(parts)
 
 
 def cpu_model() -> str:
@@ -647,7 +900,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, help="rounds of interleaved runs; the median is taken "
                                                    "over them; default 3, 1 with --quick")
     parser.add_argument("--quick", action="store_true",
-                        help="a ~2 minute smoke run (1 round of 3 s runs)")
+                        help="a ~2 minute smoke run (1 round of 3 s runs; bytea round trips "
+                             f"up to {BYTEA_SIZES_MB[-2]} MB)")
     parser.add_argument("--baseline", metavar="REV",
                         help="also run pgforkpool as of git revision REV (a commit, tag or branch of this "
                              "repository) as a fourth target, pgforkpool@REV, built into the temporary "
@@ -660,7 +914,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                              "separated by commas for one row each (default: simple and prepared for "
                              + ", ".join(w.key for w in WORKLOADS if len(w.protocols) > 1)
                              + "; simple for the others)")
-    parser.add_argument("--only", metavar="KEYS", help=f"comma-separated workloads to run, of: {keys}")
+    parser.add_argument("--only", metavar="KEYS",
+                        help=f"comma-separated workloads to run, of: {keys}; a key's beginning up to a '-' "
+                             "selects every workload whose key it begins, e.g. large: the large-message ones "
+                             f"(bytea round trips of {', '.join(map(str, BYTEA_SIZES_MB))} MB; select-only "
+                             f"alone and during {DURING_MB} MB round trips)")
     parser.add_argument("--profile", action="store_true",
                         help=f"after the rounds, an extra {PROFILED_WORKLOAD} run through pgforkpool "
                              "while py-spy samples two of its pooled backends")
@@ -672,6 +930,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.duration = args.duration or (3 if args.quick else 5 if args.baseline else 6)
     args.rounds = args.rounds or (1 if args.quick else 3)
+    args.sizes = BYTEA_SIZES_MB[:-1] if args.quick else BYTEA_SIZES_MB
     args.protocols = None
     if args.protocol is not None:
         args.protocols = [p.strip() for p in args.protocol.split(",") if p.strip()]
@@ -692,11 +951,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     workloads = WORKLOADS
     if args.only:
         wanted = [k.strip() for k in args.only.split(",") if k.strip()]
-        unknown = set(wanted) - {w.key for w in WORKLOADS}
+
+        def selects(key: str, w: Workload) -> bool:
+            return w.key == key or w.key.startswith(key + "-")
+
+        unknown = [k for k in wanted if not any(selects(k, w) for w in WORKLOADS)]
         if unknown:
             parser.error(f"--only: unknown workload(s) {', '.join(sorted(unknown))}; known: {keys}")
-        workloads = tuple(w for w in WORKLOADS if w.key in wanted)
-    args.cases = [Case(w, p) for w in workloads for p in (args.protocols or w.protocols)]
+        workloads = tuple(w for w in WORKLOADS if any(selects(k, w) for k in wanted))
+    args.cases = [Case(w, p) for w in workloads for p in ((args.protocols or w.protocols) if w.args else ("",))]
     if min(args.duration, args.rounds, args.pool_size, args.scale) < 1:
         parser.error("--duration, --rounds, --pool-size and --scale must be at least 1")
     return args
@@ -714,7 +977,8 @@ BASELINE_BUILD_ESTIMATE = 20   # seconds: git archive, venv, pip install with a 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     runs = len(args.cases) * len(args.targets) * args.rounds
-    estimate = int(10 + args.scale + 3 * len(args.targets) + runs * (args.duration + 0.2)
+    estimate = int(10 + args.scale + 3 * len(args.targets)
+                   + sum(case_seconds(case, args) for case in args.cases) * len(args.targets) * args.rounds
                    + (BASELINE_BUILD_ESTIMATE if args.baseline else 0)
                    + (args.profile_duration + 10 if args.profile else 0))
     limit = args.timeout or 2 * estimate + 300
@@ -731,7 +995,7 @@ def main(argv: list[str]) -> int:
     os.makedirs(RESULTS_DIR, exist_ok=True)
     workdir = server_dir(tempfile.mkdtemp(prefix="pgforkpool-bench-"))
     pgbench_log_path = os.path.join(RESULTS_DIR, f"bench-{stamp}.pgbench.log")
-    say(f"{runs} runs of {args.duration} s; expected ~{estimate // 60} min {estimate % 60} s, "
+    say(f"{runs} runs of about {args.duration} s; expected ~{estimate // 60} min {estimate % 60} s, "
         f"bounded at {limit} s; working in {workdir}")
 
     cluster = Cluster(os.path.join(workdir, "pg"), free_port())
@@ -796,17 +1060,15 @@ def main(argv: list[str]) -> int:
                 for case in args.cases:
                     for target in args.targets:
                         done += 1
-                        r = run_pgbench(pgbench, ports[target], case.pgbench_args, args.duration, pgbench_log)
+                        r = run_case(pgbench, case, ports[target], args, pgbench_log)
                         for service in services:
                             if service.name == target and service.proc.poll() is not None:
                                 r.error = "; ".join(filter(None, (
                                     f"{target} has exited (code {service.proc.returncode})", r.error)))
                         results.setdefault((case, target), []).append(r)
-                        shown = f"{r.tps:,.0f} tps" if r.tps is not None else "no tps"
-                        if r.latency_ms is not None and case.workload.latency:
-                            shown += f", {r.latency_ms:.3f} ms"
-                        say(f"[{done}/{runs}] round {rnd + 1} {case.workload.key} -M {case.protocol} "
-                            f"{target}: {shown}" + (f"  FAILED: {r.error}" if not r.ok else ""))
+                        say(f"[{done}/{runs}] round {rnd + 1} {case.workload.key}"
+                            + (f" -M {case.protocol}" if case.protocol else "")
+                            + f" {target}: {summary(case, r)}" + (f"  FAILED: {r.error}" if not r.ok else ""))
 
             if args.profile:
                 case = next((c for c in args.cases if c.workload.key == PROFILED_WORKLOAD),
@@ -914,6 +1176,20 @@ def render(args, started, load, versions, baseline_info, results, interrupted, p
     notes = ["Ratios above 1 mean pgforkpool is faster in the tps rows and slower in the latency rows"
              + (f" (pgforkpool/baseline: the current pgforkpool over {args.baseline_target})"
                 if args.baseline else "") + "; a ratio is — when either side has no successful run."]
+    if any(case.workload.bytea_sizes or case.workload.bytea_during for case, _target in results):
+        small, large = GROWTH_SIZES_MB
+        notes.append(
+            "Large messages (issue 6): a bytea round trip is `SELECT $1::bytea` with a value of N MB (2^20 "
+            "bytes) bound as a binary parameter and the result in binary, N MB each way, by a psycopg client "
+            "on a connection of its own as the pgbench clients' user to their database (through pgforkpool, "
+            "a session of the same pool as theirs, sharing a pooled backend with some of them); "
+            f"up to {BYTEA_TRIPS} round trips per size, none started after {BYTEA_SECONDS:.0f} s on a size. "
+            f"For the select-only run during round trips, such a client loops {DURING_MB} MB round trips (at "
+            f"most {DURING_TRIPS}) from before pgbench starts until it ends. Goals: time per MB that does not grow "
+            f"with the size (the {large} MB over {small} MB row near 1.00), and the 10 clients' tps during the "
+            f"round trips at least 0.90 of theirs alone; direct's own figure is what the round trips cost "
+            f"the shared CPUs without a pooler. In those rows, a ratio above 1 means pgforkpool is slower "
+            f"(seconds), grows faster (time per MB) or loses less (tps over tps alone).")
     failed_targets = {target for (case, target), rs in results.items() if any(not r.ok for r in rs)}
     m = re.search(r"(\d+)\.(\d+)", versions.get("PgBouncer", ""))
     if m and (int(m[1]), int(m[2])) < (1, 21) and any(
@@ -929,7 +1205,7 @@ def render(args, started, load, versions, baseline_info, results, interrupted, p
                      "non-zero; those of direct and of pgforkpool do.")
     body = ["", results_table(args.cases, results, args.targets, args.baseline_target), "",
             *(line for note in notes for line in (note, "")),
-            "## Every run (tps; ✗ = failed, not counted)", "",
+            "## Every run (tps, or bytea round trips; ✗ = failed, not counted)", "",
             runs_table(args.cases, results, args.rounds, args.targets)]
     failures = failures_section(args.cases, results, args.targets)
     if failures:
@@ -952,4 +1228,6 @@ def render(args, started, load, versions, baseline_info, results, interrupted, p
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == [BYTEA_CLIENT]:
+        sys.exit(bytea_client(sys.argv[2:]))
     sys.exit(main(sys.argv[1:]))

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pgforkpool.backend import session, statements
+from pgforkpool.backend import context as session, statements
 
 
 def test_startup_settings_take_fields_and_options():
@@ -54,16 +54,16 @@ def test_custom_setting_names_from_statement_text():
 
 def test_statement_registry_shares_and_evicts():
     registry = statements.StatementRegistry(cache_size=1)
-    first = registry.acquire(b"SELECT 1\0\0\0")
-    again = registry.acquire(b"SELECT 1\0\0\0")
+    first = registry.acquire(b"SELECT 1\0\0\0", 0)
+    again = registry.acquire(b"SELECT 1\0\0\0", 0)
     assert first is again and first.refs == 2
-    other = registry.acquire(b"SELECT 2\0\0\0")
+    other = registry.acquire(b"SELECT 2\0\0\0", 0)
     assert other.name != first.name
     registry.release(first)
     registry.release(first)
     registry.release(other)    # two unused statements, room for one: the older goes
     assert registry.evicted == [first.name]
-    assert registry.acquire(b"SELECT 1\0\0\0").name not in (first.name, other.name)
+    assert registry.acquire(b"SELECT 1\0\0\0", 0).name not in (first.name, other.name)
 
 
 def test_renamed_messages():
@@ -71,6 +71,6 @@ def test_renamed_messages():
     reader = protocol.MessageReader()
     reader.feed(statements.parse_message(b"s1", b"SELECT 1\0\0\0"))
     assert reader.next() == (protocol.PARSE, b"s1\0SELECT 1\0\0\0")
-    bind = statements.with_statement_name(b"B", b"\0", b"pgforkpool.s1", b"\0\0\0\0\0\0")
+    bind = statements.with_statement_name(ord("B"), b"\0", b"pgforkpool.s1", b"\0\0\0\0\0\0")
     assert bind[0:1] == b"B" and b"\0pgforkpool.s1\0" in bind
     assert int.from_bytes(bind[1:5], "big") == len(bind) - 1

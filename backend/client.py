@@ -1,0 +1,460 @@
+"""Sans-IO frontend side of a pooled session: frames and validates what a client sends, renames its statements.
+
+ClientProtocol.receive() takes the bytes a client sent while its session owns
+a server connection and returns the bytes to send to the server and an
+outcome: None, TERMINATE, or a statements.ProtocolViolation.  It never raises
+on a client's bytes.  Along the way it
+
+- checks every message's type and length as PostgreSQL's SocketBackend does
+  (a length PostgreSQL would refuse never reaches the server, and Sync,
+  Flush, Terminate and CopyDone have empty bodies);
+- passes a large Query, CopyData or Bind through as it arrives instead of
+  buffering it whole (a Bind's statement name is rewritten in its header);
+- renames prepared statements (statements.py) and records the replies the
+  server owes (ServerProtocol.pending);
+- flags statement text that may change session state, and carries the flag
+  on the prepared statement to every later Bind of it.
+
+ClientProtocol.buffer() keeps what a session sends while it waits for a
+server connection, bounded by the caller (it stops reading past
+WAITING_INPUT_LIMIT).
+"""
+
+import re
+import struct
+
+from ..shared import protocol
+from .statements import (MISSING, ParseEntry, ProtocolViolation, Statement, bind_header_end,
+                         parse_key, parse_message, with_statement_name)
+
+_length = struct.Struct("!I").unpack_from
+_header = struct.Struct("!cI").pack
+
+# PostgreSQL's PQ_SMALL_MESSAGE_LIMIT and PQ_LARGE_MESSAGE_LIMIT (MaxAllocSize - 1).
+SMALL_MESSAGE_LIMIT = 10000
+LARGE_MESSAGE_LIMIT = 0x3FFFFFFF - 1
+
+Q, F, X = protocol.QUERY, protocol.FUNCTION_CALL, protocol.TERMINATE
+P, B, D, E, C = protocol.PARSE, protocol.BIND, protocol.DESCRIBE, protocol.EXECUTE, protocol.CLOSE
+S, H = protocol.SYNC, protocol.FLUSH
+COPY_DATA, COPY_DONE, COPY_FAIL = protocol.COPY_DATA, protocol.COPY_DONE, protocol.COPY_FAIL
+
+# The longest length word each frontend message type may carry; 0: not a frontend message.
+LIMITS = [0] * 256
+for _t in (Q, F, P, B, COPY_DATA):
+    LIMITS[_t] = LARGE_MESSAGE_LIMIT
+for _t in (X, C, D, E, H, S, COPY_DONE, COPY_FAIL):
+    LIMITS[_t] = SMALL_MESSAGE_LIMIT
+del _t
+# Messages whose body must be empty.
+EMPTY_BODY = frozenset({S, H, X, COPY_DONE})
+# Extended-query messages that leave work on the server until the next Sync.
+# (Flush does not: psycopg ends a pipeline with Sync then Flush.)
+EXTENDED = frozenset({P, B, D, E, C})
+_STATEMENT, _PORTAL = ord("S"), ord("P")
+
+# A Bind's portal and statement names are looked for within this many bytes
+# of a message that has not arrived whole.
+BIND_HEADER_LIMIT = 1 << 16
+
+TERMINATE = "terminate"
+
+# Flags of statement text that may change session state without a telling
+# command tag (SET, LISTEN, PREPARE, CREATE TABLE… have tags; see server.py).
+MAY_SET = 1      # set_config(): read the settings back after the transaction
+MAY_PIN = 2      # temporary objects, session advisory locks: ask the server whether to pin
+_SETTINGS_TEXT = re.compile(rb"set_config", re.IGNORECASE)
+_PIN_TEXT = re.compile(rb"\btemp(?:orary)?\b|pg_temp|advisory_(?:un)?lock", re.IGNORECASE)
+# A C-speed first look (lower-case, then substring search) before any regex:
+# most statements mention none of these words.
+_LOWER = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", b"abcdefghijklmnopqrstuvwxyz")
+# How much of a streamed text is kept to find a word cut by a chunk boundary.
+_OVERLAP = 16
+
+
+def may_touch_state(text) -> bool:
+    lowered = text.translate(_LOWER)
+    return b"set_config" in lowered or b"temp" in lowered or b"advisory" in lowered
+
+
+def text_flags(text) -> int:
+    """MAY_SET | MAY_PIN as the statement text earns them."""
+    if not may_touch_state(text):
+        return 0
+    flags = MAY_SET if _SETTINGS_TEXT.search(text) else 0
+    if _PIN_TEXT.search(text):
+        flags |= MAY_PIN
+    return flags
+
+
+class ClientProtocol:
+    """One session's frontend stream and its statement names."""
+
+    __slots__ = ("buf", "need", "passthrough", "scanning", "tail", "statements", "unnamed",
+                 "flags", "texts", "last_text", "registry")
+
+    def __init__(self, registry):
+        self.buf = bytearray()   # received, not yet forwarded (an incomplete message, or input that waits)
+        self.need = 5            # framing is tried again once buf holds this many bytes
+        self.passthrough = 0     # bytes of a message being streamed to the server, still to come
+        self.scanning = False    # the streamed message is a Query: its text is being scanned
+        self.tail = b""          # the end of the last streamed chunk (a word may straddle chunks)
+        self.statements: dict[bytes, Statement] = {}   # client name -> shared statement
+        self.unnamed: Statement | None = None          # the session's unnamed statement
+        self.flags = 0           # MAY_SET | MAY_PIN earned since the last transaction boundary
+        self.texts: list = []    # statement texts since then with MAY_SET (for custom setting names)
+        self.last_text = b""     # the last input with a Query or Parse (SET names a custom setting there)
+        self.registry = registry
+
+    # ------------------------------------------------------------ waiting for a server
+
+    def buffer(self, data: bytes):
+        """Keep input of a session that has no server connection now.
+
+        Returns True when the session has something to run (a whole message,
+        or more than fits the waiting buffer), False to wait for more, or a
+        ProtocolViolation if the first message's header is already wrong.
+        """
+        self.buf += data
+        return self.ready()
+
+    def ready(self):
+        """Whether what is buffered is worth a server connection (see buffer)."""
+        buf = self.buf
+        if len(buf) < 5:
+            return False
+        length = _length(buf, 1)[0]
+        if not 4 <= length <= LIMITS[buf[0]]:
+            return ProtocolViolation(_bad_header(buf[0], length))
+        return len(buf) > length or len(buf) >= WAITING_INPUT_LIMIT
+
+    def take_flags(self) -> tuple[int, list]:
+        """The state flags and settings texts earned since the last boundary, cleared."""
+        flags, texts = self.flags, self.texts
+        self.flags = 0
+        if texts:
+            self.texts = []
+        return flags, texts
+
+    # ------------------------------------------------------------ owning a server
+
+    def receive(self, data: bytes, server):
+        """Bytes for the server from what the client sent, and an outcome.
+
+        The outcome is None, TERMINATE (the client said goodbye: the bytes
+        before it are returned), or a ProtocolViolation (likewise).
+        """
+        head = b""
+        if self.passthrough:
+            k = self.passthrough if self.passthrough < len(data) else len(data)
+            head = data if k == len(data) else data[:k]
+            self.passthrough -= k
+            if self.scanning:
+                self._scan(head)
+            if k == len(data):
+                return head, None
+            data = data[k:]
+        if self.buf:
+            self.buf += data
+            if len(self.buf) < self.need:
+                return head, None
+            data = bytes(self.buf)
+            self.buf = bytearray()
+            self.need = 5
+        out, outcome = self._frame(data, server)
+        if head:
+            out = head + out
+        return out, outcome
+
+    def _frame(self, data: bytes, server):
+        pending = server.pending
+        n = len(data)
+        pos = 0
+        pieces = None     # pieces to send, once a message had to be rewritten
+        emit = 0          # data[emit:pos] is still to be sent as it is
+        may_touch = None  # whether any text in data may change state (looked at once)
+        outcome = None
+        while n - pos >= 5:
+            msg_type = data[pos]
+            length = _length(data, pos + 1)[0]
+            if not 4 <= length <= LIMITS[msg_type]:
+                outcome = ProtocolViolation(_bad_header(msg_type, length))
+                break
+            end = pos + 1 + length
+            if end > n:
+                # Not here whole: stream what can be streamed, keep the rest.
+                if msg_type == Q:
+                    pending.append(None)
+                    server.unnamed = None
+                    self.scanning = True
+                    self.tail = b""
+                    self._scan(data[pos + 5:n])
+                    pos = self._stream(end, n)
+                elif msg_type == COPY_DATA:
+                    pos = self._stream(end, n)
+                elif msg_type == B:
+                    # A large Bind: its statement name renamed in its header, the rest streamed.
+                    name_end = bind_header_end(data, pos + 5, min(n, pos + 5 + BIND_HEADER_LIMIT))
+                    if name_end >= 0:
+                        server.unsynced = True
+                        replaced = self._bind(server, data, pos, name_end, length)
+                        if replaced is not None:
+                            if pieces is None:
+                                pieces = []
+                            pieces.append(data[emit:pos])
+                            pieces.append(replaced)
+                            emit = name_end + 1
+                        pos = self._stream(end, n)
+                    elif n - pos > BIND_HEADER_LIMIT:
+                        outcome = ProtocolViolation("invalid Bind message")
+                break
+            if msg_type == Q or msg_type == F:
+                pending.append(None)
+                if msg_type == Q:
+                    self.last_text = data
+                    server.unnamed = None   # a simple Query destroys the unnamed statement
+                    if may_touch is None:
+                        may_touch = may_touch_state(data)
+                    if may_touch:
+                        self._flag_text(data[pos + 5:end])
+            elif msg_type == S:
+                if length != 4:
+                    outcome = ProtocolViolation("invalid message format")
+                    break
+                pending.append(None)
+                server.unsynced = False
+            elif msg_type in EXTENDED:
+                server.unsynced = True
+                resume = end
+                if msg_type == P:
+                    self.last_text = data
+                    if may_touch is None:
+                        may_touch = may_touch_state(data)
+                    replaced = self._parse(server, data, pos, end, may_touch)
+                elif msg_type == B:
+                    resume = bind_header_end(data, pos + 5, end) + 1
+                    replaced = (ProtocolViolation("invalid Bind message") if not resume
+                                else self._bind(server, data, pos, resume - 1, length))
+                elif msg_type == E:
+                    replaced = None
+                else:
+                    replaced = self._describe_or_close(server, msg_type, data, pos, end)
+                if replaced is not None:
+                    if replaced.__class__ is ProtocolViolation:
+                        outcome = replaced
+                        break
+                    if pieces is None:
+                        pieces = []
+                    pieces.append(data[emit:pos])
+                    pieces.append(replaced)
+                    emit = resume
+            elif msg_type in EMPTY_BODY:   # Flush, CopyDone, Terminate
+                if length != 4:
+                    outcome = ProtocolViolation("invalid message format")
+                    break
+                if msg_type == X:
+                    outcome = TERMINATE
+                    break
+                if msg_type == COPY_DONE:
+                    server.copy_in = False
+            elif msg_type == COPY_FAIL:
+                server.copy_in = False
+            pos = end
+        if outcome is None and pos < n:
+            self.buf = bytearray(data[pos:])
+            if n - pos < 5:
+                self.need = 5
+            else:
+                self.need = 1 + _length(data, pos + 1)[0]
+                if data[pos] == B:   # its header is enough to start streaming it
+                    self.need = min(self.need, 5 + BIND_HEADER_LIMIT)
+        if pieces is None:
+            return (data if pos == n and emit == 0 else data[emit:pos]), outcome
+        pieces.append(data[emit:pos])
+        return b"".join(pieces), outcome
+
+    def _stream(self, end: int, n: int) -> int:
+        """The message ending at end has arrived up to n: send that much, the rest as it comes."""
+        self.passthrough = end - n
+        if not self.passthrough:
+            self.scanning = False
+        return n
+
+    def _scan(self, chunk) -> None:
+        """Look at a piece of a streamed Query's text, with the end of the last piece."""
+        text = self.tail + chunk if self.tail else chunk
+        if may_touch_state(text):
+            self._flag_text(bytes(text))
+        self.tail = bytes(text[-_OVERLAP:])
+        if not self.passthrough:
+            self.scanning = False
+            self.tail = b""
+
+    def _flag_text(self, text: bytes) -> None:
+        flags = text_flags(text)
+        if flags:
+            self.flags |= flags
+            if flags & MAY_SET:
+                self.texts.append(text)
+
+    # ------------------------------------------------------------ statements
+
+    def _parse(self, server, data: bytes, pos: int, end: int, may_touch: bool):
+        """A Parse for the server (None: as it is), or a ProtocolViolation."""
+        named = parse_key(data, pos + 5, end)
+        if named.__class__ is ProtocolViolation:
+            return named
+        name, key = named
+        flags = text_flags(key) if may_touch else 0
+        if not name:
+            # The unnamed statement: the session's own, and now the connection's.
+            statement = Statement(b"", key, flags)
+            self.unnamed = statement
+            server.unnamed = statement
+            server.pending.append(ParseEntry(False, server, statement, self, None))
+            self.flags |= flags
+            if flags & MAY_SET:
+                self.texts.append(key)
+            return None
+        held = self.statements.get(name)
+        if held is not None:
+            # A duplicate: the server itself says 42P05, about the statement the session holds.
+            prefix = self.ensure_prepared(server, held)
+            server.error_names[held.name] = name
+            server.pending.append(ParseEntry(False, server))
+            return prefix + parse_message(held.name, key)
+        statement = self.registry.acquire(key, flags)
+        self.statements[name] = statement
+        if statement.name in server.prepared:
+            # Another session prepared the same text here: an unnamed Parse
+            # answers ParseComplete without a second copy.
+            server.pending.append(ParseEntry(False, server, statement, self, name))
+            server.unnamed = None
+            return parse_message(b"", key)
+        server.prepared.add(statement.name)
+        server.pending.append(ParseEntry(False, server, statement, self, name, True))
+        return parse_message(statement.name, key)
+
+    def ensure_prepared(self, server, statement: Statement) -> bytes:
+        """A Parse to send first if this server connection lacks the statement."""
+        if statement.name in server.prepared:
+            return b""
+        server.prepared.add(statement.name)
+        server.pending.append(ParseEntry(True, server, statement, prepared_here=True))
+        return parse_message(statement.name, statement.key)
+
+    def _ensure_unnamed(self, server) -> bytes:
+        """A Parse of the session's unnamed statement, if the connection's is another one."""
+        statement = self.unnamed
+        if server.unnamed is statement:
+            return b""
+        server.unnamed = statement
+        server.pending.append(ParseEntry(True, server, statement, self, None))
+        return parse_message(b"", statement.key)
+
+    def _bind(self, server, data, pos: int, name_end: int, length: int):
+        """The start of a Bind up to its statement name, renamed (None: as it is)."""
+        name_start = data.index(b"\0", pos + 5, name_end + 1) + 1
+        name = data[name_start:name_end]
+        if not name:
+            statement = self.unnamed
+            if statement is None:
+                return self._renamed(B, data, pos, name_start, name_end, length, MISSING, b"")
+            if statement.flags:
+                self._flag_bind(statement)
+            prefix = self._ensure_unnamed(server)
+            return prefix + bytes(data[pos:name_end + 1]) if prefix else None
+        held = self.statements.get(name)
+        if held is None:
+            server.error_names[MISSING] = name   # the server says 26000 about it
+            return self._renamed(B, data, pos, name_start, name_end, length, MISSING, b"")
+        if held.flags:
+            self._flag_bind(held)
+        return self._renamed(B, data, pos, name_start, name_end, length, held.name,
+                             self.ensure_prepared(server, held))
+
+    def _flag_bind(self, statement: Statement) -> None:
+        self.flags |= statement.flags
+        if statement.flags & MAY_SET:
+            self.texts.append(statement.key)
+
+    @staticmethod
+    def _renamed(msg_type: int, data, pos: int, name_start: int, name_end: int, length: int,
+                 new_name: bytes, prefix: bytes) -> bytes:
+        """The message's header up to and including its (new) statement name."""
+        new_length = length - (name_end - name_start) + len(new_name)
+        return (prefix + _header(bytes((msg_type,)), new_length) + bytes(data[pos + 5:name_start])
+                + new_name + b"\0")
+
+    def _describe_or_close(self, server, msg_type: int, data: bytes, pos: int, end: int):
+        body = pos + 5
+        if end - body < 2 or data[end - 1] != 0:
+            return ProtocolViolation("invalid Describe message" if msg_type == D
+                                     else "invalid Close message")
+        kind = data[body]
+        if kind == _PORTAL:
+            return None   # portals live within a transaction
+        if kind != _STATEMENT:
+            return ProtocolViolation(f"invalid {'DESCRIBE' if msg_type == D else 'CLOSE'} "
+                                     f"message subtype {kind}")
+        name = data[body + 1:end - 1]
+        before = data[body:body + 1]
+        if not name:
+            statement = self.unnamed
+            if msg_type == C:
+                if statement is not None and server.unnamed is statement:
+                    self.unnamed = server.unnamed = None
+                    return None
+                self.unnamed = None
+                return with_statement_name(C, before, MISSING, b"")
+            if statement is None:
+                return with_statement_name(D, before, MISSING, b"")
+            prefix = self._ensure_unnamed(server)
+            return prefix + data[pos:end] if prefix else None
+        held = self.statements.get(name)
+        if msg_type == C:
+            if held is not None:
+                del self.statements[name]
+                self.registry.release(held)
+            # Closing a name the server lacks is not an error: it answers CloseComplete.
+            return with_statement_name(C, before, MISSING, b"")
+        if held is None:
+            server.error_names[MISSING] = name
+            return with_statement_name(D, before, MISSING, b"")
+        return self.ensure_prepared(server, held) + with_statement_name(D, before, held.name, b"")
+
+    def abandon(self) -> bytes | None:
+        """The client vanished in the middle of a streamed message: bytes that end it harmlessly.
+
+        The filler has no NUL, so a Query's text is left unterminated and the
+        server refuses it with an ERROR instead of running it; CopyData and
+        Bind are followed by the CopyFail or failed pipeline the caller sends.
+        None if the rest is too large to be worth sending: the connection
+        cannot be brought back in step then.
+        """
+        remaining = self.passthrough
+        if remaining > ABANDON_FILL_LIMIT:
+            return None
+        self.passthrough = 0
+        self.scanning = False
+        return b"\x01" * remaining
+
+    def release_statements(self) -> None:
+        """The session ends, or the server discarded its statements (DISCARD ALL, DEALLOCATE ALL)."""
+        for statement in self.statements.values():
+            self.registry.release(statement)
+        self.statements.clear()
+        self.unnamed = None
+
+
+def _bad_header(msg_type: int, length: int) -> str:
+    if not LIMITS[msg_type]:
+        return f"invalid frontend message type {msg_type}"
+    return f"invalid message length {length}"
+
+
+# The most filler sent to complete the message of a client that vanished in
+# the middle of it; beyond this its server connection is closed instead.
+ABANDON_FILL_LIMIT = 1 << 20
+# Input a waiting session may buffer before its socket is not read any more.
+WAITING_INPUT_LIMIT = 1 << 16

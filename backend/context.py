@@ -1,0 +1,214 @@
+"""A session's context: the settings that make a shared server connection look like its own, and the SQL that moves them.
+
+The context is plain data (dicts and sets of strings): it can be copied,
+compared, serialized and, in a later version, handed to another backend with
+the session.  The SQL built here restores a context on a server connection,
+reads it back after the session may have changed it, and puts startup values
+back after RESET or DISCARD.
+"""
+
+import re
+
+from ..shared import protocol
+
+# Startup packet fields that are not settings.
+NOT_SETTINGS = frozenset({"user", "database", "options", "replication"})
+
+# Settings the server reports with ParameterStatus that a session can change;
+# when the server reports one while a session owns it, the session changed it.
+# Names are kept lower-case, as PostgreSQL compares setting names.
+REPORTED_SETTABLE = frozenset({
+    "application_name", "client_encoding", "datestyle", "intervalstyle", "timezone",
+    "standard_conforming_strings", "default_transaction_read_only",
+})
+
+# Applied last, in this order: SET SESSION AUTHORIZATION resets the role.
+IDENTITY = ("session_authorization", "role")
+
+
+class Context:
+    """What one session has in force on the server, and what its client has been told."""
+
+    __slots__ = ("settings", "startup", "custom_names", "reported")
+
+    def __init__(self, settings: dict[str, str], startup: dict[str, str] | None = None,
+                 custom_names: set[str] | None = None, reported: dict[str, str] | None = None):
+        self.settings = settings                      # name -> value in force (lower-case names)
+        self.startup = dict(settings) if startup is None else startup   # what RESET returns to
+        # Custom settings ("myapp.tenant") the session has named: pg_settings does not list them.
+        self.custom_names = ({name for name in settings if "." in name}
+                             if custom_names is None else custom_names)
+        self.reported = {} if reported is None else reported   # ParameterStatus its client has seen
+
+    @classmethod
+    def from_startup(cls, startup: dict[str, str]) -> "Context":
+        return cls(startup_settings(startup))
+
+    def to_dict(self) -> dict:
+        return {"settings": dict(self.settings), "startup": dict(self.startup),
+                "custom_names": sorted(self.custom_names), "reported": dict(self.reported)}
+
+    @classmethod
+    def from_dict(cls, value: dict) -> "Context":
+        return cls(dict(value["settings"]), dict(value["startup"]), set(value["custom_names"]),
+                   dict(value["reported"]))
+
+
+def startup_settings(startup: dict[str, str]) -> dict[str, str]:
+    """The settings a startup packet asks for: its own fields and `options` -c switches."""
+    settings = {name.lower(): value for name, value in startup.items() if name not in NOT_SETTINGS}
+    for name, value in parse_options(startup.get("options", "")):
+        settings[name.lower()] = value
+    return settings
+
+
+def parse_options(options: str) -> list[tuple[str, str]]:
+    """The -c name=value / --name=value switches of a startup `options` string.
+
+    Words are separated by spaces; a backslash escapes the next character (as
+    PostgreSQL's pg_split_opts reads it).  Dashes in names stand for underscores.
+    """
+    words, word, escaped, has_word = [], [], False, False
+    for char in options:
+        if escaped:
+            word.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped, has_word = True, True
+        elif char.isspace():
+            if has_word:
+                words.append("".join(word))
+            word, has_word = [], False
+        else:
+            word.append(char)
+            has_word = True
+    if has_word:
+        words.append("".join(word))
+
+    pairs, i = [], 0
+    while i < len(words):
+        item = words[i]
+        if item == "-c" and i + 1 < len(words):
+            item, i = words[i + 1], i + 1
+        elif item.startswith("-c"):
+            item = item[2:]
+        elif item.startswith("--"):
+            item = item[2:]
+        else:
+            raise ValueError(f'invalid command-line argument for server process: {item}')
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f'-c {name} requires a value')
+        pairs.append((name.replace("-", "_"), value))
+        i += 1
+    return pairs
+
+
+# Custom settings ("myapp.tenant") a statement may set: pg_settings does not
+# list them, so their names are taken from the statement text.
+_CUSTOM_NAME = re.compile(
+    rb"""(?:\bset\s+(?:session\s+|local\s+)?|set_config\s*\(\s*')"""
+    rb"""([a-z_][a-z0-9_$]*\.[a-z_][a-z0-9_$.]*)""", re.IGNORECASE)
+
+
+def custom_setting_names(statement: bytes) -> set[str]:
+    return {m.group(1).decode("ascii").lower() for m in _CUSTOM_NAME.finditer(statement)}
+
+
+def capture_query(custom_names) -> str:
+    """Reads a session's settings back after it may have changed them.
+
+    role, session_authorization and custom settings are hidden from
+    pg_settings, so they are asked for by name.
+    """
+    sql = ("SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session' "
+           "AND name NOT IN ('role', 'session_authorization') "
+           "UNION ALL SELECT 'role', pg_catalog.current_setting('role') "
+           "UNION ALL SELECT 'session_authorization', pg_catalog.current_setting('session_authorization')")
+    for name in sorted(custom_names):
+        literal = protocol.quote_literal(name)
+        sql += f" UNION ALL SELECT {literal}, pg_catalog.current_setting({literal}, true)"
+    return sql
+
+
+def captured_settings(rows: list[tuple], login_user: str) -> dict[str, str]:
+    """A session's settings from the rows of capture_query (defaults left out)."""
+    settings = {}
+    for row in rows:
+        if len(row) != 2 or row[0] is None:
+            continue
+        name, value = row[0].lower(), row[1]   # pg_settings spells some names in mixed case (TimeZone)
+        if value is None or (name == "role" and value == "none"):
+            continue
+        if name == "session_authorization" and value == login_user:
+            continue
+        settings[name] = value
+    return settings
+
+
+def _set(name: str, value: str) -> str:
+    return (f"pg_catalog.set_config({protocol.quote_literal(name)}, "
+            f"{protocol.quote_literal(value)}, false)")
+
+
+def restore_query(current: dict[str, str] | None, wanted: dict[str, str]) -> str:
+    """One simple query that turns the server's settings `current` into `wanted`.
+
+    Settings are applied as the login user, and the session's authorization
+    and role last: some settings (session_replication_role,
+    lo_compat_privileges) need the login user's privileges, to set and to reset.
+    set_config() takes the value exactly as SHOW prints it (lists such as
+    search_path included); RESET returns a setting to the connection's default.
+    current None means unknown: everything is reset first.  A multi-statement
+    query runs as one implicit transaction: if any part fails, none applies.
+    """
+    parts = []
+    if current is None:
+        parts += ["RESET SESSION AUTHORIZATION", "RESET ROLE", "RESET ALL"]
+        current = {}
+    sets = [_set(name, value) for name, value in wanted.items()
+            if name not in IDENTITY and current.get(name) != value]
+    resets = [f"RESET {protocol.quote_ident(name)}" for name in current
+              if name not in wanted and name not in IDENTITY]
+    auth_now, role_now = current.get("session_authorization"), current.get("role")
+    auth_wanted, role_wanted = wanted.get("session_authorization"), wanted.get("role")
+    if (auth_now is not None or role_now is not None) and (
+            sets or resets or auth_now != auth_wanted or role_now != role_wanted):
+        # Back to the login user before anything else.
+        if auth_now is not None:
+            parts.append("RESET SESSION AUTHORIZATION")
+        parts.append("RESET ROLE")
+        auth_now = role_now = None
+    if sets:
+        parts.append("SELECT " + ", ".join(sets))
+    parts.extend(resets)
+    if auth_wanted is not None and auth_now != auth_wanted:
+        parts.append(f"SELECT {_set('session_authorization', auth_wanted)}")
+    if role_wanted is not None and role_now != role_wanted:
+        parts.append(f"SELECT {_set('role', role_wanted)}")
+    return "; ".join(parts)
+
+
+# Whether the connection holds state of the session that cannot be copied to another.
+PIN_CHECK_QUERY = (
+    "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_class "
+    "WHERE relnamespace = pg_catalog.pg_my_temp_schema()) "
+    "OR EXISTS (SELECT 1 FROM pg_catalog.pg_locks "
+    "WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid()) "
+    "OR EXISTS (SELECT 1 FROM pg_catalog.pg_listening_channels()) "
+    "OR EXISTS (SELECT 1 FROM pg_catalog.pg_cursors WHERE is_holdable) "
+    "OR EXISTS (SELECT 1 FROM pg_catalog.pg_prepared_statements WHERE from_sql)")
+
+
+def fixup_query(startup: dict[str, str]) -> str:
+    """After RESET or DISCARD: put back the startup values PostgreSQL would reset to.
+
+    Only settings not set in this session any more (source other than
+    'session') are touched, so nothing else the session set is disturbed.
+    """
+    values = ", ".join(f"({protocol.quote_literal(name)}, {protocol.quote_literal(value)})"
+                       for name, value in startup.items())
+    return ("SELECT pg_catalog.set_config(w.name, w.value, false) "
+            f"FROM (VALUES {values}) AS w(name, value) "
+            "JOIN pg_catalog.pg_settings s ON pg_catalog.lower(s.name) = w.name "
+            "WHERE s.source <> 'session'")

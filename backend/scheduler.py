@@ -1,0 +1,150 @@
+"""Named states of sessions and server connections, the wait queue, and the decision at a transaction boundary.
+
+Everything that changes a session's or a server connection's state is a
+method here; the pooled backend's event loop applies the I/O that follows.
+"""
+
+import collections
+import enum
+
+
+class SessionState(enum.Enum):
+    STARTING = "starting"     # handed over, not yet greeted (its context not yet applied)
+    IDLE = "idle"             # between transactions, no input waiting
+    WAITING = "waiting"       # has input to run, waits for the server connection
+    ACTIVE = "active"         # owns the server connection
+    RESTORING = "restoring"   # owns it; its settings are being put back before its input goes on
+    CLOSED = "closed"
+
+
+class ServerState(enum.Enum):
+    """As PgBouncer names its SV_* states."""
+    CONNECTING = "connecting"   # TCP/unix connect in progress
+    LOGIN = "login"             # startup packet sent, authenticating
+    IDLE = "idle"               # ready, no session owns it
+    ACTIVE = "active"           # a session owns it until its transaction is over
+    # Released while a cancel request sent for its last owner may still arrive:
+    # it serves nobody until the server has taken the request, or the signal
+    # could cancel the next session's query.
+    CANCEL_WAIT = "cancel wait"
+    CLOSED = "closed"
+
+
+class Decision(enum.Enum):
+    """What to do when every reply the owner awaited has come."""
+    ROLLBACK = "rollback"       # the owner vanished inside a transaction
+    PIN_CHECK = "pin check"     # ask the server whether uncopyable state exists
+    FIXUP = "fixup"             # RESET/DISCARD: re-apply startup values, then pass on the ReadyForQuery
+    KEEP = "keep"               # inside a transaction: the owner keeps the connection
+    CAPTURE = "capture"         # read back settings the owner may have changed
+    HOLD = "hold"               # hold_prepared_transactions: nobody else runs here yet
+    RELEASE = "release"         # the connection goes to the next session
+
+
+def boundary_decision(*, gone: bool, in_transaction: bool, fixup: bool, dirty: bool,
+                      pin_check: bool, pinned: bool, holding_xacts: bool) -> Decision:
+    """The decision table at a transaction boundary, first matching row wins."""
+    if gone:
+        if in_transaction:
+            return Decision.ROLLBACK
+        if pin_check and not pinned:
+            return Decision.PIN_CHECK      # its state dies with the connection if it exists
+        return Decision.RELEASE
+    if fixup:
+        return Decision.FIXUP
+    if in_transaction:
+        return Decision.KEEP
+    if dirty:
+        return Decision.CAPTURE
+    if pin_check:
+        return Decision.PIN_CHECK
+    if holding_xacts and not pinned:
+        return Decision.HOLD
+    return Decision.RELEASE
+
+
+class Scheduler:
+    """The sessions waiting for the shared server connection, and every state change."""
+
+    def __init__(self) -> None:
+        self.queue: collections.deque = collections.deque()
+
+    def waiting(self) -> int:
+        return len(self.queue)
+
+    def wait(self, session, front: bool = False) -> None:
+        """The session has input to run and no connection: it queues."""
+        session.state = SessionState.WAITING
+        if front:
+            self.queue.appendleft(session)
+        else:
+            self.queue.append(session)
+
+    def next_waiting(self):
+        """The first session still waiting, taken from the queue (None if there is none)."""
+        queue = self.queue
+        while queue:
+            session = queue.popleft()
+            if session.state is SessionState.WAITING or session.state is SessionState.STARTING:
+                return session
+        return None
+
+    def forget(self, session) -> None:
+        if session.state is SessionState.WAITING or session.state is SessionState.STARTING:
+            try:
+                self.queue.remove(session)
+            except ValueError:
+                pass
+
+    @staticmethod
+    def assign(server, session, restoring: bool = False) -> None:
+        server.owner = session
+        server.state = ServerState.ACTIVE
+        server.reported = session.context.reported
+        session.state = SessionState.RESTORING if restoring else SessionState.ACTIVE
+
+    @staticmethod
+    def restored(session) -> None:
+        session.state = SessionState.ACTIVE
+
+    @staticmethod
+    def release(server):
+        """The owner's turn is over; returns the former owner."""
+        session = server.owner
+        server.owner = None
+        server.reported = server.pinned.context.reported if server.pinned is not None else None
+        server.state = ServerState.CANCEL_WAIT if server.cancels else ServerState.IDLE
+        if session is not None and session.state is SessionState.ACTIVE:
+            session.state = SessionState.IDLE
+        return session
+
+    @staticmethod
+    def ready(server) -> None:
+        """Logged in, or every cancel request for it was taken: it may serve."""
+        server.state = ServerState.IDLE
+
+    @staticmethod
+    def greeted(session) -> None:
+        if session.state is SessionState.STARTING:
+            session.state = SessionState.IDLE
+
+    @staticmethod
+    def pin(server, session) -> None:
+        session.pinned = server
+        server.pinned = session
+
+    @staticmethod
+    def unpin(session):
+        server = session.pinned
+        session.pinned = None
+        server.pinned = None
+        server.owner = None
+        server.reported = None
+        if session.state is SessionState.ACTIVE:
+            session.state = SessionState.IDLE
+        return server
+
+    def close(self, session) -> None:
+        self.forget(session)
+        session.state = SessionState.CLOSED
+        session.gone = True
