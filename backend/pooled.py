@@ -45,7 +45,7 @@ logger = log.get("backend")
 IDLE, ACTIVE, WAITING, CLOSED = (SessionState.IDLE, SessionState.ACTIVE, SessionState.WAITING,
                                  SessionState.CLOSED)
 SERVER_IDLE = ServerState.IDLE
-TX_IDLE = TransactionStatus.IDLE
+TX_IDLE = int(TransactionStatus.IDLE)
 
 _length = struct.Struct("!I").unpack_from
 COPY_FAIL = protocol.message(b"f", protocol.cstring("client disconnected"))
@@ -286,7 +286,7 @@ class PooledBackend:
             else:
                 self._protocol_violation(session, outcome.text)
             return
-        if (not server.pending and not server.unsynced and server.status is TX_IDLE
+        if (not server.pending and not server.unsynced and server.status == TX_IDLE
                 and server.owner is session and len(session.proto.buf) < WAITING_INPUT_LIMIT):
             # Only messages that expect no answer (Flush, stray CopyData): nothing holds the server.
             self._boundary(server)
@@ -549,11 +549,11 @@ class PooledBackend:
         if owner is None:
             server.held = b""
             return
-        notes, xacts = server.take_notes()
-        flags, texts = owner.proto.take_flags()
-        if notes or flags or xacts:
+        if server.notes or server.xacts or owner.proto.flags:
+            notes, xacts = server.take_notes()
+            flags, texts = owner.proto.take_flags()
             self._note_state(server, owner, notes, flags, texts, xacts)
-        if (not owner.gone and not server.held and server.status is TX_IDLE and not owner.dirty
+        if (not owner.gone and not server.held and server.status == TX_IDLE and not owner.dirty
                 and not owner.pin_check and not owner.prepared_xacts):
             self._release(server)   # the last row of the table, taken at once
             return
@@ -562,7 +562,7 @@ class PooledBackend:
             self._client_send(owner, server.held)
             server.held = b""
         decision = boundary_decision(
-            gone=owner.gone, in_transaction=server.status is not TX_IDLE, fixup=fixup,
+            gone=owner.gone, in_transaction=server.status != TX_IDLE, fixup=fixup,
             dirty=owner.dirty, pin_check=owner.pin_check, pinned=server.pinned is not None,
             holding_xacts=owner.prepared_xacts > 0)
         if decision is Decision.RELEASE:

@@ -15,10 +15,13 @@ from .statements import ParseEntry
 # ---------------------------------------------------------------- the protocol, sans I/O
 
 class TransactionStatus(enum.IntEnum):
-    """The status byte of ReadyForQuery."""
+    """The status byte of ReadyForQuery (kept as the plain byte value, which compares equal)."""
     IDLE = protocol.TRANS_IDLE
     IN_BLOCK = protocol.TRANS_INBLOCK
     FAILED = protocol.TRANS_FAILED
+
+
+_STATUSES = frozenset(TransactionStatus)
 
 
 class HiddenQuery:
@@ -187,7 +190,9 @@ class ServerProtocol:
                     self._hidden_message(head, msg_type, data, pos + 5, end)
                 if msg_type == Z:
                     pending.popleft()
-                    self.status = TransactionStatus(data[pos + 5])
+                    self.status = data[pos + 5]
+                    if self.status not in _STATUSES:
+                        return b"", BROKEN
                     pos = end
                     event = head
                     break
@@ -212,7 +217,9 @@ class ServerProtocol:
                 if self.error_names:
                     self.error_names.clear()
                 self.copy_in = False
-                self.status = TransactionStatus(data[pos + 5])
+                self.status = data[pos + 5]
+                if self.status not in _STATUSES:
+                    return b"", BROKEN
                 head = pending[0] if pending else None
                 if not pending and not self.unsynced:
                     if self.notes & NOTE_RESET and self.status != TransactionStatus.FAILED:

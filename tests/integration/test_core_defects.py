@@ -1,0 +1,807 @@
+"""Acceptance tests for defects of the pooled backend, each asserting what a user observes.
+
+Every test puts its clients on one pooled backend (session_pool_size=1: one
+shared server connection) and checks that one client's statements, bad bytes or
+departure neither leak into nor stall nor crash the others.  Clients on bare
+sockets log in with trust authentication (the pooler's auth_method) so that they
+stay small; every wait is bounded, so a defect shows as a failure, never a hang.
+"""
+
+import os
+import random
+import socket
+import struct
+import subprocess
+import threading
+import time
+
+import psutil
+import psycopg
+import pytest
+from psycopg import pq
+
+from conftest import WAIT, backend_pid, server_pid, wait_for
+
+pytestmark = pytest.mark.timeout(90)   # the last resort; every wait below has a tighter bound
+
+RAW_TIMEOUT = 10.0      # every socket wait of a raw client
+ANSWER_BOUND = 5.0      # another session's next query must be answered within this
+MB = 1 << 20
+
+# ================================================================ a raw protocol client
+
+_i16, _i32, _u32 = struct.Struct("!h"), struct.Struct("!i"), struct.Struct("!I")
+PROTOCOL_3_0 = 3 << 16
+
+
+def message(kind: bytes, body: bytes = b"") -> bytes:
+    """A frontend message: type byte, int32 length counting itself, body."""
+    return kind + _i32.pack(len(body) + 4) + body
+
+
+def cstr(text: str | bytes) -> bytes:
+    return (text.encode() if isinstance(text, str) else text) + b"\0"
+
+
+def query(sql: str | bytes) -> bytes:
+    return message(b"Q", cstr(sql))
+
+
+SYNC = message(b"S")
+TERMINATE = message(b"X")
+
+
+class Silent(AssertionError):
+    """The pooler neither answered nor closed the connection in time."""
+
+
+class Raw:
+    """A client on a bare socket: startup with trust authentication, then whole messages, every wait bounded."""
+
+    def __init__(self, port: int | str, user: str = "app", database: str = "app",
+                 timeout: float = RAW_TIMEOUT, login: bool = True):
+        """port: the pooler's TCP port on 127.0.0.1, or the path of a unix socket (PostgreSQL's own)."""
+        self.timeout = timeout
+        if isinstance(port, str):
+            self.sock = socket.socket(socket.AF_UNIX)
+            self.sock.settimeout(timeout)
+            self.sock.connect(port)
+        else:
+            self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = bytearray()
+        self.eof = False
+        self.greeting: list[tuple[int, bytes]] = []
+        if login:
+            self.login(user, database)
+
+    def __enter__(self) -> "Raw":
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def login(self, user: str, database: str) -> None:
+        body = _i32.pack(PROTOCOL_3_0) + cstr("user") + cstr(user) + cstr("database") + cstr(database) + b"\0"
+        self.send(_i32.pack(len(body) + 4) + body)
+        messages, closed = self.reply()
+        assert not closed and messages[-1][0] == ord("Z"), \
+            f"login failed: {describe(messages)}{', then the connection closed' if closed else ''}"
+        auth = [p for t, p in messages if t == ord("R")]
+        assert auth and _i32.unpack_from(auth[0])[0] == 0, "the pooler must use trust authentication here"
+        self.greeting = messages
+
+    def send(self, data: bytes) -> bool:
+        """Send data; False when the pooler has already closed the connection."""
+        try:
+            self.sock.sendall(data)
+            return True
+        except (BrokenPipeError, ConnectionResetError):
+            return False
+        except socket.timeout:
+            raise Silent(f"the pooler took no input for {self.timeout} s") from None
+
+    def read(self) -> tuple[int, bytes] | None:
+        """The next whole message, or None once the pooler has closed the connection."""
+        while True:
+            if len(self.buf) >= 5:
+                end = 1 + _u32.unpack_from(self.buf, 1)[0]
+                if len(self.buf) >= end:
+                    item = (self.buf[0], bytes(self.buf[5:end]))
+                    del self.buf[:end]
+                    return item
+            if self.eof:
+                return None
+            try:
+                data = self.sock.recv(1 << 16)
+            except (ConnectionResetError, BrokenPipeError):
+                data = b""
+            except socket.timeout:
+                raise Silent(f"the pooler neither answered nor closed the connection within "
+                             f"{self.timeout} s") from None
+            if not data:
+                self.eof = True
+            self.buf += data
+
+    def reply(self) -> tuple[list[tuple[int, bytes]], bool]:
+        """Messages up to ReadyForQuery or the close of the connection; (messages, closed)."""
+        messages = []
+        while True:
+            item = self.read()
+            if item is None:
+                return messages, True
+            messages.append(item)
+            if item[0] == ord("Z"):
+                return messages, False
+
+    def until_closed(self) -> list[tuple[int, bytes]]:
+        """Everything up to the close of the connection (bounded by the socket timeout)."""
+        messages = []
+        while (item := self.read()) is not None:
+            messages.append(item)
+        return messages
+
+    def query(self, sql: str) -> tuple[list[tuple[int, bytes]], bool]:
+        self.send(query(sql))
+        return self.reply()
+
+
+def error_fields(payload: bytes) -> dict[str, str]:
+    fields, pos = {}, 0
+    while pos < len(payload) and payload[pos]:
+        end = payload.index(b"\0", pos + 1)
+        fields[chr(payload[pos])] = payload[pos + 1:end].decode(errors="replace")
+        pos = end + 1
+    return fields
+
+
+def errors(messages) -> list[dict[str, str]]:
+    return [error_fields(p) for t, p in messages if t == ord("E")]
+
+
+def data_rows(messages) -> list[list[str | None]]:
+    rows = []
+    for kind, payload in messages:
+        if kind != ord("D"):
+            continue
+        count, pos, row = _i16.unpack_from(payload)[0], 2, []
+        for _ in range(count):
+            size = _i32.unpack_from(payload, pos)[0]
+            pos += 4
+            row.append(None if size < 0 else payload[pos:pos + size].decode(errors="replace"))
+            pos += max(size, 0)
+        rows.append(row)
+    return rows
+
+
+def describe(messages) -> str:
+    """A short account of what came back, for assertion messages."""
+    parts = []
+    for kind, payload in messages:
+        if kind == ord("E"):
+            f = error_fields(payload)
+            parts.append(f"Error({f.get('V')} {f.get('C')} {f.get('M')!r})")
+        else:
+            parts.append(chr(kind))
+    return " ".join(parts) or "nothing"
+
+
+# ================================================================ helpers
+
+class Call:
+    """A blocking call in a daemon thread, so that a test can bound the wait for it."""
+
+    def __init__(self, fn, *args):
+        self.result = self.error = None
+        self.done_at: float | None = None
+        self.done = threading.Event()
+        threading.Thread(target=self._run, args=(fn, *args), daemon=True).start()
+
+    def _run(self, fn, *args) -> None:
+        try:
+            self.result = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - reported by get()
+            self.error = exc
+        self.done_at = time.monotonic()
+        self.done.set()
+
+    def get(self, timeout: float, what: str):
+        if not self.done.wait(timeout):
+            raise AssertionError(f"{what}: no answer within {timeout:.0f} s")
+        if self.error is not None:
+            raise AssertionError(f"{what} failed: {self.error!r}") from self.error
+        return self.result
+
+
+def answered_within(conn: psycopg.Connection, sql: str, bound: float = ANSWER_BOUND):
+    """Run sql on conn; fail unless it is answered within bound seconds."""
+    call = Call(lambda: conn.execute(sql).fetchall())
+    return call.get(bound, f"{sql!r} on another session of the backend")
+
+
+def pooler_pids(pooler) -> set[int]:
+    """The postmaster and all its children (listeners, backends)."""
+    return {pooler.pid} | {p.pid for p in pooler.children()}
+
+
+def assert_backend_unhurt(pooler, keeper: psycopg.Connection, pids: set[int], what: str) -> None:
+    """The backend that served the misbehaving client still serves its other sessions, in the same processes."""
+    try:
+        rows = answered_within(keeper, "SELECT current_setting('myapp.keep', true), 1")
+    except AssertionError as exc:
+        alive = psutil.pid_exists(backend_pid(keeper))
+        raise AssertionError(f"after {what}: {exc} (the pooled backend process "
+                             f"{'is still running' if alive else 'has died'})") from None
+    assert rows == [("kept", 1)], f"after {what}: the other session saw {rows}"
+    with pooler.connect() as fresh:
+        assert backend_pid(fresh) == backend_pid(keeper), f"after {what}: a new backend serves the pool"
+        assert answered_within(fresh, "SELECT 2") == [(2,)]
+    assert pooler_pids(pooler) == pids, f"after {what}: pooler processes changed: {pids} -> {pooler_pids(pooler)}"
+
+
+def keeper_session(pooler, **params) -> psycopg.Connection:
+    """A psycopg session with a setting of its own, to check after others misbehave."""
+    conn = pooler.connect(**params)
+    conn.execute("SET myapp.keep = 'kept'")
+    return conn
+
+
+def direct(cluster, dbname: str = "app") -> psycopg.Connection:
+    """A connection straight to the cluster (its unix socket, trust) as the superuser."""
+    return psycopg.connect(host=cluster.socket_dir, port=cluster.port, user="postgres",
+                           dbname=dbname, autocommit=True)
+
+
+def ensure_role(cluster, name: str, attributes: str = "", settings: dict | None = None) -> None:
+    if cluster.psql(f"SELECT count(*) FROM pg_roles WHERE rolname = '{name}'") == "0":
+        cluster.psql(f"CREATE ROLE {name} LOGIN {attributes}")
+    for setting, value in (settings or {}).items():
+        cluster.psql(f"ALTER ROLE {name} SET {setting} = '{value}'")
+
+
+@pytest.fixture
+def pool(start_pooler):
+    """A pooler whose pools each have one backend with one shared server connection; trust logins."""
+    return start_pooler(session_pool_size=1, auth_method="trust")
+
+
+# ================================================================ 1. prepared set_config
+
+@pytest.mark.parametrize("how", ["prepare=True", "auto-prepared"])
+def test_prepared_set_config_stays_in_its_session(pool, how):
+    """A set_config run as a prepared statement is seen by its own session only, with its latest value."""
+    a, b = pool.connect(), pool.connect()
+    assert server_pid(a) == server_pid(b)
+    sql = "SELECT set_config('myapp.tenant', %s, false)"
+    for i in range(10):
+        value = f"tenant-{i}"
+        if how == "prepare=True":
+            got = a.execute(sql, (value,), prepare=True).fetchone()[0]
+        else:
+            got = a.execute(sql, (value,)).fetchone()[0]   # psycopg prepares it from the 6th run
+        assert got == value
+        seen_by_b = b.execute("SELECT current_setting('myapp.tenant', true)").fetchone()[0]
+        assert seen_by_b in (None, ""), f"run {i}: another session saw {seen_by_b!r}"
+        own = a.execute("SELECT current_setting('myapp.tenant', true)").fetchone()[0]
+        assert own == value, f"run {i}: the session read back {own!r}, not its latest {value!r}"
+    assert server_pid(a) == server_pid(b)
+
+
+# ================================================================ 2. malformed messages
+
+# Each malformed message is followed by a Sync, as a client would send it (PostgreSQL
+# answers an extended-protocol error only then); a Query needs none.  PostgreSQL
+# itself answers each with an ERROR (08P01, or 22021 for the bad encoding) and
+# carries on; the pooler may instead say 08P01 and close the connection.
+PARSE_S1 = message(b"P", b"s1\0SELECT 1\0\0\0")
+MALFORMED = {
+    "Parse whose name has no NUL": message(b"P", b"stmt") + SYNC,
+    "Parse whose query has no NUL": message(b"P", b"s1\0SELECT 1") + SYNC,
+    "Bind truncated after the portal name": message(b"B", b"\0") + SYNC,
+    "Bind truncated inside the statement name": message(b"B", b"\0s1") + SYNC,
+    "Bind truncated before its parameter count": PARSE_S1 + message(b"B", b"\0s1\0\0") + SYNC,
+    "Describe with an empty body": message(b"D") + SYNC,
+    "Close with an empty body": message(b"C") + SYNC,
+    "Describe with an invalid kind": message(b"D", b"Xs1\0") + SYNC,
+    "Describe of a statement name without NUL": message(b"D", b"Ss1") + SYNC,
+    "Close of a statement name without NUL": message(b"C", b"Ss1") + SYNC,
+    "Execute truncated": message(b"E", b"\0\0") + SYNC,
+    "Query without its NUL": message(b"Q", b"SELECT 1"),
+    "Query with non-UTF-8 text": message(b"Q", b"SELECT '\xff\xfe\xc3'\0"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_message_ends_only_that_client(pool, case):
+    """A client sending a malformed message gets an error (08P01) or is closed; the backend's other sessions carry on."""
+    keeper = keeper_session(pool)
+    pids = pooler_pids(pool)
+    with Raw(pool.port) as raw:
+        raw.send(MALFORMED[case])
+        messages, closed = raw.reply()
+        codes = [f.get("C") for f in errors(messages)]
+        if case == "Query with non-UTF-8 text":
+            assert codes or closed, f"{case}: neither an error nor a close: {describe(messages)}"
+        else:
+            assert "08P01" in codes or (closed and not codes), f"{case}: {describe(messages)}"
+        if not closed:   # still connected: it goes on as with PostgreSQL
+            messages, closed = raw.query("SELECT 'still here'")
+            assert data_rows(messages) == [["still here"]] or closed, describe(messages)
+    assert_backend_unhurt(pool, keeper, pids, case)
+
+
+# ---------------------------------------------------------------- the storm
+
+STORM_PER_TYPE = 2000
+STORM_TYPES = [b"P", b"B", b"D", b"E", b"C", b"S", b"H", b"F", b"d", b"c", b"f", b"Q", b"X", b"?"]
+STORM_ROLE = "core_storm"
+STORM_DEADLINE = 75.0
+KNOWN_TYPES = set(b"PBDECSHFdcfQX")
+
+
+def valid_body(kind: bytes, int4abs: int) -> bytes:
+    """A well-formed body for a frontend message of this type."""
+    return {
+        b"P": cstr("s1") + cstr("SELECT $1::int") + _i16.pack(1) + _i32.pack(23),
+        b"B": cstr("") + cstr("s1") + _i16.pack(0) + _i16.pack(1) + _i32.pack(1) + b"5" + _i16.pack(0),
+        b"D": b"S" + cstr("s1"),
+        b"E": cstr("") + _i32.pack(0),
+        b"C": b"S" + cstr("s1"),
+        b"F": _i32.pack(int4abs) + _i16.pack(0) + _i16.pack(1) + _i32.pack(2) + b"-5" + _i16.pack(0),
+        b"d": b"1\tone\n",
+        b"f": cstr("client gave up"),
+        b"Q": cstr("SELECT 1"),
+    }.get(kind, b"")
+
+
+def mutate(rng: random.Random, kind: bytes, body: bytes) -> tuple[bytes, bool]:
+    """A malformed message made from a valid one; (bytes, framing intact)."""
+    if kind == b"?":
+        kind = bytes([rng.choice([c for c in range(1, 256) if c not in KNOWN_TYPES])])
+    roll = rng.random()
+    if roll < 0.25 and body:
+        new = body[:rng.randrange(len(body))]                       # truncated
+    elif roll < 0.45:
+        new = rng.randbytes(rng.randrange(0, 40))                    # random bytes
+    elif roll < 0.65 and body:
+        new = bytearray(body)                                        # a few bytes changed
+        for _ in range(rng.randint(1, 3)):
+            new[rng.randrange(len(new))] = rng.randrange(256)
+        new = bytes(new)
+    elif roll < 0.80:
+        new = body + rng.randbytes(rng.randint(1, 12))               # trailing garbage
+    elif roll < 0.88:
+        length = rng.choice([0, 1, 2, 3, -1, -4, -(1 << 31)])       # a length below 4
+        return kind + _i32.pack(length) + body, False
+    elif roll < 0.96:
+        extra = rng.choice([1, 7, 100, 1 << 20, (1 << 31) - 1])      # longer than what follows
+        return kind + _i32.pack(min(len(body) + 4 + extra, (1 << 31) - 1)) + body, False
+    else:
+        cut = rng.randint(1, max(1, len(body)))                      # shorter than what follows
+        return kind + _i32.pack(max(4, len(body) + 4 - cut)) + body, False
+    return message(kind, new), True
+
+
+def storm(port: int, items: list[tuple[bytes, bool]], counts: dict, deadline: float) -> None:
+    """Send the malformed messages, reconnecting whenever the pooler closes the connection.
+
+    counts["last"] is the message this worker sent last, for the report of a failure.
+    """
+    raw = None
+    marker = 0
+    try:
+        for data, framed in items:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the storm did not finish in {STORM_DEADLINE:.0f} s "
+                                     f"({counts['messages']} messages sent)")
+            try:
+                if raw is None:
+                    raw = Raw(port, user=STORM_ROLE, timeout=8.0)
+                    counts["connections"] += 1
+                counts["messages"] += 1
+                counts["last"] = (data, framed)
+                if framed:
+                    # Sync ends an extended-protocol error; the marker query shows we are through.
+                    marker += 1
+                    tag = f"mark-{marker}"
+                    if not raw.send(data + SYNC + query(f"SELECT '{tag}'")):
+                        raw.eof = True          # closed already: reconnect
+                    while not raw.eof and (item := raw.read()) is not None:
+                        if item[0] == ord("D") and item[1].endswith(tag.encode()):
+                            raw.reply()
+                            break
+                    if raw.eof:
+                        raw.close()
+                        raw = None
+                else:
+                    # Framing is lost: send it, end our side, and the pooler must close.
+                    raw.send(data)
+                    try:
+                        raw.sock.shutdown(socket.SHUT_WR)
+                    except OSError:
+                        pass
+                    raw.until_closed()
+                    raw.close()
+                    raw = None
+            except AssertionError as exc:   # Silent, or a failed login
+                raise AssertionError(f"{exc}\n  last messages of the workers: {_lasts(counts)}") from None
+    finally:
+        if raw is not None:
+            raw.close()
+
+
+def _lasts(counts: dict) -> str:
+    return "; ".join(f"{data[:48]!r} (framing {'intact' if framed else 'broken'})"
+                     for data, framed in (c["last"] for c in counts["all"] if c.get("last")))
+
+
+@pytest.mark.timeout(150)
+def test_storm_of_malformed_messages_leaves_the_backend_serving(start_pooler, cluster):
+    """After thousands of malformed messages of every type, the backend's other sessions and processes are as before."""
+    ensure_role(cluster, STORM_ROLE, settings={"statement_timeout": "2s"})
+    int4abs = int(cluster.psql("SELECT 'int4abs'::regproc::oid"))
+    pooler = start_pooler(session_pool_size=1, auth_method="trust")
+    keeper = keeper_session(pooler, user=STORM_ROLE)
+    assert keeper.execute("SELECT %s::int + 1", (1,), prepare=True).fetchone() == (2,)
+    pids = pooler_pids(pooler)
+
+    rng = random.Random(20240607)
+    items = []
+    for kind in STORM_TYPES:
+        body = valid_body(kind, int4abs)
+        items += [mutate(rng, kind, body) for _ in range(STORM_PER_TYPE)]
+    rng.shuffle(items)
+    workers = 3
+    counts = [{"messages": 0, "connections": 0} for _ in range(workers)]
+    for c in counts:
+        c["all"] = counts   # each worker reports what all of them sent last
+    deadline = time.monotonic() + STORM_DEADLINE
+    calls = [Call(storm, pooler.port, items[i::workers], counts[i], deadline) for i in range(workers)]
+    started = time.monotonic()
+    for call in calls:
+        call.get(STORM_DEADLINE + 20, "a storm worker")
+    elapsed = time.monotonic() - started
+    sent = sum(c["messages"] for c in counts)
+    assert sent == len(items)
+    print(f"storm: {sent} messages over {sum(c['connections'] for c in counts)} connections in {elapsed:.1f} s")
+
+    assert pooler_pids(pooler) == pids, "a pooler process died or was replaced during the storm"
+    assert answered_within(keeper, "SHOW myapp.keep") == [("kept",)]
+    assert keeper.execute("SELECT %s::int + 1", (41,), prepare=True).fetchone() == (42,)
+    with pooler.connect(user=STORM_ROLE) as fresh:
+        assert backend_pid(fresh) == backend_pid(keeper)
+        assert answered_within(fresh, "SELECT current_setting('myapp.keep', true)") in ([(None,)], [("",)])
+    assert pooler_pids(pooler) == pids
+
+
+# ================================================================ 3. notifications
+
+def _collect(conn: psycopg.Connection, n: int, timeout: float) -> list[str]:
+    return [note.payload for note in conn.notifies(timeout=timeout, stop_after=n)]
+
+
+@pytest.mark.parametrize("then", [None, "SET x.y = 1", "SELECT set_config('x.y', '1', false)"])
+def test_notifications_right_after_listen_are_all_delivered(pool, cluster, then):
+    """Every notification sent after LISTEN returns reaches the listening session (five rounds, new sessions)."""
+    other = pool.connect()   # another session of the same backend, whose query runs in between
+    with direct(cluster) as notifier:
+        for round_ in range(5):
+            channel = f"ch_{round_}"
+            with pool.connect() as a:
+                a.execute(f"LISTEN {channel}")
+                for i in range(10):
+                    notifier.execute(f"NOTIFY {channel}, 'n{i}'")
+                    if i == 2 and then:
+                        a.execute(then)
+                other.execute("SELECT 1")
+                got = _collect(a, 10, timeout=5)
+            assert got == [f"n{i}" for i in range(10)], f"round {round_}: received {got}"
+
+
+def test_notifications_during_a_stream_after_listen_are_all_delivered(pool, cluster):
+    """Notifications committed after LISTEN arrive, every one, in order, while they keep coming."""
+    a = pool.connect()
+    stop = threading.Event()
+    sent: list[int] = []
+
+    def notify() -> None:
+        with direct(cluster) as notifier:
+            for i in range(5000):
+                if stop.is_set():
+                    return
+                notifier.execute(f"NOTIFY ch2, '{i}'")
+                sent.append(i)
+
+    call = Call(notify)
+    wait_for(lambda: len(sent) >= 20, "the notifier to start", timeout=WAIT)
+    a.execute("LISTEN ch2")
+    after = len(sent)            # every NOTIFY that starts from here commits after LISTEN
+    a.execute("SELECT set_config('x.y', '2', false)")
+    wait_for(lambda: len(sent) >= after + 50, "50 more notifications", timeout=WAIT)
+    stop.set()
+    call.get(WAIT, "the notifier")
+    last = sent[-1]
+    got: list[int] = []
+    for note in a.notifies(timeout=10):   # bounded: 10 s in all
+        got.append(int(note.payload))
+        if got[-1] == last:
+            break
+    assert got, "no notification arrived"
+    first = got[0]
+    # NOTIFY number `after` may have been in flight as LISTEN returned; every later one began after it.
+    assert first <= after + 1, f"the first notification received was {first}, sent after LISTEN ({after})"
+    missing = sorted(set(range(first, last + 1)) - set(got))
+    assert not missing, f"{len(missing)} notifications lost, e.g. {missing[:10]}"
+    assert got == sorted(got)
+
+
+# ================================================================ 4. restore order
+
+def test_superuser_setting_then_session_authorization_is_restored(pool, cluster):
+    """A superuser session that sets a superuser-only setting and then drops privileges keeps both, as direct."""
+    ensure_role(cluster, "core_su", "SUPERUSER")
+    a, b = pool.connect(user="core_su"), pool.connect(user="core_su")
+    assert server_pid(a) == server_pid(b)
+    a.execute("SET session_replication_role = replica")
+    b.execute("SELECT 1")
+    a.execute("SET SESSION AUTHORIZATION app")
+    for _ in range(3):
+        assert b.execute("SHOW session_replication_role").fetchone() == ("origin",)
+        assert b.execute("SELECT session_user, current_user").fetchone() == ("core_su", "core_su")
+        assert a.execute("SHOW session_replication_role").fetchone() == ("replica",)
+        assert a.execute("SELECT session_user, current_user").fetchone() == ("app", "app")
+    with pool.connect(user="core_su") as c:
+        assert c.execute("SHOW session_replication_role").fetchone() == ("origin",)
+
+
+# ================================================================ 5. placeholder removal
+
+def test_placeholder_removed_by_loading_its_extension_breaks_nobody(pool):
+    """A custom setting that loading plpgsql removes does not make the pool's later logins or sessions fail."""
+    existing = pool.connect()
+    a = pool.connect()
+    assert server_pid(a) == server_pid(existing)
+    a.execute("SET plpgsql.my_option = 'x'")
+    a.execute("DO $$BEGIN END$$")          # first load of plpgsql on this server connection
+    assert a.execute("SELECT 1").fetchone() == (1,)
+    a.close()
+    assert existing.execute("SELECT 'existing'").fetchone() == ("existing",)
+    for i in range(3):
+        with pool.connect() as c:
+            assert c.execute(f"SELECT {i}").fetchone() == (i,)
+    assert existing.execute("SELECT 'existing again'").fetchone() == ("existing again",)
+    assert "FATAL" not in pool.log()
+
+
+# ================================================================ 6. a large result left unread
+
+UNREAD = {
+    "close": "SELECT /*core-unread*/ repeat('x', 1000) FROM generate_series(1, 50000)",
+    "terminate": "SELECT /*core-unread*/ repeat('x', 1000) FROM generate_series(1, 50000)",
+    "copy out": "COPY (SELECT /*core-unread*/ repeat('x', 1000) FROM generate_series(1, 50000)) TO STDOUT",
+}
+
+
+@pytest.mark.parametrize("variant", list(UNREAD))
+def test_client_leaving_a_large_result_unread_frees_the_backend_at_once(pool, cluster, variant):
+    """When a client leaves ~50 MB of result unread, another session's query is answered within a second."""
+    b = pool.connect()
+    pids = pooler_pids(pool)
+    with Raw(pool.port) as raw:
+        raw.send(query(UNREAD[variant]))
+        first = raw.read()
+        assert first is not None and first[0] in (ord("T"), ord("H")), describe([first] if first else [])
+
+        def streaming() -> bool:
+            """The server is blocked writing to the pooler, or done: nothing more comes by itself."""
+            return cluster.psql("SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+                                "AND query LIKE '%/*core-unread*/%' AND state = 'active' "
+                                "AND wait_event IS DISTINCT FROM 'ClientWrite'") == "0"
+
+        wait_for(streaming, "the server to block on the unread result", timeout=WAIT)
+        call = Call(lambda: b.execute("SELECT 1").fetchall())   # queued behind the raw client
+        if variant == "terminate":
+            raw.send(TERMINATE)
+    closed_at = time.monotonic()
+    assert call.get(10.0, "SELECT 1 of another session") == [(1,)]
+    elapsed = call.done_at - closed_at
+    assert elapsed < 1.0, f"the other session waited {elapsed:.2f} s after the client left"
+    assert pooler_pids(pool) == pids
+
+
+# ================================================================ 7. Flush with a body
+
+def _title(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:
+        return ""
+
+
+def test_flush_with_a_body_ends_only_that_client(pool):
+    """A Flush with a body earns its sender 08P01 (or a close); another session's query is answered, unharmed."""
+    keeper = keeper_session(pool)
+    pids = pooler_pids(pool)
+    proc = psutil.Process(backend_pid(keeper))
+    with Raw(pool.port) as raw:
+        raw.send(message(b"H", b"12345"))   # PostgreSQL says nothing until the Sync
+        call = Call(lambda: keeper.execute("SELECT current_setting('myapp.keep', true), 1").fetchall())
+        # Let the keeper's query be answered or queued behind the unsynced client (the
+        # backend's title counts waiting sessions); the Sync below ends the wait either way.
+        try:
+            wait_for(lambda: call.done.is_set() or " 1 waiting" in _title(proc),
+                     "the other session's query to be answered or queued", timeout=2)
+        except AssertionError:
+            pass
+        raw.send(SYNC)
+        assert call.get(ANSWER_BOUND, "the other session's query") == [("kept", 1)]
+        messages, closed = raw.reply()
+        assert "08P01" in [f.get("C") for f in errors(messages)] or closed, describe(messages)
+    assert_backend_unhurt(pool, keeper, pids, "a Flush with a body")
+
+
+# ================================================================ 8. memory and large messages
+
+def _stream_query(port: int, size: int) -> list:
+    """One Query message of size bytes, its header first, then the text in 1 MB pieces."""
+    with Raw(port, timeout=60.0) as raw:
+        head = b"SELECT 'big' -- "
+        raw.send(b"Q" + _i32.pack(size + 4) + head)
+        chunk = b"x" * MB
+        left = size - len(head) - 1
+        while left > 0:
+            piece = chunk if left >= MB else chunk[:left]
+            raw.send(piece)
+            left -= len(piece)
+        raw.send(b"\0")
+        messages, closed = raw.reply()
+        return data_rows(messages) if not closed else ["closed: " + describe(messages)]
+
+
+@pytest.mark.timeout(240)
+def test_backend_memory_returns_to_idle_after_huge_queries(pool):
+    """After several clients each send a 200 MB query, the backend's memory returns to what it was idle."""
+    keeper = keeper_session(pool)
+    proc = psutil.Process(backend_pid(keeper))
+    answered_within(keeper, "SELECT 1")
+    idle = proc.memory_info().rss
+    calls = [Call(_stream_query, pool.port, 200 * MB) for _ in range(3)]
+    peak = idle
+    deadline = time.monotonic() + 150
+    while not all(c.done.is_set() for c in calls) and time.monotonic() < deadline:
+        peak = max(peak, proc.memory_info().rss)
+        time.sleep(0.1)   # sampling the peak, not waiting for an event
+    results = [c.get(1.0, "a client sending a 200 MB query") for c in calls]
+    assert results == [[["big"]]] * 3
+    assert answered_within(keeper, "SHOW myapp.keep") == [("kept",)]
+
+    def settled() -> bool:
+        return proc.memory_info().rss - idle < 20 * MB
+    try:
+        wait_for(settled, "the backend's memory to return to idle", timeout=5)
+    except AssertionError:
+        raise AssertionError(f"backend RSS idle {idle / MB:.0f} MB, peak {peak / MB:.0f} MB, after "
+                             f"{proc.memory_info().rss / MB:.0f} MB") from None
+
+
+@pytest.mark.timeout(120)
+def test_one_80_mb_copy_data_passes_quickly(pool, cluster):
+    """A COPY FROM STDIN whose data is one 80 MB CopyData message completes in a few seconds."""
+    cluster.psql("DROP TABLE IF EXISTS core_copy; CREATE TABLE core_copy (line text); "
+                 "GRANT ALL ON core_copy TO PUBLIC", database="app")
+    try:
+        _copy_80_mb(pool, cluster)
+    finally:
+        cluster.psql("DROP TABLE IF EXISTS core_copy", database="app")
+
+
+def _copy_80_mb(pool, cluster) -> None:
+    keeper = keeper_session(pool)
+    line = b"y" * 999 + b"\n"
+    lines = 80 * MB // len(line)
+    with Raw(pool.port, timeout=15.0) as raw:
+        raw.send(query("COPY core_copy FROM STDIN"))
+        first = raw.read()
+        assert first is not None and first[0] == ord("G"), describe([first] if first else [])
+        started = time.monotonic()
+        raw.send(b"d" + _i32.pack(lines * len(line) + 4))
+        block = line * 1024
+        left = lines
+        while left:
+            n = min(left, 1024)
+            raw.send(block if n == 1024 else line * n)
+            left -= n
+            if time.monotonic() - started > 10:
+                pytest.fail(f"only {(lines - left) * len(line) / MB:.0f} MB of 80 MB sent after 10 s")
+        raw.send(message(b"c"))
+        try:
+            messages, closed = raw.reply()
+        except Silent:
+            pytest.fail(f"80 MB of CopyData sent, but COPY not complete after "
+                        f"{time.monotonic() - started:.0f} s")
+        elapsed = time.monotonic() - started
+        assert not closed and errors(messages) == [], describe(messages)
+        assert elapsed < 10, f"80 MB of CopyData took {elapsed:.1f} s"
+    assert cluster.psql("SELECT count(*) FROM core_copy", database="app") == str(lines)
+    assert answered_within(keeper, "SHOW myapp.keep") == [("kept",)]
+
+
+# ================================================================ 9. the unnamed statement
+
+def _busy(conn: psycopg.Connection, stop: threading.Event, bound: float) -> int:
+    """Unnamed-statement queries in a tight loop until told to stop (or bound seconds)."""
+    n, end = 0, time.monotonic() + bound
+    while not stop.is_set() and time.monotonic() < end:
+        conn.execute("SELECT %s::int AS zz, 'busy' AS busy", (n,))
+        n += 1
+    return n
+
+
+def test_psql_gdesc_through_a_busy_pool(pool):
+    """psql's \\gdesc describes its own query even while another session of the backend is busy."""
+    other = pool.connect()
+    other.prepare_threshold = None   # its queries use the unnamed statement, every time
+    stop = threading.Event()
+    call = Call(_busy, other, stop, 60.0)
+    env = dict(os.environ, PGCONNECT_TIMEOUT="10")
+    outputs = []
+    try:
+        for _ in range(20):
+            out = subprocess.run(["psql", "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1",
+                                  "-p", str(pool.port), "-U", "app", "-d", "app", "-f", "-"],
+                                 input="SELECT 1 AS a, 'x'::text AS b \\gdesc\n",
+                                 capture_output=True, text=True, env=env, timeout=WAIT)
+            outputs.append((out.returncode, out.stdout.strip(), out.stderr.strip()))
+    finally:
+        stop.set()
+    assert call.get(WAIT, "the busy session") > 0
+    wrong = [o for o in outputs if o != (0, "a|integer\nb|text", "")]
+    assert not wrong, f"{len(wrong)} of 20 \\gdesc runs went wrong, e.g. {wrong[0]!r}"
+
+
+def test_unnamed_statement_survives_between_round_trips(pool):
+    """A libpq client's unnamed prepared statement is still its own after another session's query."""
+    a = pool.connect()
+    other = pool.connect()
+    other.prepare_threshold = None
+    res = a.pgconn.prepare(b"", b"SELECT $1::int")
+    assert res.status == pq.ExecStatus.COMMAND_OK, res.error_message
+    other.execute("SELECT %s::text AS other, 'x' AS y", ("z",))
+    res = a.pgconn.describe_prepared(b"")
+    assert res.status == pq.ExecStatus.COMMAND_OK, res.error_message
+    assert (res.nparams, res.nfields) == (1, 1)
+    assert (res.param_type(0), res.ftype(0)) == (23, 23)
+    other.execute("SELECT %s::text AS other", ("z",))
+    res = a.pgconn.exec_prepared(b"", [b"5"])
+    assert res.status == pq.ExecStatus.TUPLES_OK, res.error_message
+    assert res.get_value(0, 0) == b"5"
+
+
+# ================================================================ 10. bad lengths
+
+BAD_LENGTH = {
+    "length field below 4": b"Q" + _i32.pack(2),
+    "negative length field": b"Q" + _i32.pack(-8) + b"SELECT 1\0",
+    "Sync with a body": message(b"S", b"12345"),
+    "Query of length 0x7fffffff": b"Q" + _i32.pack(0x7FFFFFFF) + b"SELECT 1",
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_LENGTH))
+def test_bad_message_length_ends_only_that_client(pool, case):
+    """A message with an impossible length gets 08P01 or a close at once, as from PostgreSQL; the backend serves the others."""
+    keeper = keeper_session(pool)
+    pids = pooler_pids(pool)
+    with Raw(pool.port, timeout=ANSWER_BOUND) as raw:
+        raw.send(BAD_LENGTH[case])
+        try:
+            first, answer = raw.read(), None   # PostgreSQL itself answers each of these at once
+        except Silent as exc:
+            first, answer = None, str(exc)
+    # The client has gone now, whatever it got: the backend must be unhurt.
+    assert_backend_unhurt(pool, keeper, pids, case)
+    assert answer is None, f"{case}: {answer}"
+    assert first is None or error_fields(first[1]).get("C") == "08P01", f"{case}: {describe([first])}"
