@@ -24,7 +24,7 @@ import re
 import struct
 
 from ..shared import protocol
-from .statements import (MISSING, ParseEntry, ProtocolViolation, Statement, bind_header_end,
+from .statements import (MISSING, CloseEntry, ParseEntry, ProtocolViolation, Statement, bind_header_end,
                          parse_key, parse_message, with_statement_name)
 
 _length = struct.Struct("!I").unpack_from
@@ -184,12 +184,16 @@ class ClientProtocol:
             if end > n:
                 # Not here whole: stream what can be streamed, keep the rest.
                 if msg_type == Q:
+                    if server.unsynced:
+                        outcome = ProtocolViolation(MIXED_PIPELINE)
+                        break
                     pending.append(None)
-                    server.unnamed = None
+                    self.unnamed = server.unnamed = None
                     self.scanning = True
                     self.tail = b""
+                    self.passthrough = end - n   # before the scan: it ends scanning at 0
                     self._scan(data[pos + 5:n])
-                    pos = self._stream(end, n)
+                    pos = n
                 elif msg_type == COPY_DATA:
                     pos = self._stream(end, n)
                 elif msg_type == B:
@@ -209,10 +213,14 @@ class ClientProtocol:
                         outcome = ProtocolViolation("invalid Bind message")
                 break
             if msg_type == Q or msg_type == F:
+                if server.unsynced:
+                    outcome = ProtocolViolation(MIXED_PIPELINE)
+                    break
                 pending.append(None)
                 if msg_type == Q:
                     self.last_text = data
-                    server.unnamed = None   # a simple Query destroys the unnamed statement
+                    # A simple Query destroys the unnamed statement.
+                    self.unnamed = server.unnamed = None
                     if may_touch is None:
                         may_touch = may_touch_state(data)
                     if may_touch:
@@ -359,6 +367,7 @@ class ClientProtocol:
         if not name:
             statement = self.unnamed
             if statement is None:
+                server.error_names[MISSING] = b""
                 return self._renamed(B, data, pos, name_start, name_end, length, MISSING, b"")
             if statement.flags:
                 self._flag_bind(statement)
@@ -393,6 +402,8 @@ class ClientProtocol:
                                      else "invalid Close message")
         kind = data[body]
         if kind == _PORTAL:
+            if msg_type == C:
+                server.pending.append(CloseEntry(server))
             return None   # portals live within a transaction
         if kind != _STATEMENT:
             return ProtocolViolation(f"invalid {'DESCRIBE' if msg_type == D else 'CLOSE'} "
@@ -402,21 +413,28 @@ class ClientProtocol:
         if not name:
             statement = self.unnamed
             if msg_type == C:
-                if statement is not None and server.unnamed is statement:
-                    self.unnamed = server.unnamed = None
-                    return None
+                # Undone if an error makes the server skip it (CloseEntry.failed).
+                server.pending.append(CloseEntry(server, statement, self, None))
                 self.unnamed = None
+                if statement is not None and server.unnamed is statement:
+                    server.unnamed = None
+                    return None
                 return with_statement_name(C, before, MISSING, b"")
             if statement is None:
+                server.error_names[MISSING] = b""
                 return with_statement_name(D, before, MISSING, b"")
             prefix = self._ensure_unnamed(server)
             return prefix + data[pos:end] if prefix else None
         held = self.statements.get(name)
         if msg_type == C:
+            # The name is free at once (a Parse of it may follow in the same
+            # pipeline); the statement is released at CloseComplete, and the
+            # name given back if an error makes the server skip the Close.
             if held is not None:
                 del self.statements[name]
-                self.registry.release(held)
-            # Closing a name the server lacks is not an error: it answers CloseComplete.
+            server.pending.append(CloseEntry(server, held, self, name))
+            # The shared statement stays prepared; closing a name the server
+            # lacks is not an error: it answers CloseComplete.
             return with_statement_name(C, before, MISSING, b"")
         if held is None:
             server.error_names[MISSING] = name
@@ -456,5 +474,10 @@ def _bad_header(msg_type: int, length: int) -> str:
 # The most filler sent to complete the message of a client that vanished in
 # the middle of it; beyond this its server connection is closed instead.
 ABANDON_FILL_LIMIT = 1 << 20
+# PostgreSQL allows a simple Query between unsynced extended-query messages;
+# the replies it then skips after an error cannot be told apart without
+# following every message, so the pooler refuses it (no driver sends it:
+# libpq's pipeline mode forbids it).
+MIXED_PIPELINE = "simple Query or FunctionCall inside an unsynced extended-query pipeline"
 # Input a waiting session may buffer before its socket is not read any more.
 WAITING_INPUT_LIMIT = 1 << 16

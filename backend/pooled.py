@@ -20,6 +20,7 @@ Every byte a client sends passes through _forward and every byte the server
 sends through _server_input: keep them lean.
 """
 
+import functools
 import os
 import select
 import signal
@@ -218,7 +219,7 @@ class PooledBackend:
         self.sessions[session.fd] = session
         self.by_key[session.key] = session
         self.idle_reported = False
-        self.handlers[session.fd] = lambda mask, s=session: self._on_client(s, mask)
+        self.handlers[session.fd] = functools.partial(self._on_client, session)   # no Python frame of its own
         self.counters[status.SESSIONS] = len(self.sessions)
         self.counters[status.SERVED] += 1
         # A context the pooler has greeted before needs no trip to the server.
@@ -339,7 +340,9 @@ class PooledBackend:
         out = [protocol.parameter_status(name, value) for name, value in params.items()]
         out.append(protocol.backend_key_data(self.pid, session.key))
         out.append(protocol.ready_for_query(b"I"))
-        session.context.reported = dict(params)
+        reported = session.context.reported   # the connection may be forwarding into it already
+        reported.clear()
+        reported.update(params)
         session.greeted = True
         self.scheduler.greeted(session)
         self._client_send(session, b"".join(out))
@@ -427,7 +430,7 @@ class PooledBackend:
             return
         self.server = server
         server.stream = Stream(server.sock, self.epoll, EPOLLOUT)
-        self.handlers[server.fd] = lambda mask, s=server: self._on_server(s, mask)
+        self.handlers[server.fd] = functools.partial(self._on_server, server)
         self.counters[status.SERVER_CONNECTIONS] += 1
 
     def _on_server(self, server: srv.ServerConnection, mask: int) -> None:
@@ -844,7 +847,7 @@ class PooledBackend:
         server.cancels += 1
         self.cancels[sender.fd] = sender
         self.epoll.register(sender.fd, EPOLLOUT)
-        self.handlers[sender.fd] = lambda mask, c=sender: self._on_cancel(c, mask)
+        self.handlers[sender.fd] = functools.partial(self._on_cancel, sender)
 
     def _on_cancel(self, sender: srv.CancelSender, mask: int) -> None:
         if not sender.sent:

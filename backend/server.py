@@ -10,7 +10,7 @@ from ..shared import auth, protocol
 from ..shared.errors import PgError
 from .scheduler import ServerState
 from .context import REPORTED_SETTABLE
-from .statements import ParseEntry
+from .statements import STATEMENT_ENTRIES, CloseEntry, ParseEntry
 
 # ---------------------------------------------------------------- the protocol, sans I/O
 
@@ -55,12 +55,13 @@ _length = struct.Struct("!I").unpack_from
 Z, PS, ERR, CC = (protocol.READY_FOR_QUERY, protocol.PARAMETER_STATUS, protocol.ERROR_RESPONSE,
                   protocol.COMMAND_COMPLETE)
 NOTICE, NOTIFICATION = protocol.NOTICE_RESPONSE, protocol.NOTIFICATION_RESPONSE
-PARSE_COMPLETE, DATA_ROW, ROW_DESCRIPTION = ord("1"), ord("D"), ord("T")
+PARSE_COMPLETE, CLOSE_COMPLETE, DATA_ROW, ROW_DESCRIPTION = ord("1"), ord("3"), ord("D"), ord("T")
+FUNCTION_CALL_RESPONSE = ord("V")
 COPY_IN, COPY_BOTH, COPY_DATA = protocol.COPY_IN_RESPONSE, protocol.COPY_BOTH_RESPONSE, ord("d")
 # Server messages the owner's stream is watched for; everything else passes untouched.
-NOTED = frozenset({Z, PS, ERR, CC, NOTICE, COPY_IN, COPY_BOTH, PARSE_COMPLETE})
+NOTED = frozenset({Z, PS, ERR, CC, NOTICE, COPY_IN, COPY_BOTH, PARSE_COMPLETE, CLOSE_COMPLETE})
 # Messages that may be large and are passed on as they arrive.
-STREAMED = frozenset({DATA_ROW, COPY_DATA, ROW_DESCRIPTION})
+STREAMED = frozenset({DATA_ROW, COPY_DATA, ROW_DESCRIPTION, FUNCTION_CALL_RESPONSE})
 # Longest message a server may send that is kept whole (errors, notices, tags).
 MAX_KEPT_MESSAGE = 1 << 26
 
@@ -209,9 +210,8 @@ class ServerProtocol:
                 pos = end   # rows, descriptions, notifications: only forwarded
                 continue
             if msg_type == Z:
-                while head.__class__ is ParseEntry:   # Parses an error skipped
-                    pending.popleft().failed()
-                    head = pending[0] if pending else None
+                if head.__class__ in STATEMENT_ENTRIES:   # what an error skipped
+                    head = self._skipped()
                 if pending:
                     pending.popleft()
                 if self.error_names:
@@ -247,10 +247,13 @@ class ServerProtocol:
                             pieces.append(data[start:pos])
                         start = end
                     head = pending[0] if pending else None
-            elif msg_type == ERR:
-                while head.__class__ is ParseEntry:   # failed, or skipped until the Sync
-                    pending.popleft().failed()
+            elif msg_type == CLOSE_COMPLETE:
+                if head.__class__ is CloseEntry:
+                    pending.popleft().completed()
                     head = pending[0] if pending else None
+            elif msg_type == ERR:
+                if head.__class__ in STATEMENT_ENTRIES:   # failed, or skipped until the Sync
+                    head = self._skipped()
                 if self.error_names:
                     if pieces is None:
                         pieces = []
@@ -272,6 +275,16 @@ class ServerProtocol:
             return (data if start == 0 and pos == n else data[start:pos]), event
         pieces.append(data[start:pos])
         return b"".join(pieces), event
+
+    def _skipped(self):
+        """Parses and Closes an error failed or made the server skip: undone, the latest first."""
+        pending = self.pending
+        undone = []
+        while pending and pending[0].__class__ in STATEMENT_ENTRIES:
+            undone.append(pending.popleft())
+        for entry in reversed(undone):
+            entry.failed()
+        return pending[0] if pending else None
 
     def _command_tag(self, tag: bytes) -> None:
         """What a CommandComplete says about the owner's session state."""

@@ -81,13 +81,53 @@ class ParseEntry:
         if client is None:
             return
         if self.client_name is None:
-            if client.unnamed is statement:
-                client.unnamed = None
             if self.server.unnamed is statement:
                 self.server.unnamed = None
+            # The pooler's own Parse of it again failed or was skipped: the
+            # session's statement is as it was.  The session's own Parse: it
+            # is gone (a failed Parse leaves no unnamed statement; one an
+            # earlier error skipped would leave the one before, which the
+            # pooler does not run again rather than risk running it twice).
+            if not self.hidden and client.unnamed is statement:
+                client.unnamed = None
         elif client.statements.get(self.client_name) is statement:
             del client.statements[self.client_name]
             client.registry.release(statement)
+
+
+class CloseEntry:
+    """A Close sent to the server whose CloseComplete has not arrived yet."""
+
+    __slots__ = ("server", "statement", "client", "client_name")
+    hidden = False
+
+    def __init__(self, server, statement: Statement | None = None, client=None,
+                 client_name: bytes | None = None):
+        self.server = server
+        self.statement = statement        # what the client's name stood for (None: nothing)
+        self.client = client
+        self.client_name = client_name    # None for the unnamed statement
+
+    def completed(self) -> None:
+        if self.client_name is not None and self.statement is not None:
+            self.client.registry.release(self.statement)
+
+    def failed(self) -> None:
+        """An error made the server skip the Close: the client's name stands as before."""
+        statement, client = self.statement, self.client
+        if statement is None:
+            return
+        if self.client_name is None:
+            if client.unnamed is None:
+                client.unnamed = statement
+        elif self.client_name not in client.statements:
+            client.statements[self.client_name] = statement
+        else:
+            client.registry.release(statement)
+
+
+# What the server answers with ParseComplete or CloseComplete, or skips after an error.
+STATEMENT_ENTRIES = (ParseEntry, CloseEntry)
 
 
 class StatementRegistry:
