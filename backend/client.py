@@ -161,12 +161,7 @@ class ClientProtocol:
             data = bytes(self.buf)
             self.buf = bytearray()
             self.need = 5
-        out, outcome = self._frame(data, server)
-        if head:
-            out = head + out
-        return out, outcome
-
-    def _frame(self, data: bytes, server):
+        # Framing, inline: this runs for every message a client sends.
         pending = server.pending
         n = len(data)
         pos = 0
@@ -277,9 +272,13 @@ class ClientProtocol:
                 if data[pos] == B:   # its header is enough to start streaming it
                     self.need = min(self.need, 5 + BIND_HEADER_LIMIT)
         if pieces is None:
-            return (data if pos == n and emit == 0 else data[emit:pos]), outcome
-        pieces.append(data[emit:pos])
-        return b"".join(pieces), outcome
+            out = data if pos == n and emit == 0 else data[emit:pos]
+        else:
+            pieces.append(data[emit:pos])
+            out = b"".join(pieces)
+        if head:
+            out = head + out
+        return out, outcome
 
     def _stream(self, end: int, n: int) -> int:
         """The message ending at end has arrived up to n: send that much, the rest as it comes."""

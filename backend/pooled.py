@@ -17,7 +17,7 @@ of outstanding replies: their replies never reach a client, but a
 notification that arrives among them does.
 
 Every byte a client sends passes through _forward and every byte the server
-sends through _server_input: keep them lean.
+sends through _on_server: keep them lean.
 """
 
 import functools
@@ -449,7 +449,13 @@ class PooledBackend:
                     return
                 if len(data) == RECV_SIZE:
                     self.trim_memory = True
-                self._server_input(server, data)
+                out, event = server.receive(data)
+                if out:
+                    target = server.owner or server.pinned
+                    if target is not None and not target.gone:
+                        self._client_send(target, out)
+                if event is not None:
+                    self._server_events(server, event)
             return
         try:
             if state is ServerState.CONNECTING:
@@ -486,13 +492,16 @@ class PooledBackend:
 
     def _server_input(self, server: srv.ServerConnection, data: bytes) -> None:
         out, event = server.receive(data)
+        if out:
+            target = server.owner or server.pinned
+            if target is not None and not target.gone:
+                self._client_send(target, out)
+        if event is not None:
+            self._server_events(server, event)
+
+    def _server_events(self, server: srv.ServerConnection, event) -> None:
+        """Act on what the server's replies decided; input after an event waits in its inbuf."""
         while True:
-            if out:
-                target = server.owner or server.pinned
-                if target is not None and not target.gone:
-                    self._client_send(target, out)
-            if event is None:
-                return
             if event is BOUNDARY:
                 self._boundary(server)
             elif event is BROKEN:
@@ -504,6 +513,12 @@ class PooledBackend:
             if server.state is ServerState.CLOSED or not server.inbuf:
                 return
             out, event = server.receive(b"")
+            if out:
+                target = server.owner or server.pinned
+                if target is not None and not target.gone:
+                    self._client_send(target, out)
+            if event is None:
+                return
 
     def _server_failed(self, server: srv.ServerConnection | None, error: PgError) -> None:
         """The server refused us or could not be reached: every waiting session hears why."""
@@ -740,7 +755,11 @@ class PooledBackend:
         """The transaction is over: the server connection goes to the next waiting session."""
         session = self.scheduler.release(server)
         self.counters[status.TRANSACTIONS] += 1
-        if session is not None and session.state is IDLE:
+        stream = server.stream
+        if not stream.mask & EPOLLIN:
+            # The server owes nothing now: a pause for that owner's slow client ends with its turn.
+            stream.resume_reading()
+        if session is not None and session.state is IDLE and len(session.proto.buf) >= 5:
             ready = session.proto.ready()
             if ready.__class__ is ProtocolViolation:
                 self._protocol_violation(session, ready.text)
@@ -750,7 +769,7 @@ class PooledBackend:
                     return
                 # The client already sent its next transaction: it waits its turn.
                 self.scheduler.wait(session)
-        if server.pinned is None and server.state is SERVER_IDLE:
+        if self.scheduler.queue and server.pinned is None and server.state is SERVER_IDLE:
             self._next_session(server)
 
     def _next_session(self, server: srv.ServerConnection) -> None:

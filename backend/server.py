@@ -141,140 +141,144 @@ class ServerProtocol:
         return not self.pending and not self.unsynced and self.status == TransactionStatus.IDLE
 
     def receive(self, data: bytes):
-        head = b""
+        first = b""
         if self.passthrough:
             k = self.passthrough if self.passthrough < len(data) else len(data)
             self.passthrough -= k
             if k == len(data):
                 return data, None
-            head = data[:k]
+            first = data[:k]
             data = data[k:]
         if self.inbuf:
             self.inbuf += data
             if len(self.inbuf) < self.need:
-                return head, None
+                return first, None
             data = bytes(self.inbuf)
             self.inbuf = bytearray()
+        # Inline: this runs for every message the server sends.
         try:
-            out, event = self._process(data)
-        except (ValueError, IndexError, struct.error):
-            return head, BROKEN
-        return (head + out if head else out), event
-
-    def _process(self, data: bytes):
-        pending = self.pending
-        n = len(data)
-        pos = start = 0        # data[start:pos] is to be forwarded
-        pieces = None
-        event = None
-        head = pending[0] if pending else None
-        while n - pos >= 5:
-            msg_type = data[pos]
-            length = _length(data, pos + 1)[0]
-            if length < 4:
-                return b"", BROKEN
-            end = pos + 1 + length
-            if head.__class__ is HiddenQuery:
-                if end > n:
-                    if length > MAX_KEPT_MESSAGE:
-                        return b"", BROKEN
-                    break
-                # A reply to the pooler's own query: forward what came before, keep this.
-                if pos > start:
-                    if pieces is None:
-                        pieces = []
-                    pieces.append(data[start:pos])
-                start = end
-                if msg_type == NOTIFICATION:
-                    start = pos   # the session's, whatever the pooler is doing
-                else:
-                    self._hidden_message(head, msg_type, data, pos + 5, end)
-                if msg_type == Z:
-                    pending.popleft()
-                    self.status = data[pos + 5]
-                    if self.status not in _STATUSES:
-                        return b"", BROKEN
-                    pos = end
-                    event = head
-                    break
-                pos = end
-                continue
-            if end > n:
-                if msg_type in STREAMED:
-                    self.passthrough = end - n
-                    pos = n
-                elif length > MAX_KEPT_MESSAGE:
+            pending = self.pending
+            n = len(data)
+            pos = start = 0        # data[start:pos] is to be forwarded
+            pieces = None
+            event = None
+            head = pending[0] if pending else None
+            hidden = head.__class__ is HiddenQuery
+            while n - pos >= 5:
+                msg_type = data[pos]
+                length = _length(data, pos + 1)[0]
+                if length < 4:
                     return b"", BROKEN
-                break
-            if msg_type not in NOTED:
-                pos = end   # rows, descriptions, notifications: only forwarded
-                continue
-            if msg_type == Z:
-                if head.__class__ in STATEMENT_ENTRIES:   # what an error skipped
-                    head = self._skipped()
-                if pending:
-                    pending.popleft()
-                if self.error_names:
-                    self.error_names.clear()
-                self.copy_in = False
-                self.status = data[pos + 5]
-                if self.status not in _STATUSES:
-                    return b"", BROKEN
-                head = pending[0] if pending else None
-                if not pending and not self.unsynced:
-                    if self.notes & NOTE_RESET and self.status != TransactionStatus.FAILED:
-                        # Held until the startup values are back (the caller decides).
-                        if pos > start:
-                            if pieces is None:
-                                pieces = []
-                            pieces.append(data[start:pos])
-                        self.held = data[pos:end]
-                        start = end
-                    pos = end
-                    event = BOUNDARY
-                    break
-            elif msg_type == CC:
-                if data.startswith(_TAG_PREFIXES, pos + 5):
-                    self._command_tag(data[pos + 5:end])
-            elif msg_type == PARSE_COMPLETE:
-                if head.__class__ is ParseEntry:
-                    pending.popleft()
-                    if head.hidden:
-                        # The pooler's own Parse (a statement this connection lacked).
-                        if pos > start:
-                            if pieces is None:
-                                pieces = []
-                            pieces.append(data[start:pos])
-                        start = end
-                    head = pending[0] if pending else None
-            elif msg_type == CLOSE_COMPLETE:
-                if head.__class__ is CloseEntry:
-                    pending.popleft().completed()
-                    head = pending[0] if pending else None
-            elif msg_type == ERR:
-                if head.__class__ in STATEMENT_ENTRIES:   # failed, or skipped until the Sync
-                    head = self._skipped()
-                if self.error_names:
-                    if pieces is None:
-                        pieces = []
-                    pieces.append(data[start:pos])
-                    pieces.append(self._client_error(data[pos + 5:end]))
+                end = pos + 1 + length
+                if hidden:
+                    if end > n:
+                        if length > MAX_KEPT_MESSAGE:
+                            return b"", BROKEN
+                        break
+                    # A reply to the pooler's own query: forward what came before, keep this.
+                    if pos > start:
+                        if pieces is None:
+                            pieces = []
+                        pieces.append(data[start:pos])
                     start = end
-            elif msg_type == PS:
-                self._parameter_status(data, pos + 5, end, True)
-            elif msg_type == NOTICE:
-                if data.find(_PLACEHOLDER_REMOVED, pos + 5, end) >= 0:
-                    self.notes |= NOTE_SETTINGS
-            else:   # CopyInResponse, CopyBothResponse
-                self.copy_in = True
-            pos = end
-        if pos < n:
-            self.inbuf = bytearray(data[pos:])
-            self.need = 5 if n - pos < 5 else 1 + _length(data, pos + 1)[0]
-        if pieces is None:
-            return (data if start == 0 and pos == n else data[start:pos]), event
-        pieces.append(data[start:pos])
-        return b"".join(pieces), event
+                    if msg_type == NOTIFICATION:
+                        start = pos   # the session's, whatever the pooler is doing
+                    else:
+                        self._hidden_message(head, msg_type, data, pos + 5, end)
+                    if msg_type == Z:
+                        pending.popleft()
+                        status = data[pos + 5]
+                        if status not in _STATUSES:
+                            return b"", BROKEN
+                        self.status = status
+                        pos = end
+                        event = head
+                        break
+                    pos = end
+                    continue
+                if end > n:
+                    if msg_type in STREAMED:
+                        self.passthrough = end - n
+                        pos = n
+                    elif length > MAX_KEPT_MESSAGE:
+                        return b"", BROKEN
+                    break
+                if msg_type not in NOTED:
+                    pos = end   # rows, descriptions, notifications: only forwarded
+                    continue
+                if msg_type == Z:
+                    if head.__class__ in STATEMENT_ENTRIES:   # what an error skipped
+                        self._skipped()
+                    if pending:
+                        pending.popleft()
+                    if self.error_names:
+                        self.error_names.clear()
+                    self.copy_in = False
+                    status = data[pos + 5]
+                    if status not in _STATUSES:
+                        return b"", BROKEN
+                    self.status = status
+                    if not pending and not self.unsynced:
+                        if self.notes & NOTE_RESET and self.status != TransactionStatus.FAILED:
+                            # Held until the startup values are back (the caller decides).
+                            if pos > start:
+                                if pieces is None:
+                                    pieces = []
+                                pieces.append(data[start:pos])
+                            self.held = data[pos:end]
+                            start = end
+                        pos = end
+                        event = BOUNDARY
+                        break
+                    head = pending[0] if pending else None
+                    hidden = head.__class__ is HiddenQuery
+                elif msg_type == CC:
+                    if data.startswith(_TAG_PREFIXES, pos + 5):
+                        self._command_tag(data[pos + 5:end])
+                elif msg_type == PARSE_COMPLETE:
+                    if head.__class__ is ParseEntry:
+                        pending.popleft()
+                        if head.hidden:
+                            # The pooler's own Parse (a statement this connection lacked).
+                            if pos > start:
+                                if pieces is None:
+                                    pieces = []
+                                pieces.append(data[start:pos])
+                            start = end
+                        head = pending[0] if pending else None
+                elif msg_type == CLOSE_COMPLETE:
+                    if head.__class__ is CloseEntry:
+                        pending.popleft().completed()
+                        head = pending[0] if pending else None
+                elif msg_type == ERR:
+                    if head.__class__ in STATEMENT_ENTRIES:   # failed, or skipped until the Sync
+                        head = self._skipped()
+                        hidden = head.__class__ is HiddenQuery
+                    if self.error_names:
+                        if pieces is None:
+                            pieces = []
+                        pieces.append(data[start:pos])
+                        pieces.append(self._client_error(data[pos + 5:end]))
+                        start = end
+                elif msg_type == PS:
+                    self._parameter_status(data, pos + 5, end, True)
+                elif msg_type == NOTICE:
+                    if data.find(_PLACEHOLDER_REMOVED, pos + 5, end) >= 0:
+                        self.notes |= NOTE_SETTINGS
+                else:   # CopyInResponse, CopyBothResponse
+                    self.copy_in = True
+                pos = end
+            if pos < n:
+                self.inbuf = bytearray(data[pos:])
+                self.need = 5 if n - pos < 5 else 1 + _length(data, pos + 1)[0]
+            if pieces is None:
+                out = data if start == 0 and pos == n else data[start:pos]
+            else:
+                pieces.append(data[start:pos])
+                out = b"".join(pieces)
+        except (ValueError, IndexError, struct.error):
+            return b"", BROKEN
+        return (first + out if first else out), event
 
     def _skipped(self):
         """Parses and Closes an error failed or made the server skip: undone, the latest first."""

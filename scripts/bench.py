@@ -1150,6 +1150,49 @@ def postgres_tree(cluster: Cluster) -> list[psutil.Process]:
         return []
 
 
+def loop_time_section() -> str:
+    """Event-loop time of one large message in the pooled backend's protocol objects, by size.
+
+    What a message costs the loop that every other session of the backend
+    waits on: a Bind with an N MB parameter fed to ClientProtocol.receive and
+    a DataRow of N MB fed to ServerProtocol.receive, in the 64 kB pieces the
+    backend reads, without sockets (the installed pgforkpool).
+    """
+    from pgforkpool.backend.client import ClientProtocol
+    from pgforkpool.backend.server import ServerProtocol
+    from pgforkpool.backend.statements import StatementRegistry
+    from pgforkpool.backend.stream import RECV_SIZE
+
+    def message(kind: bytes, body: bytes) -> bytes:
+        return kind + (len(body) + 4).to_bytes(4, "big") + body
+
+    def fed(feed, data: bytes) -> float:
+        start = time.perf_counter()
+        for pos in range(0, len(data), RECV_SIZE):
+            feed(data[pos:pos + RECV_SIZE])
+        return time.perf_counter() - start
+
+    rows = ["| message size | client → server (Bind), s | per MB, ms | server → client (DataRow), s | per MB, ms |",
+            "| ---: | ---: | ---: | ---: | ---: |"]
+    for mb in (1, 4, 16, 64):
+        value = b"x" * (mb << 20)
+        bind = message(b"B", b"\0\0" + b"\0\0" + b"\0\1" + len(value).to_bytes(4, "big") + value + b"\0\0")
+        row = message(b"D", b"\0\1" + len(value).to_bytes(4, "big") + value)
+        timings = []
+        for _ in range(3):
+            proto, server = ClientProtocol(StatementRegistry(8)), ServerProtocol()
+            proto.receive(message(b"P", b"\0SELECT $1::bytea\0\0\0") + message(b"S", b""), server)
+            client_s = fed(lambda chunk: proto.receive(chunk, server), bind)
+            server = ServerProtocol()
+            server.pending.append(None)
+            server_s = fed(server.receive, row)
+            timings.append((client_s, server_s))
+        client_s, server_s = (statistics.median(t[i] for t in timings) for i in (0, 1))
+        rows.append(f"| {mb} MB | {client_s:.4f} | {client_s * 1000 / mb:.3f} | {server_s:.4f} "
+                    f"| {server_s * 1000 / mb:.3f} |")
+    return "\n".join(rows)
+
+
 def render(args, started, load, versions, baseline_info, results, interrupted, profile_files, profile_error,
            log_tails, pgbench_log_path) -> str:
     header = [
@@ -1204,7 +1247,17 @@ def render(args, started, load, versions, baseline_info, results, interrupted, p
         notes.append(f"Failures of {' and '.join(others)} are reported but do not make scripts/bench exit "
                      "non-zero; those of direct and of pgforkpool do.")
     body = ["", results_table(args.cases, results, args.targets, args.baseline_target), "",
-            *(line for note in notes for line in (note, "")),
+            *(line for note in notes for line in (note, ""))]
+    if any(case.workload.bytea_sizes for case, _target in results):
+        try:
+            body += ["## Event-loop time of one large message (pgforkpool's protocol objects, no sockets)", "",
+                     loop_time_section(), "",
+                     "Linear growth is a constant time per MB: what one large message costs every other "
+                     "session of its backend, which waits for the loop.", ""]
+        except ImportError as exc:
+            body += [f"(event-loop time not measured: {exc})", ""]
+    body += [
+            "## Every run (tps, or bytea round trips; ✗ = failed, not counted)", "",
             "## Every run (tps, or bytea round trips; ✗ = failed, not counted)", "",
             runs_table(args.cases, results, args.rounds, args.targets)]
     failures = failures_section(args.cases, results, args.targets)
