@@ -115,18 +115,18 @@ class ClientProtocol:
         or more than fits the waiting buffer), False to wait for more, or a
         ProtocolViolation if the first message's header is already wrong.
         """
-        self.buf += data
-        return self.ready()
-
-    def ready(self):
-        """Whether what is buffered is worth a server connection (see buffer)."""
         buf = self.buf
+        buf += data
         if len(buf) < 5:
             return False
         length = _length(buf, 1)[0]
         if not 4 <= length <= LIMITS[buf[0]]:
             return ProtocolViolation(_bad_header(buf[0], length))
         return len(buf) > length or len(buf) >= WAITING_INPUT_LIMIT
+
+    def ready(self):
+        """Whether what is buffered is worth a server connection (see buffer)."""
+        return self.buffer(b"")
 
     def take_flags(self) -> tuple[int, list]:
         """The state flags and settings texts earned since the last boundary, cleared."""
@@ -216,8 +216,10 @@ class ClientProtocol:
                     self.last_text = data
                     # A simple Query destroys the unnamed statement.
                     self.unnamed = server.unnamed = None
-                    if may_touch is None:
-                        may_touch = may_touch_state(data)
+                    if may_touch is None:   # may_touch_state(data), inline
+                        lowered = data.translate(_LOWER)
+                        may_touch = (b"set_config" in lowered or b"temp" in lowered
+                                     or b"advisory" in lowered)
                     if may_touch:
                         self._flag_text(data[pos + 5:end])
             elif msg_type == S:

@@ -232,13 +232,15 @@ class PooledBackend:
     def _on_client(self, session: Session, mask: int) -> None:
         if mask & EPOLLOUT:
             self._client_writable(session)
-        if mask & READABLE and session.state is not CLOSED:
-            self._client_readable(session)
-
-    def _client_readable(self, session: Session) -> None:
-        data = session.stream.recv()
-        if data is None:
+            if not mask & READABLE or session.state is CLOSED:
+                return
+        # Readable.  (Stream.recv, inline: this runs for every message a client sends.)
+        try:
+            data = session.stream.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
             return
+        except OSError:
+            data = b""
         if not data:
             self._client_gone(session)
             return
@@ -441,9 +443,13 @@ class PooledBackend:
                 if server.state is ServerState.CLOSED:
                     return
             if mask & READABLE:
-                data = server.stream.recv()
-                if data is None:
+                # (Stream.recv, inline: this runs for every reply.)
+                try:
+                    data = server.sock.recv(RECV_SIZE)
+                except (BlockingIOError, InterruptedError):
                     return
+                except OSError:
+                    data = b""
                 if not data:
                     self._server_lost(server)
                     return
@@ -454,7 +460,9 @@ class PooledBackend:
                     target = server.owner or server.pinned
                     if target is not None and not target.gone:
                         self._client_send(target, out)
-                if event is not None:
+                if event is BOUNDARY and not server.inbuf:
+                    self._boundary(server)
+                elif event is not None:
                     self._server_events(server, event)
             return
         try:
@@ -770,7 +778,9 @@ class PooledBackend:
                 # The client already sent its next transaction: it waits its turn.
                 self.scheduler.wait(session)
         if self.scheduler.queue and server.pinned is None and server.state is SERVER_IDLE:
-            self._next_session(server)
+            session = self.scheduler.next_waiting()
+            if session is not None:
+                self._activate(server, session)
 
     def _next_session(self, server: srv.ServerConnection) -> None:
         session = self.scheduler.next_waiting()
