@@ -24,8 +24,8 @@ import re
 import struct
 
 from ..shared import protocol
-from .statements import (MISSING, CloseEntry, ParseEntry, ProtocolViolation, Statement, bind_header_end,
-                         parse_key, parse_message, with_statement_name)
+from .statements import (MISSING, CloseEntry, ParseEntry, ProtocolViolation, Statement, parse_key,
+                         parse_message, with_statement_name)
 
 _length = struct.Struct("!I").unpack_from
 _header = struct.Struct("!cI").pack
@@ -193,10 +193,12 @@ class ClientProtocol:
                     pos = self._stream(end, n)
                 elif msg_type == B:
                     # A large Bind: its statement name renamed in its header, the rest streamed.
-                    name_end = bind_header_end(data, pos + 5, min(n, pos + 5 + BIND_HEADER_LIMIT))
+                    limit = min(n, pos + 5 + BIND_HEADER_LIMIT)
+                    portal_end = data.find(b"\0", pos + 5, limit)
+                    name_end = data.find(b"\0", portal_end + 1, limit) if portal_end >= 0 else -1
                     if name_end >= 0:
                         server.unsynced = True
-                        replaced = self._bind(server, data, pos, name_end, length)
+                        replaced = self._bind(server, data, pos, portal_end + 1, name_end, length)
                         if replaced is not None:
                             if pieces is None:
                                 pieces = []
@@ -237,11 +239,13 @@ class ClientProtocol:
                         may_touch = may_touch_state(data)
                     replaced = self._parse(server, data, pos, end, may_touch)
                 elif msg_type == B:
-                    resume = bind_header_end(data, pos + 5, end) + 1
+                    portal_end = data.find(b"\0", pos + 5, end)
+                    resume = data.find(b"\0", portal_end + 1, end) + 1 if portal_end >= 0 else 0
                     replaced = (ProtocolViolation("invalid Bind message") if not resume
-                                else self._bind(server, data, pos, resume - 1, length))
-                elif msg_type == E:
-                    replaced = None
+                                else self._bind(server, data, pos, portal_end + 1, resume - 1, length))
+                elif msg_type == E or (msg_type == D and length > 5 and data[pos + 5] == _PORTAL
+                                       and data[end - 1] == 0):
+                    replaced = None   # Execute, Describe of a portal: nothing to rename
                 else:
                     replaced = self._describe_or_close(server, msg_type, data, pos, end)
                 if replaced is not None:
@@ -361,9 +365,8 @@ class ClientProtocol:
         server.pending.append(ParseEntry(True, server, statement, self, None))
         return parse_message(b"", statement.key)
 
-    def _bind(self, server, data, pos: int, name_end: int, length: int):
+    def _bind(self, server, data, pos: int, name_start: int, name_end: int, length: int):
         """The start of a Bind up to its statement name, renamed (None: as it is)."""
-        name_start = data.index(b"\0", pos + 5, name_end + 1) + 1
         name = data[name_start:name_end]
         if not name:
             statement = self.unnamed

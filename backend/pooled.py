@@ -45,7 +45,8 @@ logger = log.get("backend")
 
 IDLE, ACTIVE, WAITING, CLOSED = (SessionState.IDLE, SessionState.ACTIVE, SessionState.WAITING,
                                  SessionState.CLOSED)
-SERVER_IDLE = ServerState.IDLE
+SERVER_IDLE, CONNECTING, LOGIN, SERVER_CLOSED = (ServerState.IDLE, ServerState.CONNECTING,
+                                                 ServerState.LOGIN, ServerState.CLOSED)
 TX_IDLE = int(TransactionStatus.IDLE)
 
 _length = struct.Struct("!I").unpack_from
@@ -437,10 +438,10 @@ class PooledBackend:
 
     def _on_server(self, server: srv.ServerConnection, mask: int) -> None:
         state = server.state
-        if state is not ServerState.CONNECTING and state is not ServerState.LOGIN:
+        if state is not CONNECTING and state is not LOGIN:
             if mask & EPOLLOUT:
                 self._server_writable(server)
-                if server.state is ServerState.CLOSED:
+                if server.state is SERVER_CLOSED:
                     return
             if mask & READABLE:
                 # (Stream.recv, inline: this runs for every reply.)
@@ -459,7 +460,10 @@ class PooledBackend:
                 if out:
                     target = server.owner or server.pinned
                     if target is not None and not target.gone:
-                        self._client_send(target, out)
+                        stream = target.stream   # _client_send, inline
+                        stream.send(out)
+                        if stream.outbuf and len(stream.outbuf) > HIGH_WATER:
+                            server.stream.pause_reading()   # until the client has read some
                 if event is BOUNDARY and not server.inbuf:
                     self._boundary(server)
                 elif event is not None:
@@ -518,7 +522,7 @@ class PooledBackend:
                 self._server_lost(server)
             else:
                 self._hidden_done(server, event)
-            if server.state is ServerState.CLOSED or not server.inbuf:
+            if server.state is SERVER_CLOSED or not server.inbuf:
                 return
             out, event = server.receive(b"")
             if out:

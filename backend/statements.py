@@ -171,14 +171,6 @@ def with_statement_name(msg_type: int, before: bytes, name: bytes, after) -> byt
     return _header.pack(bytes((msg_type,)), payload_len + 4) + before + name + b"\0" + after
 
 
-def bind_header_end(data, body: int, limit: int) -> int:
-    """Where the statement name of a Bind body at `body` ends (its NUL), or -1 if not within limit."""
-    portal_end = data.find(b"\0", body, limit)
-    if portal_end < 0:
-        return -1
-    return data.find(b"\0", portal_end + 1, limit)
-
-
 def parse_key(data, body: int, end: int):
     """(name, key) of a Parse body data[body:end], or a ProtocolViolation if it is malformed."""
     name_end = data.find(b"\0", body, end)
