@@ -383,8 +383,13 @@ class ClientProtocol:
             return self._renamed(B, data, pos, name_start, name_end, length, MISSING, b"")
         if held.flags:
             self._flag_bind(held)
-        return self._renamed(B, data, pos, name_start, name_end, length, held.name,
-                             self.ensure_prepared(server, held))
+        new_name = held.name
+        # _renamed, inline: a prepared statement's Bind is most of -M prepared traffic.
+        header = _header(b"B", length - (name_end - name_start) + len(new_name))
+        if new_name in server.prepared:
+            return b"".join((header, data[pos + 5:name_start], new_name, b"\0"))
+        return b"".join((self.ensure_prepared(server, held), header, data[pos + 5:name_start],
+                         new_name, b"\0"))
 
     def _flag_bind(self, statement: Statement) -> None:
         self.flags |= statement.flags
