@@ -56,6 +56,11 @@ _STATEMENT, _PORTAL = ord("S"), ord("P")
 # A Bind's portal and statement names are looked for within this many bytes
 # of a message that has not arrived whole.
 BIND_HEADER_LIMIT = 1 << 16
+# Input a waiting session may buffer before its socket is not read any more.
+WAITING_INPUT_LIMIT = 1 << 16
+# The most filler sent to complete the message of a client that vanished in
+# the middle of it; beyond this its server connection is closed instead.
+ABANDON_FILL_LIMIT = 1 << 20
 
 TERMINATE = "terminate"
 
@@ -479,14 +484,8 @@ def _bad_header(msg_type: int, length: int) -> str:
         return f"invalid frontend message type {msg_type}"
     return f"invalid message length {length}"
 
-
-# The most filler sent to complete the message of a client that vanished in
-# the middle of it; beyond this its server connection is closed instead.
-ABANDON_FILL_LIMIT = 1 << 20
 # PostgreSQL allows a simple Query between unsynced extended-query messages;
 # the replies it then skips after an error cannot be told apart without
 # following every message, so the pooler refuses it (no driver sends it:
 # libpq's pipeline mode forbids it).
 MIXED_PIPELINE = "simple Query or FunctionCall inside an unsynced extended-query pipeline"
-# Input a waiting session may buffer before its socket is not read any more.
-WAITING_INPUT_LIMIT = 1 << 16

@@ -302,16 +302,13 @@ class PooledBackend:
             if pinned.state is SERVER_IDLE:
                 self._activate(pinned, session)
             else:
-                session.state = WAITING   # goes on when its connection is free (_cancel_done)
+                self.scheduler.wait_own(session)   # goes on when its connection is free (_cancel_done)
             return
         server = self.server
         if server is not None and server.state is SERVER_IDLE and not self.scheduler.queue:
             self._activate(server, session)
             return
-        if session.state is not SessionState.STARTING:
-            self.scheduler.wait(session)
-        else:
-            self.scheduler.queue.append(session)
+        self.scheduler.wait(session)
         if server is None:
             self._connect()
 
@@ -498,18 +495,19 @@ class PooledBackend:
             server.stream.send(reply)
         if server.state is SERVER_IDLE:
             logger.debug("server connection ready (server pid %d)", server.pid)
-            if server.inbuf:
-                self._server_input(server, b"")
+            if server.inbuf:   # whatever followed the login's ReadyForQuery
+                out, event = server.receive(b"")
+                if out:
+                    self._pass_on(server, out)
+                if event is not None:
+                    self._server_events(server, event)
             self._next_session(server)
 
-    def _server_input(self, server: srv.ServerConnection, data: bytes) -> None:
-        out, event = server.receive(data)
-        if out:
-            target = server.owner or server.pinned
-            if target is not None and not target.gone:
-                self._client_send(target, out)
-        if event is not None:
-            self._server_events(server, event)
+    def _pass_on(self, server: srv.ServerConnection, out: bytes) -> None:
+        """Replies for the session that receives this connection's output (_on_server has it inline)."""
+        target = server.owner or server.pinned
+        if target is not None and not target.gone:
+            self._client_send(target, out)
 
     def _server_events(self, server: srv.ServerConnection, event) -> None:
         """Act on what the server's replies decided; input after an event waits in its inbuf."""
@@ -526,9 +524,7 @@ class PooledBackend:
                 return
             out, event = server.receive(b"")
             if out:
-                target = server.owner or server.pinned
-                if target is not None and not target.gone:
-                    self._client_send(target, out)
+                self._pass_on(server, out)
             if event is None:
                 return
 
@@ -725,7 +721,7 @@ class PooledBackend:
         self.greetings[raw_key] = params
         self.greetings[frozenset(settings.items())] = params
         self._greet(session, params)
-        session.state = ACTIVE
+        self.scheduler.restored(session)
         self._forward_buffered(server, session)
 
     # ================================================================ scheduling
@@ -743,7 +739,7 @@ class PooledBackend:
             return
         if not session.greeted:
             self._greet(session, dict(server.params))
-            session.state = ACTIVE
+            self.scheduler.restored(session)
         self._forward_buffered(server, session)
 
     def _deallocate_evicted(self, server: srv.ServerConnection) -> None:

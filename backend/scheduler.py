@@ -72,13 +72,11 @@ class Scheduler:
     def waiting(self) -> int:
         return len(self.queue)
 
-    def wait(self, session, front: bool = False) -> None:
-        """The session has input to run and no connection: it queues."""
-        session.state = SessionState.WAITING
-        if front:
-            self.queue.appendleft(session)
-        else:
-            self.queue.append(session)
+    def wait(self, session) -> None:
+        """The session has input to run, or is yet to be greeted, and no connection: it queues."""
+        if session.state is not SessionState.STARTING:
+            session.state = SessionState.WAITING
+        self.queue.append(session)
 
     def next_waiting(self):
         """The first session still waiting, taken from the queue (None if there is none)."""
@@ -104,7 +102,13 @@ class Scheduler:
         session.state = SessionState.RESTORING if restoring else SessionState.ACTIVE
 
     @staticmethod
+    def wait_own(session) -> None:
+        """A pinned session with input waits for its own connection (a cancel is in flight there)."""
+        session.state = SessionState.WAITING
+
+    @staticmethod
     def restored(session) -> None:
+        """Its context is on the server (and it is greeted): its input goes on."""
         session.state = SessionState.ACTIVE
 
     @staticmethod

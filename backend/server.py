@@ -97,7 +97,7 @@ class ServerProtocol:
 
     __slots__ = ("state", "owner", "pinned", "pending", "unsynced", "status", "copy_in",
                  "prepared", "unnamed", "error_names", "params", "context", "reported", "notes",
-                 "xacts", "held", "inbuf", "need", "passthrough", "cancels", "sock", "fd", "mask",
+                 "xacts", "held", "inbuf", "need", "passthrough", "cancels", "sock", "fd",
                  "pid", "key", "deadline", "stream", "_reader", "_auth", "_startup", "__weakref__")
 
     def __init__(self) -> None:
@@ -126,7 +126,6 @@ class ServerProtocol:
         self.sock = None
         self.stream = None
         self.fd = -1
-        self.mask = 0
         self.pid = 0
         self.key = 0
 
@@ -135,10 +134,6 @@ class ServerProtocol:
         self.pending.append(HiddenQuery(kind, session))
         self.unnamed = None
         return protocol.query(sql)
-
-    def idle(self) -> bool:
-        """Nothing is owed and no transaction is open."""
-        return not self.pending and not self.unsynced and self.status == TransactionStatus.IDLE
 
     def receive(self, data: bytes):
         first = b""

@@ -87,17 +87,11 @@ class Stream:
         self._set(self.mask & ~EPOLLOUT)
         return True
 
-    def pending(self) -> int:
-        return len(self.outbuf)
-
     def pause_reading(self) -> None:
         self._set(self.mask & ~EPOLLIN)
 
     def resume_reading(self) -> None:
         self._set(self.mask | EPOLLIN)
-
-    def reading(self) -> bool:
-        return bool(self.mask & EPOLLIN)
 
     def _set(self, mask: int) -> None:
         if mask != self.mask:

@@ -136,6 +136,8 @@ class RunResult:
     tps: float | None = None
     latency_ms: float | None = None
     failed_transactions: int = 0
+    transactions: int | None = None   # pgbench's "actually processed"
+    cpu_us: float | None = None       # the pooler's CPU (user + system, all its processes) per transaction
     round_trips: dict[int, list[float]] = field(default_factory=dict)   # bytea: seconds of each, by MB
     error: str = ""               # why the run does not count; empty when it does
 
@@ -220,6 +222,18 @@ def process_tree(pid: int) -> list[psutil.Process]:
         return [parent, *parent.children(recursive=True)]
     except psutil.Error:
         return []
+
+
+def cpu_seconds(pid: int) -> dict[int, float]:
+    """User + system CPU seconds of each process of the tree under pid."""
+    seconds = {}
+    for p in process_tree(pid):
+        try:
+            t = p.cpu_times()
+            seconds[p.pid] = t.user + t.system
+        except psutil.Error:
+            pass
+    return seconds
 
 
 def kill_survivors(processes: list[psutil.Process]) -> list[str]:
@@ -419,6 +433,9 @@ def parse_pgbench(output: str) -> RunResult:
     m = re.search(r"^latency average = ([0-9.]+) ms", output, re.MULTILINE)
     if m:
         result.latency_ms = float(m.group(1))
+    m = re.search(r"^number of transactions actually processed: (\d+)", output, re.MULTILINE)
+    if m:
+        result.transactions = int(m.group(1))
     m = re.search(r"^number of failed transactions: (\d+)", output, re.MULTILINE)
     if m:
         result.failed_transactions = int(m.group(1))
@@ -720,6 +737,10 @@ def results_table(cases: list[Case], results: dict, targets: tuple[str, ...], ba
         if case.workload.latency:
             row(case, f"{case.workload.name}: latency average, ms (lower is better) (`-M {case.protocol}`)",
                 attrgetter("latency_ms"), 3)
+    for case in cases:
+        if case.protocol and not case.workload.bytea_during:
+            row(case, f"{case.workload.name}: pooler CPU per transaction, µs (lower is better) "
+                      f"(`-M {case.protocol}`)", attrgetter("cpu_us"), 1)
     for case in cases:
         if case.workload.bytea_sizes:
             sizes = sorted({mb for t in targets for r in results.get((case, t), []) for mb in r.round_trips})
@@ -1060,7 +1081,15 @@ def main(argv: list[str]) -> int:
                 for case in args.cases:
                     for target in args.targets:
                         done += 1
+                        pooler = next((s for s in services if s.name == target), None)
+                        before = cpu_seconds(pooler.proc.pid) if pooler else {}
                         r = run_case(pgbench, case, ports[target], args, pgbench_log)
+                        if pooler and r.transactions:
+                            # Processes that exited during the run are not counted (pooled
+                            # backends live for the whole run).
+                            after = cpu_seconds(pooler.proc.pid)
+                            used = sum(t - before.get(pid, 0.0) for pid, t in after.items())
+                            r.cpu_us = used * 1e6 / r.transactions
                         for service in services:
                             if service.name == target and service.proc.poll() is not None:
                                 r.error = "; ".join(filter(None, (
@@ -1162,9 +1191,7 @@ def loop_time_section() -> str:
     from pgforkpool.backend.server import ServerProtocol
     from pgforkpool.backend.statements import StatementRegistry
     from pgforkpool.backend.stream import RECV_SIZE
-
-    def message(kind: bytes, body: bytes) -> bytes:
-        return kind + (len(body) + 4).to_bytes(4, "big") + body
+    from pgforkpool.shared.protocol import message
 
     def fed(feed, data: bytes) -> float:
         start = time.perf_counter()
@@ -1216,7 +1243,7 @@ def render(args, started, load, versions, baseline_info, results, interrupted, p
         header.append(f"- baseline: {baseline_info}")
     if interrupted:
         header.append(f"- **incomplete run**: {interrupted}")
-    notes = ["Ratios above 1 mean pgforkpool is faster in the tps rows and slower in the latency rows"
+    notes = ["Ratios above 1 mean pgforkpool is faster in the tps rows and slower in the latency and CPU rows"
              + (f" (pgforkpool/baseline: the current pgforkpool over {args.baseline_target})"
                 if args.baseline else "") + "; a ratio is — when either side has no successful run."]
     if any(case.workload.bytea_sizes or case.workload.bytea_during for case, _target in results):

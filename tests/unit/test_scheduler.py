@@ -139,15 +139,6 @@ def test_waiting_sessions_are_served_in_arrival_order():
     assert scheduler.waiting() == 0
 
 
-def test_wait_at_the_front_goes_first():
-    """wait(front=True) puts a session (a failed restore's retry) ahead of the queue."""
-    scheduler = Scheduler()
-    a, b = FakeSession("a"), FakeSession("b")
-    scheduler.wait(a)
-    scheduler.wait(b, front=True)
-    assert scheduler.next_waiting() is b
-
-
 def test_next_waiting_skips_sessions_no_longer_waiting():
     """A queued session that closed or got served meanwhile is skipped; a STARTING one is served."""
     scheduler = Scheduler()

@@ -74,3 +74,16 @@ def test_renamed_messages():
     bind = statements.with_statement_name(ord("B"), b"\0", b"pgforkpool.s1", b"\0\0\0\0\0\0")
     assert bind[0:1] == b"B" and b"\0pgforkpool.s1\0" in bind
     assert int.from_bytes(bind[1:5], "big") == len(bind) - 1
+
+
+def test_context_is_a_serializable_value():
+    """A session's context survives a round trip through plain data (what a migration will move)."""
+    import json
+    ctx = session.Context.from_startup({"user": "app", "database": "app", "application_name": "a",
+                                        "options": "-c myapp.tenant=t1"})
+    ctx.settings["timezone"] = "UTC"
+    ctx.reported["TimeZone"] = "UTC"
+    again = session.Context.from_dict(json.loads(json.dumps(ctx.to_dict())))
+    assert again.to_dict() == ctx.to_dict()
+    assert again.startup == {"application_name": "a", "myapp.tenant": "t1"}
+    assert again.custom_names == {"myapp.tenant"}
