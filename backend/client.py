@@ -160,10 +160,11 @@ class ClientProtocol:
                 return head, None
             data = data[k:]
         if self.buf:
-            self.buf += data
-            if len(self.buf) < self.need:
-                return head, None
-            data = bytes(self.buf)
+            if data:
+                self.buf += data
+                if len(self.buf) < self.need:
+                    return head, None
+            data = bytes(self.buf)   # (from _activate: what waited, whole or not)
             self.buf = bytearray()
             self.need = 5
         # Framing, inline: this runs for every message a client sends.

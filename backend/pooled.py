@@ -45,9 +45,10 @@ logger = log.get("backend")
 
 IDLE, ACTIVE, WAITING, CLOSED = (SessionState.IDLE, SessionState.ACTIVE, SessionState.WAITING,
                                  SessionState.CLOSED)
-SERVER_IDLE, CONNECTING, LOGIN, SERVER_CLOSED = (ServerState.IDLE, ServerState.CONNECTING,
-                                                 ServerState.LOGIN, ServerState.CLOSED)
+SERVER_IDLE, SERVER_ACTIVE, CONNECTING, LOGIN, SERVER_CLOSED = (
+    ServerState.IDLE, ServerState.ACTIVE, ServerState.CONNECTING, ServerState.LOGIN, ServerState.CLOSED)
 TX_IDLE = int(TransactionStatus.IDLE)
+_TRANSACTIONS = status.TRANSACTIONS
 
 _length = struct.Struct("!I").unpack_from
 COPY_FAIL = protocol.message(b"f", protocol.cstring("client disconnected"))
@@ -273,7 +274,11 @@ class PooledBackend:
             session.paused = True
             session.stream.pause_reading()
         if ready and state is IDLE:
-            self._enqueue(session)
+            server = self.server
+            if session.pinned is None and server is not None and server.state is not SERVER_IDLE:
+                self.scheduler.wait(session)   # the connection is busy: _enqueue's last line
+            else:
+                self._enqueue(session)
 
     def _forward(self, session: Session, server: srv.ServerConnection, data: bytes) -> None:
         """Pass what the owner sent to the server."""
@@ -435,7 +440,7 @@ class PooledBackend:
 
     def _on_server(self, server: srv.ServerConnection, mask: int) -> None:
         state = server.state
-        if state is not CONNECTING and state is not LOGIN:
+        if state is SERVER_ACTIVE or (state is not CONNECTING and state is not LOGIN):
             if mask & EPOLLOUT:
                 self._server_writable(server)
                 if server.state is SERVER_CLOSED:
@@ -459,8 +464,9 @@ class PooledBackend:
                     if target is not None and not target.gone:
                         stream = target.stream   # _client_send, inline
                         stream.send(out)
-                        if stream.outbuf and len(stream.outbuf) > HIGH_WATER:
-                            server.stream.pause_reading()   # until the client has read some
+                        if stream.outbuf:
+                            if len(stream.outbuf) > HIGH_WATER:
+                                server.stream.pause_reading()   # until the client has read some
                 if event is BOUNDARY and not server.inbuf:
                     self._boundary(server)
                 elif event is not None:
@@ -740,7 +746,14 @@ class PooledBackend:
         if not session.greeted:
             self._greet(session, dict(server.params))
             self.scheduler.restored(session)
-        self._forward_buffered(server, session)
+        # (_forward_buffered, inline: every queued transaction starts here.)
+        if session.paused:
+            session.paused = False
+            session.stream.resume_reading()
+        if session.proto.buf:
+            self._forward(session, server, b"")
+        elif not server.pending and not server.unsynced and server.owner is session:
+            self._boundary(server)
 
     def _deallocate_evicted(self, server: srv.ServerConnection) -> None:
         names = [name for name in self.registry.evicted if name in server.prepared]
@@ -762,12 +775,13 @@ class PooledBackend:
     def _release(self, server: srv.ServerConnection) -> None:
         """The transaction is over: the server connection goes to the next waiting session."""
         session = self.scheduler.release(server)
-        self.counters[status.TRANSACTIONS] += 1
+        self.counters[_TRANSACTIONS] += 1
         stream = server.stream
         if not stream.mask & EPOLLIN:
             # The server owes nothing now: a pause for that owner's slow client ends with its turn.
             stream.resume_reading()
-        if session is not None and session.state is IDLE and len(session.proto.buf) >= 5:
+        if (session is not None and session.proto.buf and session.state is IDLE
+                and len(session.proto.buf) >= 5):
             ready = session.proto.ready()
             if ready.__class__ is ProtocolViolation:
                 self._protocol_violation(session, ready.text)
@@ -777,8 +791,9 @@ class PooledBackend:
                     return
                 # The client already sent its next transaction: it waits its turn.
                 self.scheduler.wait(session)
-        if self.scheduler.queue and server.pinned is None and server.state is SERVER_IDLE:
-            session = self.scheduler.next_waiting()
+        scheduler = self.scheduler
+        if scheduler.queue and server.pinned is None and server.state is SERVER_IDLE:
+            session = scheduler.next_waiting()
             if session is not None:
                 self._activate(server, session)
 

@@ -30,6 +30,12 @@ class ServerState(enum.Enum):
     CLOSED = "closed"
 
 
+# Bound to module names: the methods below run for every transaction.
+_STARTING, _IDLE, _WAITING, _ACTIVE = (SessionState.STARTING, SessionState.IDLE,
+                                       SessionState.WAITING, SessionState.ACTIVE)
+_SERVER_IDLE, _SERVER_ACTIVE, _CANCEL_WAIT = ServerState.IDLE, ServerState.ACTIVE, ServerState.CANCEL_WAIT
+
+
 class Decision(enum.Enum):
     """What to do when every reply the owner awaited has come."""
     ROLLBACK = "rollback"       # the owner vanished inside a transaction
@@ -74,8 +80,8 @@ class Scheduler:
 
     def wait(self, session) -> None:
         """The session has input to run, or is yet to be greeted, and no connection: it queues."""
-        if session.state is not SessionState.STARTING:
-            session.state = SessionState.WAITING
+        if session.state is not _STARTING:
+            session.state = _WAITING
         self.queue.append(session)
 
     def next_waiting(self):
@@ -83,12 +89,12 @@ class Scheduler:
         queue = self.queue
         while queue:
             session = queue.popleft()
-            if session.state is SessionState.WAITING or session.state is SessionState.STARTING:
+            if session.state is _WAITING or session.state is _STARTING:
                 return session
         return None
 
     def forget(self, session) -> None:
-        if session.state is SessionState.WAITING or session.state is SessionState.STARTING:
+        if session.state is _WAITING or session.state is _STARTING:
             try:
                 self.queue.remove(session)
             except ValueError:
@@ -97,19 +103,19 @@ class Scheduler:
     @staticmethod
     def assign(server, session, restoring: bool = False) -> None:
         server.owner = session
-        server.state = ServerState.ACTIVE
+        server.state = _SERVER_ACTIVE
         server.reported = session.context.reported
-        session.state = SessionState.RESTORING if restoring else SessionState.ACTIVE
+        session.state = SessionState.RESTORING if restoring else _ACTIVE
 
     @staticmethod
     def wait_own(session) -> None:
         """A pinned session with input waits for its own connection (a cancel is in flight there)."""
-        session.state = SessionState.WAITING
+        session.state = _WAITING
 
     @staticmethod
     def restored(session) -> None:
         """Its context is on the server (and it is greeted): its input goes on."""
-        session.state = SessionState.ACTIVE
+        session.state = _ACTIVE
 
     @staticmethod
     def release(server):
@@ -117,20 +123,20 @@ class Scheduler:
         session = server.owner
         server.owner = None
         server.reported = server.pinned.context.reported if server.pinned is not None else None
-        server.state = ServerState.CANCEL_WAIT if server.cancels else ServerState.IDLE
-        if session is not None and session.state is SessionState.ACTIVE:
-            session.state = SessionState.IDLE
+        server.state = _CANCEL_WAIT if server.cancels else _SERVER_IDLE
+        if session is not None and session.state is _ACTIVE:
+            session.state = _IDLE
         return session
 
     @staticmethod
     def ready(server) -> None:
         """Logged in, or every cancel request for it was taken: it may serve."""
-        server.state = ServerState.IDLE
+        server.state = _SERVER_IDLE
 
     @staticmethod
     def greeted(session) -> None:
-        if session.state is SessionState.STARTING:
-            session.state = SessionState.IDLE
+        if session.state is _STARTING:
+            session.state = _IDLE
 
     @staticmethod
     def pin(server, session) -> None:
@@ -144,8 +150,8 @@ class Scheduler:
         server.pinned = None
         server.owner = None
         server.reported = None
-        if session.state is SessionState.ACTIVE:
-            session.state = SessionState.IDLE
+        if session.state is _ACTIVE:
+            session.state = _IDLE
         return server
 
     def close(self, session) -> None:
