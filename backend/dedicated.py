@@ -32,6 +32,12 @@ class DedicatedBackend:
         self.key = int.from_bytes(os.urandom(4), "big") & 0x7FFFFFFF or 1
         self.epoll = select.epoll()
         startup = dict(startup)
+        self.startup = startup
+        self.connected = time.time()
+        try:
+            self.address = "%s:%s" % self.client_sock.getpeername()[:2]
+        except (OSError, TypeError):
+            self.address = ""
         self.server_conn = srv.ServerConnection(settings, startup, secret)
         self.greeting = bytearray()
 
@@ -158,6 +164,33 @@ class DedicatedBackend:
                         sock.sendall(self.server_conn.cancel_packet())
                 except OSError as exc:
                     logger.warning("could not send cancel request: %s", exc)
+            elif msg[0] == "ask":
+                _, token, what, argument = msg[:4]
+                rows: list = []
+                if what == "report":
+                    host, _, port = self.address.rpartition(":")
+                    rows = [{"id": self.conn_id, "address": host or "unix",
+                             "port": int(port) if port.isdigit() else None,
+                             "database": self.startup["database"], "user": self.startup["user"],
+                             "application_name": self.startup.get("application_name", ""),
+                             "backend_pid": os.getpid(), "state": "dedicated",
+                             "connected": self.connected, "since": self.connected, "wait": 0.0,
+                             "pinned": False},
+                            {"session": False, "backend_pid": os.getpid(),
+                             "server_pids": [self.server_conn.pid], "database": self.startup["database"],
+                             "user": self.startup["user"]}]
+                elif what == "kill" and argument == self.conn_id:
+                    rows = [argument]
+                try:
+                    channel.send(self.chan, ("answer", token, rows))
+                except OSError:
+                    pass
+                if rows and what == "kill":
+                    logger.log(log.LOG, "connection %d (%s/%s): terminated by the admin console",
+                               self.conn_id, self.startup["database"], self.startup["user"])
+                    self._send_now(self.client_sock, PgError(
+                        "admin_shutdown", "terminating connection due to administrator command").packet())
+                    return False
             elif msg[0] == "shutdown" and msg[1] != "smart":
                 self._send_now(self.client_sock, PgError(
                     "admin_shutdown", "terminating connection due to administrator command").packet())

@@ -48,7 +48,10 @@ IDLE, ACTIVE, WAITING, CLOSED = (SessionState.IDLE, SessionState.ACTIVE, Session
 SERVER_IDLE, SERVER_ACTIVE, CONNECTING, LOGIN, SERVER_CLOSED = (
     ServerState.IDLE, ServerState.ACTIVE, ServerState.CONNECTING, ServerState.LOGIN, ServerState.CLOSED)
 TX_IDLE = int(TransactionStatus.IDLE)
-_TRANSACTIONS = status.TRANSACTIONS
+(_TRANSACTIONS, _QUERIES, _BYTES_IN, _BYTES_OUT, _XACT_US, _WAIT_US, _WAITS) = (
+    status.TRANSACTIONS, status.QUERIES, status.BYTES_IN, status.BYTES_OUT, status.XACT_US,
+    status.WAIT_US, status.WAITS)
+_monotonic = time.monotonic
 
 _length = struct.Struct("!I").unpack_from
 COPY_FAIL = protocol.message(b"f", protocol.cstring("client disconnected"))
@@ -97,6 +100,10 @@ class PooledBackend:
         self.trim_memory = False               # bulk traffic passed: hand memory back at housekeeping
         # Read every turn of the loop: a plain attribute, not a Settings lookup.
         self.idle_timeout = settings.idle_pool_backend_timeout
+        # PAUSE from the admin console: no transaction starts, the shared
+        # connection is closed once free; the console's question waits for that.
+        self.paused = False
+        self.pause_tokens: list[int] = []
 
     # ================================================================ event loop
 
@@ -183,6 +190,105 @@ class PooledBackend:
                 self.idle_timeout = self.settings.idle_pool_backend_timeout
             elif kind == "shutdown":
                 self._shutdown(msg[1])
+            elif kind == "ask":
+                self._ask(msg[1], msg[2], msg[3])
+
+    def _answer(self, token: int, rows: list) -> None:
+        try:
+            channel.send(self.chan, ("answer", token, rows))
+        except OSError:
+            pass
+
+    def _ask(self, token: int, what: str, argument) -> None:
+        """A question of the admin console, relayed by the postmaster."""
+        if what == "report":
+            self._answer(token, self._report())
+        elif what == "kill":
+            session = next((s for s in self.sessions.values() if s.conn_id == argument), None)
+            if session is None:
+                self._answer(token, [])
+                return
+            logger.log(log.LOG, "%s: terminated by the admin console", session)
+            self._client_send(session, PgError(
+                "admin_shutdown", "terminating connection due to administrator command").packet())
+            self._client_gone(session)
+            self._answer(token, [argument])
+        elif what == "pause":
+            if argument is not None and argument != self.database:
+                self._answer(token, [])
+                return
+            self.paused = True
+            self.counters[status.PAUSED] = 1
+            self.pause_tokens.append(token)
+            self._pause_step()
+        elif what == "resume":
+            if argument is not None and argument != self.database:
+                self._answer(token, [])
+                return
+            was_paused = self.paused
+            self.paused = False
+            self.counters[status.PAUSED] = 0
+            for pending in self.pause_tokens:
+                self._answer(pending, [False])
+            self.pause_tokens.clear()
+            if was_paused:
+                logger.log(log.LOG, "pool %s/%s resumed", self.database, self.user)
+            if self.scheduler.queue:
+                if self.server is None:
+                    self._connect()
+                elif self.server.state is SERVER_IDLE and self.server.owner is None:
+                    self._next_session(self.server)
+            self._answer(token, [True])
+        else:
+            self._answer(token, [])
+
+    def _pause_step(self) -> None:
+        """Paused: close the shared connection once no transaction runs on it."""
+        server = self.server
+        if server is not None:
+            if server.owner is not None or server.pending or server.unsynced:
+                return   # _release comes back here
+            self._close_server(server)
+            logger.log(log.LOG, "pool %s/%s paused: server connection %d closed",
+                       self.database, self.user, server.pid)
+        for token in self.pause_tokens:
+            self._answer(token, [True])
+        self.pause_tokens.clear()
+
+    def _report(self) -> list[dict]:
+        """One row per session, as SHOW SESSIONS lists them."""
+        now, wall = _monotonic(), time.time()
+        rows = []
+        for session in self.sessions.values():
+            server = session.pinned or self.server
+            owns = server is not None and server.owner is session
+            state = session.state
+            if state is WAITING or (state is SessionState.STARTING and not session.greeted):
+                name, since = "waiting", session.since
+            elif owns:
+                in_xact = server.status != TX_IDLE
+                name, since = ("in transaction" if in_xact else "active"), server.since
+            else:
+                name, since = "idle", None
+            if session.pinned is not None and name == "idle":
+                name = "pinned"
+            host, _, port = session.address.rpartition(":")
+            rows.append({
+                "id": session.conn_id, "address": host or "unix", "port": int(port) if port.isdigit() else None,
+                "database": session.database, "user": session.user,
+                "application_name": session.context.settings.get(
+                    "application_name", session.context.startup.get("application_name", "")),
+                "backend_pid": self.pid, "state": name, "connected": session.connected,
+                "since": wall - (now - since) if since else None,
+                "wait": round(now - session.since, 6) if name == "waiting" and session.since else 0.0,
+                "pinned": session.pinned is not None,
+            })
+        # The backend's server connections (SHOW BACKENDS), on a row of their own.
+        pids = [] if self.server is None else [self.server.pid]
+        pids += [s.pinned.pid for s in self.sessions.values() if s.pinned is not None]
+        rows.append({"session": False, "backend_pid": self.pid, "server_pids": pids,
+                     "database": self.database, "user": self.user})
+        return rows
 
     def _shutdown(self, mode: str) -> None:
         self.shutdown_mode = mode
@@ -246,6 +352,7 @@ class PooledBackend:
         if not data:
             self._client_gone(session)
             return
+        self.counters[_BYTES_IN] += len(data)
         if len(data) == RECV_SIZE:
             self.trim_memory = True
         state = session.state
@@ -263,6 +370,7 @@ class PooledBackend:
                          or server.context == session.context.settings)
                     and len(data) >= 5 and len(data) >= 1 + _length(data, 1)[0]):
                 self.scheduler.assign(server, session)
+                server.since = _monotonic()
                 server.context = session.context.settings
                 self._forward(session, server, data)
                 return
@@ -427,6 +535,8 @@ class PooledBackend:
     # ================================================================ server connection
 
     def _connect(self) -> None:
+        if self.paused:
+            return   # RESUME connects
         startup = {"user": self.user, "database": self.database}
         try:
             server = srv.ServerConnection(self.settings, startup, self.secret)
@@ -456,6 +566,7 @@ class PooledBackend:
                 if not data:
                     self._server_lost(server)
                     return
+                self.counters[_BYTES_OUT] += len(data)
                 if len(data) == RECV_SIZE:
                     self.trim_memory = True
                 out, event = server.receive(data)
@@ -736,6 +847,11 @@ class PooledBackend:
         """Give the server connection to session: restore its context, pass its waiting input."""
         settings = session.context.settings
         restoring = server.context is not settings and server.context != settings
+        now = server.since = _monotonic()
+        if session.state is WAITING and session.since:
+            counters = self.counters
+            counters[_WAIT_US] += int((now - session.since) * 1e6)
+            counters[_WAITS] += 1
         self.scheduler.assign(server, session, restoring)
         if self.registry.evicted:
             self._deallocate_evicted(server)
@@ -775,7 +891,12 @@ class PooledBackend:
     def _release(self, server: srv.ServerConnection) -> None:
         """The transaction is over: the server connection goes to the next waiting session."""
         session = self.scheduler.release(server)
-        self.counters[_TRANSACTIONS] += 1
+        counters = self.counters
+        counters[_TRANSACTIONS] += 1
+        counters[_XACT_US] += int((_monotonic() - server.since) * 1e6)
+        if server.queries:
+            counters[_QUERIES] += server.queries
+            server.queries = 0
         stream = server.stream
         if not stream.mask & EPOLLIN:
             # The server owes nothing now: a pause for that owner's slow client ends with its turn.
@@ -791,6 +912,9 @@ class PooledBackend:
                     return
                 # The client already sent its next transaction: it waits its turn.
                 self.scheduler.wait(session)
+        if self.paused and server is self.server:
+            self._pause_step()
+            return
         scheduler = self.scheduler
         if scheduler.queue and server.pinned is None and server.state is SERVER_IDLE:
             session = scheduler.next_waiting()

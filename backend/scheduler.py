@@ -6,6 +6,7 @@ method here; the pooled backend's event loop applies the I/O that follows.
 
 import collections
 import enum
+import time
 
 
 class SessionState(enum.Enum):
@@ -31,6 +32,7 @@ class ServerState(enum.Enum):
 
 
 # Bound to module names: the methods below run for every transaction.
+_monotonic = time.monotonic
 _STARTING, _IDLE, _WAITING, _ACTIVE = (SessionState.STARTING, SessionState.IDLE,
                                        SessionState.WAITING, SessionState.ACTIVE)
 _SERVER_IDLE, _SERVER_ACTIVE, _CANCEL_WAIT = ServerState.IDLE, ServerState.ACTIVE, ServerState.CANCEL_WAIT
@@ -82,6 +84,7 @@ class Scheduler:
         """The session has input to run, or is yet to be greeted, and no connection: it queues."""
         if session.state is not _STARTING:
             session.state = _WAITING
+        session.since = _monotonic()
         self.queue.append(session)
 
     def next_waiting(self):

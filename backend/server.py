@@ -98,7 +98,8 @@ class ServerProtocol:
     __slots__ = ("state", "owner", "pinned", "pending", "unsynced", "status", "copy_in",
                  "prepared", "unnamed", "error_names", "params", "context", "reported", "notes",
                  "xacts", "held", "inbuf", "need", "passthrough", "cancels", "sock", "fd",
-                 "pid", "key", "deadline", "stream", "_reader", "_auth", "_startup", "__weakref__")
+                 "pid", "key", "deadline", "stream", "since", "queries", "_reader", "_auth", "_startup",
+                 "__weakref__")
 
     def __init__(self) -> None:
         self.state = ServerState.IDLE
@@ -123,6 +124,8 @@ class ServerProtocol:
         self.need = 5                       # processing is tried again once inbuf holds this many bytes
         self.passthrough = 0                # bytes of a streamed message still to come
         self.cancels = 0                    # cancel requests for it not yet taken by the server
+        self.since = 0.0                    # monotonic time the owner's turn began (SHOW STATS)
+        self.queries = 0                    # the owners' ReadyForQuery messages not yet counted
         self.sock = None
         self.stream = None
         self.fd = -1
@@ -206,6 +209,7 @@ class ServerProtocol:
                         self._skipped()
                     if pending:
                         pending.popleft()
+                    self.queries += 1
                     if self.error_names:
                         self.error_names.clear()
                     self.copy_in = False

@@ -1,6 +1,7 @@
 """A client session in a pooled backend: its socket, its protocol state, its context and its place in the schedule."""
 
 import secrets
+import time
 
 from .client import ClientProtocol
 from .context import Context
@@ -10,7 +11,8 @@ from .scheduler import SessionState
 class Session:
     __slots__ = ("stream", "fd", "conn_id", "key", "state", "context", "proto", "database", "user",
                  "address", "greeted", "gone", "paused", "dirty", "pin_check", "pinned",
-                 "prepared_xacts", "capture_failures", "restore_retried", "__weakref__")
+                 "prepared_xacts", "capture_failures", "restore_retried", "since", "connected",
+                 "__weakref__")
 
     def __init__(self, stream, conn_id: int, startup: dict[str, str], registry, address: str = ""):
         self.stream = stream
@@ -37,6 +39,8 @@ class Session:
         self.prepared_xacts = 0      # prepared transactions (2PC) not yet committed or rolled back
         self.capture_failures = 0
         self.restore_retried = False  # its restore failed once and was tried on a fresh connection
+        self.since = 0.0             # monotonic time it began to wait for a connection (Scheduler.wait)
+        self.connected = time.time()
 
     @property
     def settings(self) -> dict[str, str]:

@@ -12,7 +12,9 @@ import pwd
 import select
 import signal
 import socket
+import time
 
+from ..backend import console
 from ..shared import auth, channel, config, log, process, status
 from ..shared.errors import PgError
 from .pools import BackendSlot, Pool
@@ -33,6 +35,27 @@ class ListenerSlot:
         self.in_flight: set[int] = set()   # connection ids it is authenticating
 
 
+class ConsoleSlot:
+    """An admin console process (one per console connection)."""
+    __slots__ = ("pid", "chan")
+
+    def __init__(self, pid: int, chan: socket.socket):
+        self.pid = pid
+        self.chan = chan
+
+
+class Question:
+    """A console's question to every backend, answered through the postmaster."""
+    __slots__ = ("console", "token", "waiting", "rows", "deadline")
+
+    def __init__(self, console: ConsoleSlot, token: int, waiting: set[int], deadline: float):
+        self.console = console
+        self.token = token
+        self.waiting = waiting
+        self.rows: list = []
+        self.deadline = deadline
+
+
 class StartupFailure(Exception):
     pass
 
@@ -47,7 +70,10 @@ class Postmaster:
         self.listeners: dict[int, ListenerSlot] = {}   # by pid
         self.backends: dict[int, BackendSlot] = {}     # by pid, pooled and dedicated
         self.pools: dict[tuple[str, str], Pool] = {}
-        self.by_chan: dict[int, object] = {}           # channel fd -> ListenerSlot/BackendSlot
+        self.by_chan: dict[int, object] = {}           # channel fd -> ListenerSlot/BackendSlot/ConsoleSlot
+        self.consoles: dict[int, ConsoleSlot] = {}     # by pid
+        self.questions: dict[int, Question] = {}       # console questions being answered, by id
+        self.next_question = 0
         self.connections = 0                           # client connections, all stages
         self.next_conn_id = 0
         self.table: status.StatusTable | None = None
@@ -182,7 +208,9 @@ class Postmaster:
                         self._read_child(self.by_chan[fd])
                     else:
                         self._accept(fd)
-                if self.shutdown_mode and not self.listeners and not self.backends:
+                if self.questions:
+                    self._expire_questions()
+                if self.shutdown_mode and not self.listeners and not self.backends and not self.consoles:
                     break
         finally:
             self._cleanup()
@@ -246,6 +274,8 @@ class Postmaster:
                 return
             if isinstance(child, ListenerSlot):
                 self._listener_message(child, msg, fd)
+            elif isinstance(child, ConsoleSlot):
+                self._console_message(child, msg)
             else:
                 self._backend_message(child, msg)
 
@@ -267,8 +297,46 @@ class Postmaster:
         elif kind == "closed":
             self.connections -= 1
 
+    def _console_message(self, slot: ConsoleSlot, msg: tuple) -> None:
+        if msg[0] != "ask":
+            return
+        _, token, what, argument, timeout = msg
+        self.next_question += 1
+        qid = self.next_question
+        question = Question(slot, token, set(), time.monotonic() + timeout)
+        for backend in self.backends.values():
+            try:
+                channel.send(backend.chan, ("ask", qid, what, argument))
+            except OSError:
+                continue
+            question.waiting.add(backend.pid)
+        self.questions[qid] = question
+        if not question.waiting:
+            self._answered(qid)
+
+    def _answered(self, qid: int) -> None:
+        question = self.questions.pop(qid)
+        if question.console.pid in self.consoles:
+            self._tell(question.console, ("answer", question.token, question.rows))
+
+    def _expire_questions(self) -> None:
+        now = time.monotonic()
+        for qid, question in list(self.questions.items()):
+            if now > question.deadline:
+                logger.warning("backends %s did not answer the admin console in time",
+                               ", ".join(str(pid) for pid in sorted(question.waiting)))
+                self._answered(qid)
+
     def _backend_message(self, backend: BackendSlot, msg: tuple) -> None:
         kind = msg[0]
+        if kind == "answer":
+            question = self.questions.get(msg[1])
+            if question is not None and backend.pid in question.waiting:
+                question.waiting.discard(backend.pid)
+                question.rows.extend(msg[2])
+                if not question.waiting:
+                    self._answered(msg[1])
+            return
         if kind == "closed":
             backend.sessions -= 1
             self.connections -= 1
@@ -289,6 +357,14 @@ class Postmaster:
         database, user = startup["database"], startup["user"]
         if self.shutdown_mode:
             self._refuse(fd, conn_id, PgError("cannot_connect_now", "the database system is shutting down"))
+            return
+        if database == console.CONSOLE_DATABASE:
+            if user not in settings.admin_users:
+                self._refuse(fd, conn_id, PgError(
+                    "insufficient_privilege", f'permission denied for the admin console: user "{user}" '
+                    "is not in admin_users"))
+                return
+            self._spawn_console(conn_id, startup, fd)
             return
         if database in settings.dedicated_databases or user in settings.dedicated_users:
             self._spawn_dedicated(conn_id, startup, fd)
@@ -356,7 +432,8 @@ class Postmaster:
         self.epoll.close()
         for sock in self.listen_socks:
             sock.close()
-        for child in list(self.listeners.values()) + list(self.backends.values()):
+        for child in list(self.listeners.values()) + list(self.backends.values()) + list(
+                self.consoles.values()):
             child.chan.close()
         self.signals.close()
 
@@ -392,7 +469,7 @@ class Postmaster:
         secret = self.auth_entries.get(startup["user"])
         table, settings = self.table, self.settings
         slot = table.claim(0, status.KIND_DEDICATED, startup["database"], startup["user"])
-        counters = table.counters(slot) if slot is not None else memoryview(bytearray(8 * 16)).cast("q")
+        counters = table.counters(slot) if slot is not None else memoryview(bytearray(status.INT_BYTES)).cast("q")
         pid, chan = self._fork(f"dedicated backend {startup['database']}/{startup['user']}",
                                lambda c: dedicated.main(settings, conn_id, startup, fd, c,
                                                         counters, secret))
@@ -402,6 +479,14 @@ class Postmaster:
         backend.sessions = 1
         self.backends[pid] = backend
         self.by_chan[chan.fileno()] = backend
+
+    def _spawn_console(self, conn_id: int, startup: dict[str, str], fd: int) -> None:
+        table, settings = self.table, self.settings
+        pid, chan = self._fork(f"console {startup['user']}",
+                               lambda c: console.main(settings, conn_id, startup, fd, c, table))
+        slot = ConsoleSlot(pid, chan)
+        self.consoles[pid] = slot
+        self.by_chan[chan.fileno()] = slot
 
     def _tell(self, child, message: tuple) -> None:
         try:
@@ -431,6 +516,16 @@ class Postmaster:
             self._child_exited(pid, wstatus)
 
     def _child_exited(self, pid: int, wstatus: int) -> None:
+        console_slot = self.consoles.pop(pid, None)
+        if console_slot is not None:
+            self._forget_channel(console_slot, closing=True)
+            self.connections -= 1
+            return
+        for qid, question in list(self.questions.items()):
+            if pid in question.waiting:
+                question.waiting.discard(pid)
+                if not question.waiting:
+                    self._answered(qid)
         listener = self.listeners.pop(pid, None)
         backend = self.backends.pop(pid, None)
         child = listener or backend
@@ -490,8 +585,8 @@ class Postmaster:
         self.settings = new
         self.auth_entries = entries
         log.setup(new.log_min_messages)
-        for listener in self.listeners.values():
-            self._tell(listener, ("reload", new))
+        for child in list(self.listeners.values()) + list(self.consoles.values()):
+            self._tell(child, ("reload", new))
         for backend in list(self.backends.values()):
             if backend.pool is None:
                 continue
@@ -513,10 +608,16 @@ class Postmaster:
             self._tell(listener, ("shutdown", mode))
         for backend in self.backends.values():
             self._tell(backend, ("shutdown", mode))
+        if mode != "smart":
+            for pid in self.consoles:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
 
     def handle_quit(self) -> None:
         logger.log(log.LOG, "received immediate shutdown request")
-        for pid in list(self.listeners) + list(self.backends):
+        for pid in list(self.listeners) + list(self.backends) + list(self.consoles):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

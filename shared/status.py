@@ -19,11 +19,15 @@ NAMEDATALEN = 64
 
 # Integer fields of a slot, in order (native int64, so a backend updates them
 # through a memoryview cast without packing).
+# Cumulative figures (transactions, queries, bytes, times in microseconds) are
+# SHOW STATS's; a backend adds to them as traffic passes.
 FIELDS = ("in_use", "pid", "kind", "draining", "sessions", "waiting", "pinned",
           "turns", "ready_sum", "started_us", "served", "transactions",
-          "server_connections", "reserved1", "reserved2", "reserved3")
+          "server_connections", "paused", "queries", "bytes_in", "bytes_out", "xact_us",
+          "wait_us", "waits", "reserved1", "reserved2", "reserved3", "reserved4")
 (IN_USE, PID, KIND, DRAINING, SESSIONS, WAITING, PINNED, TURNS, READY_SUM, STARTED_US,
- SERVED, TRANSACTIONS, SERVER_CONNECTIONS) = range(13)
+ SERVED, TRANSACTIONS, SERVER_CONNECTIONS, PAUSED, QUERIES, BYTES_IN, BYTES_OUT, XACT_US,
+ WAIT_US, WAITS) = range(20)
 INT_BYTES = len(FIELDS) * 8
 SLOT_SIZE = INT_BYTES + 2 * NAMEDATALEN
 
@@ -80,6 +84,11 @@ class StatusTable:
     @property
     def postmaster_pid(self) -> int:
         return HEADER.unpack_from(self.mm, 0)[1]
+
+    @property
+    def started(self) -> float:
+        """When the postmaster that made the table started (seconds since the epoch)."""
+        return HEADER.unpack_from(self.mm, 0)[3]
 
     def unlink(self) -> None:
         try:

@@ -1,0 +1,217 @@
+"""The admin console (virtual database `pgforkpool`), as an operator uses it through psql and psycopg."""
+
+import threading
+import time
+
+import psycopg
+import pytest
+
+from conftest import WAIT, backend_pid, wait_for
+
+ADMIN = "alice"   # in admin_users; app and bob are not
+
+
+@pytest.fixture
+def pool(start_pooler):
+    return start_pooler(admin_users=ADMIN, session_pool_size=2, auth_method="scram-sha-256")
+
+
+def console(pool):
+    return pool.connect(user=ADMIN, dbname="pgforkpool")
+
+
+def rows(conn, sql):
+    with conn.cursor() as cur:
+        cur.execute(sql)
+        names = [d.name for d in cur.description]
+        return [dict(zip(names, row)) for row in cur.fetchall()]
+
+
+def test_every_show_command_returns_rows_through_psql_and_psycopg(pool):
+    app = pool.connect()
+    app.execute("SELECT 1")
+    for command in ("SHOW POOLS", "SHOW BACKENDS", "SHOW SESSIONS", "SHOW STATS", "SHOW CONFIG",
+                    "SHOW VERSION", "SELECT pg_backend_load_average(1)",
+                    "SELECT * FROM pg_backend_load_average"):
+        out = pool.psql(command, user=ADMIN, dbname="pgforkpool")
+        assert out.returncode == 0, (command, out.stderr)
+    with console(pool) as admin:
+        pools = rows(admin, "SHOW POOLS")
+        app_pool = next(p for p in pools if (p["database"], p["user"]) == ("app", "app"))
+        assert app_pool["backends"] == 1 and app_pool["sessions"] == 1
+        assert app_pool["server_connections"] == 1
+        backends = rows(admin, "SHOW BACKENDS")
+        assert [b["pid"] for b in backends if b["database"] == "app"] == [backend_pid(app)]
+        backend = backends[0]
+        assert backend["kind"] == "pooled" and backend["rss_bytes"] > 0
+        assert backend["server_pids"] == str(app.execute("SELECT pg_backend_pid()").fetchone()[0])
+        sessions = rows(admin, "SHOW SESSIONS")
+        assert len(sessions) == 1
+        assert sessions[0]["address"] == "127.0.0.1" and sessions[0]["state"] == "idle"
+        assert sessions[0]["backend_pid"] == backend_pid(app)
+        config = {r["name"]: r for r in rows(admin, "SHOW CONFIG")}
+        assert config["session_pool_size"]["setting"] == "2"
+        assert config["session_pool_size"]["default"] == "10"
+        assert config["admin_users"]["source"].startswith(pool.conf + ":")
+        assert config["max_sessions"]["source"] == "default"
+        assert "pgforkpool" in rows(admin, "SHOW VERSION")[0]["version"]
+        assert rows(admin, "SHOW session_pool_size") == [{"session_pool_size": "2"}]
+    app.close()
+
+
+def test_stats_grow_with_traffic(pool):
+    with console(pool) as admin, pool.connect() as app:
+        app.execute("SELECT 1")
+
+        def stats():
+            return next(s for s in rows(admin, "SHOW STATS") if s["database"] == "app")
+        before = stats()
+        for _ in range(20):
+            app.execute("SELECT repeat('x', 1000)")
+        with app.transaction():
+            app.execute("SELECT 1")
+            app.execute("SELECT 2")
+        after = stats()
+        assert after["total_xact_count"] >= before["total_xact_count"] + 21
+        assert after["total_query_count"] >= before["total_query_count"] + 24
+        assert after["total_sent"] >= before["total_sent"] + 20 * 1000
+        assert after["total_received"] > before["total_received"]
+        assert after["total_xact_time"] > before["total_xact_time"]
+
+
+def test_non_admin_is_refused_with_42501(pool):
+    with pytest.raises(psycopg.OperationalError) as info:
+        pool.connect(user="app", dbname="pgforkpool")
+    assert "admin console" in str(info.value)
+    out = pool.psql("SHOW POOLS", user="bob", dbname="pgforkpool", check=False)
+    assert out.returncode != 0 and "permission denied" in out.stderr
+
+
+def test_unknown_commands_get_an_error_and_the_console_goes_on(pool):
+    with console(pool) as admin:
+        with pytest.raises(psycopg.errors.SyntaxError):
+            admin.execute("DROP TABLE everything")
+        with pytest.raises(psycopg.Error) as info:
+            admin.execute("SHOW no_such_thing")
+        assert info.value.sqlstate == "42704"
+        with pytest.raises(psycopg.errors.FeatureNotSupported):
+            admin.execute("SHOW POOLS WHERE %s", [1])   # parameters: the extended protocol
+        assert rows(admin, "SHOW VERSION")
+        assert admin.execute("SELECT pg_backend_load_average(12345)").fetchone() == (None,)
+
+
+def test_load_average_of_a_busy_backend_exceeds_an_idle_ones(pool):
+    idle = pool.connect(dbname="other")
+    idle.execute("SELECT 1")
+    busy = [pool.connect() for _ in range(6)]
+    stop = time.monotonic() + 3.0
+    errors = []
+
+    def work(conn):
+        try:
+            while time.monotonic() < stop:
+                conn.execute("SELECT pg_sleep(0.002)")
+        except psycopg.Error as exc:   # pragma: no cover - reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=work, args=(c,)) for c in busy]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=WAIT)
+    assert not errors
+    with console(pool) as admin:
+        busy_pids = {backend_pid(c) for c in busy}
+        idle_pid = backend_pid(idle)
+        loads = {pid: admin.execute(f"SELECT pg_backend_load_average({pid})").fetchone()[0]
+                 for pid in busy_pids | {idle_pid}}
+        assert all(loads[pid] > loads[idle_pid] for pid in busy_pids), loads
+        view = {r["pid"]: r["load_average"] for r in rows(admin, "SELECT * FROM pg_backend_load_average")}
+        assert set(view) >= busy_pids | {idle_pid}
+    for c in busy + [idle]:
+        c.close()
+
+
+def test_kill_session_ends_only_that_client(pool):
+    victim, other = pool.connect(), pool.connect()
+    victim.execute("SELECT 1")
+    other.execute("SET application_name = 'survivor'")
+    with console(pool) as admin:
+        sessions = rows(admin, "SHOW SESSIONS")
+        assert {s["application_name"] for s in sessions} >= {"survivor"}
+        target = next(s["id"] for s in sessions if s["application_name"] != "survivor")
+        admin.execute(f"KILL SESSION {target}")
+        with pytest.raises(psycopg.Error):
+            admin.execute("KILL SESSION 999999")
+    with pytest.raises(psycopg.OperationalError):
+        victim.execute("SELECT 1")
+    assert other.execute("SHOW application_name").fetchone() == ("survivor",)
+    other.close()
+
+
+def test_pause_waits_for_running_transactions_then_resume_serves_waiting_sessions(pool, cluster):
+    a, b = pool.connect(autocommit=False), pool.connect()
+    b.execute("SET work_mem = '7MB'")
+    a.execute("SELECT 1")   # a transaction is open on the server
+
+    def pooler_connections():
+        out = cluster.psql("SELECT count(*) FROM pg_stat_activity WHERE usename = 'app' "
+                           "AND datname = 'app' AND pid <> pg_backend_pid()", database="postgres")
+        return int(out.strip())
+
+    admin = console(pool)
+    paused = threading.Event()
+    failures = []
+
+    def pause():
+        try:
+            admin.execute("PAUSE app")
+            paused.set()
+        except psycopg.Error as exc:   # pragma: no cover - reported below
+            failures.append(exc)
+    t = threading.Thread(target=pause)
+    t.start()
+    wait_for(lambda: any(p["paused"] for p in rows(console_probe(pool), "SHOW POOLS")),
+             "the pool to be marked paused")
+    assert not paused.is_set() and pooler_connections() >= 1   # the transaction still runs
+    a.commit()
+    t.join(timeout=WAIT)
+    assert paused.is_set() and not failures
+    wait_for(lambda: pooler_connections() == 0, "the pool's server connections to close")
+
+    result = []
+    q = threading.Thread(target=lambda: result.append(b.execute("SHOW work_mem").fetchone()))
+    q.start()
+    wait_for(lambda: any(s["state"] == "waiting" for s in rows(console_probe(pool), "SHOW SESSIONS")),
+             "b to wait for the paused pool")
+    assert not result
+    admin.execute("RESUME app")
+    q.join(timeout=WAIT)
+    assert result == [("7MB",)]
+    a.execute("SELECT 1")
+    a.commit()
+    admin.close()
+    a.close()
+    b.close()
+
+
+_probes: dict = {}
+
+
+def console_probe(pool):
+    """A second console connection, kept for the test's polling."""
+    conn = _probes.get(pool.port)
+    if conn is None or conn.closed:
+        conn = _probes[pool.port] = console(pool)
+    return conn
+
+
+def test_reload_through_the_console_drops_no_session(pool):
+    app = pool.connect()
+    app.execute("SET work_mem = '9MB'")
+    pool.write_config(max_sessions=500)
+    with console(pool) as admin:
+        admin.execute("RELOAD")
+        wait_for(lambda: {r["name"]: r["setting"] for r in rows(admin, "SHOW CONFIG")}.get(
+            "max_sessions") == "500", "the reload to apply")
+    assert app.execute("SHOW work_mem").fetchone() == ("9MB",)
+    app.close()
