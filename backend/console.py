@@ -124,9 +124,9 @@ SESSION_COLUMNS = [("id", INT8), ("address", TEXT), ("port", INT8), ("database",
                    ("wait", FLOAT8)]
 STATS_COLUMNS = [("database", TEXT), ("user", TEXT), ("total_xact_count", INT8),
                  ("total_query_count", INT8), ("total_received", INT8), ("total_sent", INT8),
-                 ("total_xact_time", INT8), ("total_wait_time", INT8), ("avg_xact_time", INT8),
-                 ("avg_wait_time", INT8), ("avg_xact_count", FLOAT8), ("avg_query_count", FLOAT8),
-                 ("avg_recv", FLOAT8), ("avg_sent", FLOAT8)]
+                 ("total_xact_time", INT8), ("total_wait_time", INT8), ("total_wait_count", INT8),
+                 ("avg_xact_count", FLOAT8), ("avg_query_count", FLOAT8), ("avg_recv", FLOAT8),
+                 ("avg_sent", FLOAT8), ("avg_xact_time", INT8), ("avg_wait_time", INT8)]
 CONFIG_COLUMNS = [("name", TEXT), ("setting", TEXT), ("default", TEXT), ("unit", TEXT),
                   ("context", TEXT), ("source", TEXT), ("description", TEXT)]
 
@@ -155,22 +155,19 @@ def backend_rows(table: status.StatusTable, server_pids: dict[int, list[int]] | 
     return rows
 
 
-def pool_totals(table: status.StatusTable) -> dict[tuple[str, str], dict]:
+def pool_backends(table: status.StatusTable) -> dict[tuple[str, str], dict]:
     """Per (database, user): the status table's counters summed over the pool's backends."""
     pools: dict[tuple[str, str], dict] = {}
     for slot in table.slots():
         if not slot["pid"]:
             continue
         pool = pools.setdefault((slot["database"], slot["user"]), {
-            "backends": 0, "dedicated": 0, "transactions": 0, "queries": 0, "bytes_in": 0,
-            "bytes_out": 0, "xact_us": 0, "wait_us": 0, "waits": 0, "paused": True})
+            "backends": 0, "dedicated": 0, "paused": True})
         if slot["kind"] == "dedicated":
             pool["dedicated"] += 1
         else:
             pool["backends"] += 1
             pool["paused"] = pool["paused"] and bool(slot["paused"])
-        for name in ("transactions", "queries", "bytes_in", "bytes_out", "xact_us", "wait_us", "waits"):
-            pool[name] += slot[name]
     for pool in pools.values():
         if not pool["backends"]:
             pool["paused"] = False
@@ -201,7 +198,6 @@ class Console:
         self.inbuf = bytearray()
         self.next_token = 0
         self.extended_error = False   # an extended-protocol message was refused: skip to Sync
-        self.last_stats: tuple[float, dict] | None = None
 
     # -- I/O
 
@@ -369,7 +365,7 @@ class Console:
         raise ConsoleError("42704", f'unrecognized configuration parameter "{what}"')
 
     def _show_pools(self) -> bytes:
-        pools = pool_totals(self._table())
+        pools = pool_backends(self._table())
         maxwait: dict[tuple[str, str], float] = {}
         live: dict[tuple[str, str], dict] = {}
         connections: dict[tuple[str, str], int] = {}
@@ -398,19 +394,13 @@ class Console:
         return result(POOL_COLUMNS, rows)
 
     def _show_stats(self) -> bytes:
-        now = time.monotonic()
-        pools = pool_totals(self._table())
-        started = self._table().started
-        elapsed = max(time.time() - started, 1e-6)
         rows = []
-        for (database, user), p in sorted(pools.items()):
-            xacts, waits = p["transactions"], p["waits"]
-            rows.append([database, user, xacts, p["queries"], p["bytes_in"], p["bytes_out"],
-                         p["xact_us"], p["wait_us"], p["xact_us"] // xacts if xacts else 0,
-                         p["wait_us"] // waits if waits else 0,
-                         round(xacts / elapsed, 3), round(p["queries"] / elapsed, 3),
-                         round(p["bytes_in"] / elapsed, 3), round(p["bytes_out"] / elapsed, 3)])
-        self.last_stats = (now, pools)
+        for p in self._ask("stats", None):
+            rows.append([p["database"], p["user"], p["transactions"], p["queries"], p["bytes_in"],
+                         p["bytes_out"], p["xact_us"], p["wait_us"], p["waits"],
+                         round(p["xacts_per_second"], 3), round(p["queries_per_second"], 3),
+                         round(p["received_per_second"], 3), round(p["sent_per_second"], 3),
+                         p["avg_xact_us"], p["avg_wait_us"]])
         return result(STATS_COLUMNS, rows)
 
     def _load_average(self, argument: str, alias: str | None) -> bytes:
@@ -505,11 +495,19 @@ def main(settings, conn_id: int, startup: dict[str, str], client_fd: int,
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     sock = socket.socket(fileno=client_fd)
+    connected = time.time()
+    try:
+        address = "%s:%s" % sock.getpeername()[:2] if sock.family != socket.AF_UNIX else ""
+    except OSError:
+        address = ""
     try:
         Console(settings, conn_id, startup, sock, chan, table).run()
     except OSError:
         pass
     finally:
+        if settings.log_disconnections:
+            logger.log(log.LOG, "%s", log.disconnection(time.time() - connected, startup["user"],
+                                                       CONSOLE_DATABASE, address))
         try:
             sock.close()
         except OSError:

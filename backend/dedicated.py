@@ -49,7 +49,13 @@ class DedicatedBackend:
             self._send_now(self.client_sock, exc.packet())
             return
         self.counters[status.SESSIONS] = 1
-        self._relay()
+        try:
+            self._relay()
+        finally:
+            if self.settings.log_disconnections:
+                logger.log(log.LOG, "%s", log.disconnection(time.time() - self.connected,
+                                                           self.startup["user"],
+                                                           self.startup["database"], self.address))
 
     def _send_now(self, sock: socket.socket, data: bytes) -> None:
         try:
@@ -163,7 +169,8 @@ class DedicatedBackend:
                         sock.connect(addr)
                         sock.sendall(self.server_conn.cancel_packet())
                 except OSError as exc:
-                    logger.warning("could not send cancel request: %s", exc)
+                    logger.warning("connection %d (%s/%s): could not send cancel request: %s",
+                                   self.conn_id, self.startup["database"], self.startup["user"], exc)
             elif msg[0] == "ask":
                 _, token, what, argument = msg[:4]
                 rows: list = []
@@ -192,6 +199,7 @@ class DedicatedBackend:
                         "admin_shutdown", "terminating connection due to administrator command").packet())
                     return False
             elif msg[0] == "shutdown" and msg[1] != "smart":
+                self.server_conn.cancel_now(self.settings)   # nothing may go on running there
                 self._send_now(self.client_sock, PgError(
                     "admin_shutdown", "terminating connection due to administrator command").packet())
                 return False

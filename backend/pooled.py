@@ -294,6 +294,13 @@ class PooledBackend:
         self.shutdown_mode = mode
         if mode == "smart":
             return
+        # Queries running for the sessions it ends are cancelled first: closing the
+        # connection alone would leave them running on the server.
+        servers = [self.server] + [s.pinned for s in self.sessions.values() if s.pinned is not None]
+        for server in servers:
+            if server is not None and server.state is not SERVER_CLOSED and (
+                    server.pending or server.unsynced or server.status != TX_IDLE):
+                server.cancel_now(self.settings)
         error = PgError("admin_shutdown", "terminating connection due to administrator command")
         for session in list(self.sessions.values()):
             self._client_send(session, error.packet())
@@ -530,6 +537,9 @@ class PooledBackend:
         self.counters[status.SESSIONS] = len(self.sessions)
         if not self.sessions:
             self.empty_since = time.monotonic()
+        if self.settings.log_disconnections:
+            logger.log(log.LOG, "%s", log.disconnection(time.time() - session.connected, session.user,
+                                                       session.database, session.address))
         channel.send(self.chan, ("closed", session.conn_id))
 
     # ================================================================ server connection
@@ -632,8 +642,8 @@ class PooledBackend:
             if event is BOUNDARY:
                 self._boundary(server)
             elif event is BROKEN:
-                logger.warning("server process %d sent an invalid message; closing its connection",
-                               server.pid)
+                logger.warning("server process %d (%s/%s) sent an invalid message; closing its "
+                               "connection", server.pid, self.database, self.user)
                 self._server_lost(server)
             else:
                 self._hidden_done(server, event)
@@ -891,11 +901,11 @@ class PooledBackend:
     def _release(self, server: srv.ServerConnection) -> None:
         """The transaction is over: the server connection goes to the next waiting session."""
         session = self.scheduler.release(server)
-        counters = self.counters
-        counters[_TRANSACTIONS] += 1
-        counters[_XACT_US] += int((_monotonic() - server.since) * 1e6)
-        if server.queries:
+        if server.queries:   # a transaction of the owner's, not only the pooler's own queries
+            counters = self.counters
+            counters[_TRANSACTIONS] += 1
             counters[_QUERIES] += server.queries
+            counters[_XACT_US] += int((_monotonic() - server.since) * 1e6)
             server.queries = 0
         stream = server.stream
         if not stream.mask & EPOLLIN:
@@ -1010,7 +1020,8 @@ class PooledBackend:
         try:
             sender = srv.CancelSender(self.settings, server)
         except OSError as exc:
-            logger.warning("could not send cancel request to server process %d: %s", server.pid, exc)
+            logger.warning("could not send cancel request to server process %d (%s/%s): %s",
+                           server.pid, self.database, self.user, exc)
             return
         server.cancels += 1
         self.cancels[sender.fd] = sender
@@ -1042,8 +1053,8 @@ class PooledBackend:
             return
         if uncertain:
             # The signal may still come: that connection must not run anyone's query.
-            logger.warning("cancel request for server process %d not confirmed; closing its connection",
-                           server.pid)
+            logger.warning("cancel request for server process %d (%s/%s) not confirmed; closing its "
+                           "connection", server.pid, self.database, self.user)
             if server.owner is None:
                 self._drop_server(server)
             return

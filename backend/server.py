@@ -455,6 +455,22 @@ class ServerConnection(ServerProtocol):
     def cancel_packet(self) -> bytes:
         return protocol.cancel_request(self.pid, self.key)
 
+    def cancel_now(self, settings, timeout: float = 2.0) -> None:
+        """Deliver a CancelRequest for this connection and wait until the server has taken it.
+
+        For shutdown only (it blocks): a query must not go on running on the
+        server after the pooler has gone.
+        """
+        family, addr = upstream_address(settings)
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.settimeout(timeout)
+                sock.connect(addr)
+                sock.sendall(self.cancel_packet())
+                sock.recv(1)   # PostgreSQL closes the connection once it has signalled
+        except OSError:
+            pass
+
     def close(self) -> None:
         if self.state is not ServerState.CLOSED:
             self.state = ServerState.CLOSED

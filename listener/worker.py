@@ -109,6 +109,9 @@ class Listener:
                 sock.setblocking(False)
                 conn = StartupConnection(conn_id, sock,
                                          time.monotonic() + self.settings.authentication_timeout, reject)
+                conn.peer = peer_text(sock)
+                if self.settings.log_connections:
+                    logger.log(log.LOG, "connection received: %s", conn.peer)
                 self.conns[conn.fd] = conn
                 self.epoll.register(conn.fd, select.EPOLLIN)
             elif kind == "reload":
@@ -202,6 +205,8 @@ class Listener:
         conn.params = params
         if conn.reject == "too_many_connections":
             raise PgError("too_many_connections", "sorry, too many clients already")
+        if conn.reject == "cannot_connect_now":
+            raise PgError("cannot_connect_now", "the database system is shutting down")
 
         user = params["user"]
         conn.auth = auth.ServerAuth(self.settings.auth_method, user, self.auth_entries.get(user))
@@ -240,6 +245,10 @@ class Listener:
         if conn.buf:
             raise PgError("protocol_violation", "unexpected data after authentication")
         self._send(conn, protocol.AUTHENTICATION_OK)
+        if self.settings.log_connections:
+            params = conn.params
+            logger.log(log.LOG, "connection authorized: user=%s database=%s application_name=%s",
+                       params["user"], params["database"], params.get("application_name", ""))
         self._forget(conn)
         channel.send(self.chan, ("startup", conn.conn_id, conn.params), conn.fd)
         conn.sock.close()
@@ -278,6 +287,17 @@ class Listener:
         self._forget(conn)
         conn.sock.close()
         channel.send(self.chan, ("closed", conn.conn_id))
+
+
+def peer_text(sock: socket.socket) -> str:
+    """host=… port=… as PostgreSQL's log_connections words it ([local] for a unix socket)."""
+    if sock.family == socket.AF_UNIX:
+        return "host=[local]"
+    try:
+        host, port = sock.getpeername()[:2]
+    except OSError:
+        return "host=?"
+    return f"host={host} port={port}"
 
 
 def main(number: int, settings, chan: socket.socket) -> None:

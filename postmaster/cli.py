@@ -10,7 +10,7 @@ import click
 import psutil
 import yaml
 
-from ..shared import config, log, status
+from ..shared import auth, config, log, status
 
 STOP_SIGNALS = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}
 
@@ -68,11 +68,12 @@ def start(config_file: str, overrides: tuple[str, ...]) -> None:
     log.setup(settings.log_min_messages)
     try:
         Postmaster(settings).run()
-    except StartupFailure as exc:
+    except (StartupFailure, auth.AuthFileError) as exc:
         log.get("postmaster").critical("%s", exc)
         sys.exit(1)
     except OSError as exc:
-        log.get("postmaster").critical("%s", exc)
+        where = f' "{exc.filename}"' if exc.filename else ""
+        log.get("postmaster").critical("could not start%s: %s", where, exc.strerror or exc)
         sys.exit(1)
 
 

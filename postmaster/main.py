@@ -74,6 +74,11 @@ class Postmaster:
         self.consoles: dict[int, ConsoleSlot] = {}     # by pid
         self.questions: dict[int, Question] = {}       # console questions being answered, by id
         self.next_question = 0
+        # SHOW STATS: what backends that have exited counted, per pool, and the
+        # pools' totals sampled every stats_period (the averages are over the last one).
+        self.retired_stats: dict[tuple[str, str], dict] = {}
+        self.stats_samples: list[tuple[float, dict]] = []
+        self.next_stats_sample = 0.0
         self.connections = 0                           # client connections, all stages
         self.next_conn_id = 0
         self.table: status.StatusTable | None = None
@@ -189,10 +194,18 @@ class Postmaster:
         os.environ["USER"] = os.environ["LOGNAME"] = name
 
     def _write_pid_file(self) -> None:
-        if not self.settings.pid_file:
+        path = self.settings.pid_file
+        if not path:
             return
-        with open(self.settings.pid_file, "w") as f:
-            f.write(f"{os.getpid()}\n")
+        other = _pid_in(path)
+        if other is not None and other != os.getpid() and _is_pgforkpool(other):
+            raise StartupFailure(f'lock file "{path}" already exists: pgforkpool is running with '
+                                 f"PID {other}")
+        try:
+            with open(path, "w") as f:
+                f.write(f"{os.getpid()}\n")
+        except OSError as exc:
+            raise StartupFailure(f'could not write lock file "{path}": {exc.strerror}')
         self.pid_file_written = True
 
     # ================================================================ main loop
@@ -210,8 +223,13 @@ class Postmaster:
                         self._accept(fd)
                 if self.questions:
                     self._expire_questions()
-                if self.shutdown_mode and not self.listeners and not self.backends and not self.consoles:
-                    break
+                if time.monotonic() >= self.next_stats_sample:
+                    self._sample_stats()
+                if self.shutdown_mode and not self.backends and not self.consoles:
+                    if self.listen_socks:
+                        self._stop_listening()   # smart shutdown: the last session has ended
+                    if not self.listeners:
+                        break
         finally:
             self._cleanup()
 
@@ -246,7 +264,9 @@ class Postmaster:
         self.next_conn_id += 1
         conn_id = self.next_conn_id
         reject = None
-        if self.connections >= self.settings.max_connections:
+        if self.shutdown_mode:
+            reject = "cannot_connect_now"
+        elif self.connections >= self.settings.max_connections:
             reject = "too_many_connections"
         with client:
             for listener in sorted(self.listeners.values(), key=lambda l: len(l.in_flight)):
@@ -301,6 +321,9 @@ class Postmaster:
         if msg[0] != "ask":
             return
         _, token, what, argument, timeout = msg
+        if what == "stats":   # the postmaster's own figures
+            self._tell(slot, ("answer", token, self.stats_rows()))
+            return
         self.next_question += 1
         qid = self.next_question
         question = Question(slot, token, set(), time.monotonic() + timeout)
@@ -318,6 +341,36 @@ class Postmaster:
         question = self.questions.pop(qid)
         if question.console.pid in self.consoles:
             self._tell(question.console, ("answer", question.token, question.rows))
+
+    def pool_stats(self) -> dict[tuple[str, str], dict]:
+        """Every pool's cumulative figures since start, exited backends included."""
+        totals = {key: dict(value) for key, value in self.retired_stats.items()}
+        if self.table is not None:
+            for slot in self.table.slots():
+                if slot["pid"]:
+                    status.add_stats(totals.setdefault((slot["database"], slot["user"]), {}), slot)
+        return totals
+
+    def _sample_stats(self) -> None:
+        now = time.monotonic()
+        self.stats_samples = (self.stats_samples + [(now, self.pool_stats())])[-2:]
+        self.next_stats_sample = now + self.settings.stats_period
+
+    def stats_rows(self) -> list[dict]:
+        """SHOW STATS: totals now; rates over the last complete stats_period (since start before one)."""
+        now = time.monotonic()
+        current = self.pool_stats()
+        if len(self.stats_samples) == 2:
+            (t0, before), (t1, after) = self.stats_samples
+        else:
+            t0, before = self.stats_samples[0] if self.stats_samples else (now, {})
+            t1, after = now, current
+        rows = []
+        for (database, user), totals in sorted(current.items()):
+            rates = status.stats_rates((t0, before.get((database, user), {})),
+                                       (t1, after.get((database, user), totals)))
+            rows.append({"database": database, "user": user, **totals, **rates})
+        return rows
 
     def _expire_questions(self) -> None:
         now = time.monotonic()
@@ -548,6 +601,8 @@ class Postmaster:
         if backend.pool is not None and backend in backend.pool.backends:
             backend.pool.backends.remove(backend)
         if backend.slot is not None:
+            slot = self.table.slot(backend.slot)
+            status.add_stats(self.retired_stats.setdefault((slot["database"], slot["user"]), {}), slot)
             self.table.release(backend.slot)
 
     def _forget_channel(self, child, closing: bool = False) -> None:
@@ -603,9 +658,10 @@ class Postmaster:
         logger.log(log.LOG, "received %s shutdown request", mode)
         _sd_notify("STOPPING=1")
         self.shutdown_mode = mode
-        self._close_listen_sockets()
-        for listener in self.listeners.values():
-            self._tell(listener, ("shutdown", mode))
+        if mode != "smart":
+            # Smart: the sockets stay open until the last session has ended, so that
+            # a new client hears why it cannot connect (57P03), as from PostgreSQL.
+            self._stop_listening()
         for backend in self.backends.values():
             self._tell(backend, ("shutdown", mode))
         if mode != "smart":
@@ -614,6 +670,11 @@ class Postmaster:
                     os.kill(pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
+
+    def _stop_listening(self) -> None:
+        self._close_listen_sockets()
+        for listener in self.listeners.values():
+            self._tell(listener, ("shutdown", self.shutdown_mode))
 
     def handle_quit(self) -> None:
         logger.log(log.LOG, "received immediate shutdown request")
@@ -644,12 +705,28 @@ class Postmaster:
         self._close_listen_sockets()
         if self.table is not None:
             self.table.unlink()
-        if self.pid_file_written:
+        if self.pid_file_written and _pid_in(self.settings.pid_file) == os.getpid():
             try:
                 os.unlink(self.settings.pid_file)
             except OSError:
                 pass
         logger.log(log.LOG, "pgforkpool shut down")
+
+
+def _pid_in(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.readline().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _is_pgforkpool(pid: int) -> bool:
+    try:
+        import psutil
+        return "pgforkpool" in " ".join(psutil.Process(pid).cmdline())
+    except Exception:   # psutil.Error: gone, or not ours to look at
+        return False
 
 
 def _sd_notify(message: str) -> None:

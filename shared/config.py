@@ -105,6 +105,14 @@ PARAMETERS: dict[str, Param] = {p.name: p for p in (
     Param("authentication_timeout", "duration", 60.0, "reload",
           "Time allowed to finish the startup packet and authentication.",
           min=1, max=600, unit="s"),
+    # Statistics and metrics
+    Param("stats_period", "duration", 60.0, "reload",
+          "How often SHOW STATS's per-second averages and the metrics' rates are computed.",
+          min=1, max=86400, unit="s"),
+    Param("metrics_port", "int", 0, "restart",
+          "TCP port of the Prometheus /metrics endpoint; 0 disables it.", min=0, max=65535),
+    Param("metrics_address", "string", "localhost", "restart",
+          "Address the /metrics endpoint listens on; '*' for all."),
     # Logging
     Param("log_connections", "bool", False, "reload",
           "Log each accepted client connection and its authentication."),

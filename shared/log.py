@@ -43,3 +43,15 @@ def setup(log_min_messages: str = "warning") -> None:
 
 def get(name: str) -> logging.Logger:
     return logging.getLogger("pgforkpool." + name)
+
+
+def disconnection(seconds: float, user: str, database: str, address: str) -> str:
+    """PostgreSQL's log_disconnections line; address is "host:port", or "" for a unix socket."""
+    millis = int(seconds * 1000)
+    hours, rest = divmod(millis, 3600_000)
+    minutes, rest = divmod(rest, 60_000)
+    secs, millis = divmod(rest, 1000)
+    host, _, port = address.rpartition(":")
+    where = f"host={host} port={port}" if host else "host=[local]"
+    return (f"disconnection: session time: {hours}:{minutes:02d}:{secs:02d}.{millis:03d} "
+            f"user={user} database={database} {where}")

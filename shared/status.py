@@ -53,18 +53,26 @@ class StatusTable:
     def create(cls, port: int, nslots: int) -> "StatusTable":
         path = table_path(port)
         size = HEADER_SIZE + nslots * SLOT_SIZE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        # A new file renamed into place, never the old one truncated: an instance
+        # still finishing keeps its own mapping (truncating it would kill its
+        # processes with SIGBUS).
+        temporary = f"{path}.{os.getpid()}"
+        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             os.ftruncate(fd, size)
             mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
         HEADER.pack_into(mm, 0, MAGIC, os.getpid(), nslots, time.time())
+        os.rename(temporary, path)
         return cls(path, mm, nslots)
 
     @classmethod
     def attach(cls, port: int) -> "StatusTable | None":
-        path = table_path(port)
+        return cls.attach_path(table_path(port))
+
+    @classmethod
+    def attach_path(cls, path: str) -> "StatusTable | None":
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
@@ -91,6 +99,10 @@ class StatusTable:
         return HEADER.unpack_from(self.mm, 0)[3]
 
     def unlink(self) -> None:
+        """Remove the file, if it is still this table's (a newer instance may have replaced it)."""
+        current = StatusTable.attach_path(self.path)
+        if current is not None and current.postmaster_pid != self.postmaster_pid:
+            return
         try:
             os.unlink(self.path)
         except FileNotFoundError:
@@ -140,6 +152,32 @@ class StatusTable:
 
     def slots(self) -> list[dict]:
         return [self.slot(i) for i in range(self.nslots) if self.counters(i)[IN_USE]]
+
+
+# The cumulative figures of SHOW STATS, summed per pool.
+STAT_FIELDS = ("transactions", "queries", "bytes_in", "bytes_out", "xact_us", "wait_us", "waits")
+
+
+def add_stats(totals: dict, row: dict) -> dict:
+    """Add the cumulative figures of row (a slot, or a pool's totals) to totals; returns totals."""
+    for name in STAT_FIELDS:
+        totals[name] = totals.get(name, 0) + row.get(name, 0)
+    return totals
+
+
+def stats_rates(earlier: tuple[float, dict], later: tuple[float, dict]) -> dict:
+    """Per-second rates and average times between two (time, totals) samples of one pool."""
+    (t0, a), (t1, b) = earlier, later
+    elapsed = max(t1 - t0, 1e-6)
+    delta = {name: b.get(name, 0) - a.get(name, 0) for name in STAT_FIELDS}
+    return {
+        "xacts_per_second": delta["transactions"] / elapsed,
+        "queries_per_second": delta["queries"] / elapsed,
+        "received_per_second": delta["bytes_in"] / elapsed,
+        "sent_per_second": delta["bytes_out"] / elapsed,
+        "avg_xact_us": delta["xact_us"] // delta["transactions"] if delta["transactions"] > 0 else 0,
+        "avg_wait_us": delta["wait_us"] // delta["waits"] if delta["waits"] > 0 else 0,
+    }
 
 
 def load_average(turns: int, ready_sum: int) -> float:

@@ -177,9 +177,10 @@ def test_smart_shutdown_lets_sessions_finish(start_pooler):
     session = pooler.connect()
     pid = server_pid(session)
     pooler.signal(signal.SIGTERM)
-    wait_for(lambda: refused(pooler), "the pooler to stop accepting connections")
-    with pytest.raises(psycopg.OperationalError):
+    wait_for(lambda: "received smart shutdown request" in pooler.log(), "the smart shutdown")
+    with pytest.raises(psycopg.OperationalError) as info:   # 57P03, as PostgreSQL says it
         pooler.connect().close()
+    assert "the database system is shutting down" in str(info.value)
     for _ in range(3):
         assert server_pid(session) == pid
         time.sleep(0.3)

@@ -1,0 +1,140 @@
+"""Operating the pooler: connection logging, shutdown and start hygiene, status, metrics, systemd."""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import psycopg
+import pytest
+
+from conftest import PGFORKPOOL, WAIT, query_running, wait_for
+
+
+def test_log_connections_and_disconnections_as_postgresql_words_them(start_pooler):
+    pool = start_pooler(log_connections="on", log_disconnections="on")
+    conn = pool.connect(application_name="billing")
+    conn.execute("SELECT 1")
+    port = conn.pgconn.socket and socket.socket(fileno=os.dup(conn.pgconn.socket)).getsockname()[1]
+    conn.close()
+    wait_for(lambda: "disconnection:" in pool.log(), "the disconnection line")
+    log = pool.log()
+    assert f"LOG:  connection received: host=127.0.0.1 port={port}" in log
+    assert "LOG:  connection authorized: user=app database=app application_name=billing" in log
+    assert re.search(r"LOG:  disconnection: session time: \d+:\d\d:\d\d\.\d{3} user=app database=app "
+                     rf"host=127\.0\.0\.1 port={port}", log), log
+
+
+def test_fast_shutdown_leaves_no_query_running_on_the_server(start_pooler, cluster):
+    pool = start_pooler(session_pool_size=1)
+    pinned = pool.connect()
+    pinned.execute("CREATE TEMP TABLE t (x int)")   # a pinned session: a connection of its own
+    shared = pool.connect()
+    threads = []
+    for conn, tag in ((shared, "shared"), (pinned, "pinned")):
+        t = threading.Thread(target=lambda c=conn, tag=tag: _ignore(c.execute, f"SELECT pg_sleep(60) /* {tag} */"))
+        t.start()
+        threads.append(t)
+    wait_for(lambda: query_running(cluster, "SELECT pg_sleep(60) /* shared") and
+             query_running(cluster, "SELECT pg_sleep(60) /* pinned"), "both sleeps to run on the server")
+    assert pool.stop(signal.SIGINT) == 0
+    wait_for(lambda: not query_running(cluster, "SELECT pg_sleep(60)"), "the sleeps to be cancelled", timeout=5)
+    for t in threads:
+        t.join(timeout=WAIT)
+
+
+def _ignore(fn, *args):
+    try:
+        fn(*args)
+    except psycopg.Error:
+        pass
+
+
+def test_smart_shutdown_refuses_new_connections_with_57p03(start_pooler):
+    pool = start_pooler()
+    old = pool.connect()
+    old.execute("SELECT 1")
+    pool.signal(signal.SIGTERM)
+    wait_for(lambda: "received smart shutdown request" in pool.log(), "the smart shutdown")
+    with pytest.raises(psycopg.OperationalError) as info:
+        pool.connect()
+    assert "the database system is shutting down" in str(info.value)
+    out = pool.psql("SELECT 1", check=False)   # psql over TCP asks for SSL first
+    assert "the database system is shutting down" in out.stderr
+    assert old.execute("SELECT 2").fetchone() == (2,)   # the old session goes on
+    old.close()
+    assert pool.proc.wait(timeout=WAIT) == 0
+
+
+def test_an_instance_removes_only_its_own_pid_file_and_status_table(start_pooler):
+    first = start_pooler()
+    pid_file = first.settings["pid_file"]
+    # Another running instance configured with the same pid file is refused, in one line.
+    other = type(first)(first.cluster, dict(first.settings, port=first.port + 0))
+    other.port = other.settings["port"] = _free_port()
+    other.write_config()
+    out = subprocess.run([PGFORKPOOL, "start", other.conf], capture_output=True, text=True, timeout=WAIT)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert f"is running with PID {first.pid}" in out.stderr, out.stderr
+    # What is no longer this instance's (a newer instance wrote its own) stays when it stops.
+    with open(pid_file, "w") as f:
+        f.write("4194000\n")
+    first.stop()
+    assert _read(pid_file) == "4194000\n"
+    os.unlink(pid_file)
+    # Restarted on the same port: its own pid file and status table, found by `status`.
+    second = type(first)(first.cluster, dict(first.settings))
+    second.port = first.port
+    second.write_config()
+    try:
+        second.start()
+        assert _read(pid_file) == f"{second.pid}\n"
+        out = subprocess.run([PGFORKPOOL, "status", second.conf], capture_output=True, text=True,
+                             timeout=WAIT)
+        assert out.returncode == 0 and f"postmaster {second.pid}" in out.stdout, out.stderr
+    finally:
+        second.cleanup()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_instances_keep_their_own_pid_files(start_pooler):
+    a, b = start_pooler(), start_pooler()
+    assert _read(a.settings["pid_file"]) == f"{a.pid}\n"
+    assert _read(b.settings["pid_file"]) == f"{b.pid}\n"
+    a.stop()
+    assert not os.path.exists(a.settings["pid_file"])
+    assert _read(b.settings["pid_file"]) == f"{b.pid}\n"
+
+
+def _read(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"auth_file": "/nonexistent/users.txt"}, "/nonexistent/users.txt: could not read auth_file"),
+    ({"port": "{busy}"}, "address already in use"),
+])
+def test_start_up_errors_are_one_clear_line(start_pooler, tmp_path, change, message):
+    pool = start_pooler()
+    busy = pool.port
+    other = type(pool)(pool.cluster, dict(pool.settings))
+    settings = {k: (v.format(busy=busy) if isinstance(v, str) else v) for k, v in change.items()}
+    other.write_config(**settings)
+    out = subprocess.run([PGFORKPOOL, "start", other.conf], capture_output=True, text=True, timeout=WAIT)
+    assert out.returncode != 0
+    lines = [line for line in (out.stdout + out.stderr).splitlines() if line.strip()]
+    assert "Traceback" not in out.stderr, out.stderr
+    assert any(message in line for line in lines), lines
+    assert len([line for line in lines if "FATAL" in line]) == 1, lines
