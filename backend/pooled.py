@@ -27,6 +27,7 @@ import signal
 import socket
 import struct
 import time
+from bisect import bisect_left
 
 from ..shared import channel, log, process, protocol, status
 from ..shared.errors import PgError
@@ -52,6 +53,7 @@ TX_IDLE = int(TransactionStatus.IDLE)
     status.TRANSACTIONS, status.QUERIES, status.BYTES_IN, status.BYTES_OUT, status.XACT_US,
     status.WAIT_US, status.WAITS)
 _monotonic = time.monotonic
+_XACT_HIST, _WAIT_HIST, _BOUNDS_US = status.XACT_HIST, status.WAIT_HIST, status.HISTOGRAM_BOUNDS_US
 
 _length = struct.Struct("!I").unpack_from
 COPY_FAIL = protocol.message(b"f", protocol.cstring("client disconnected"))
@@ -860,7 +862,9 @@ class PooledBackend:
         now = server.since = _monotonic()
         if session.state is WAITING and session.since:
             counters = self.counters
-            counters[_WAIT_US] += int((now - session.since) * 1e6)
+            waited = int((now - session.since) * 1e6)
+            counters[_WAIT_US] += waited
+            counters[_WAIT_HIST + bisect_left(_BOUNDS_US, waited)] += 1
             counters[_WAITS] += 1
         self.scheduler.assign(server, session, restoring)
         if self.registry.evicted:
@@ -905,7 +909,9 @@ class PooledBackend:
             counters = self.counters
             counters[_TRANSACTIONS] += 1
             counters[_QUERIES] += server.queries
-            counters[_XACT_US] += int((_monotonic() - server.since) * 1e6)
+            elapsed = int((_monotonic() - server.since) * 1e6)
+            counters[_XACT_US] += elapsed
+            counters[_XACT_HIST + bisect_left(_BOUNDS_US, elapsed)] += 1
             server.queries = 0
         stream = server.stream
         if not stream.mask & EPOLLIN:

@@ -17,6 +17,7 @@ import time
 from ..backend import console
 from ..shared import auth, channel, config, log, process, status
 from ..shared.errors import PgError
+from . import metrics
 from .pools import BackendSlot, Pool
 
 logger = log.get("postmaster")
@@ -76,6 +77,9 @@ class Postmaster:
         self.next_question = 0
         # SHOW STATS: what backends that have exited counted, per pool, and the
         # pools' totals sampled every stats_period (the averages are over the last one).
+        self.metrics_sock: socket.socket | None = None   # metrics_port, bound at start
+        self.metrics: ConsoleSlot | None = None          # the /metrics process
+        self.forking_metrics = False
         self.retired_stats: dict[tuple[str, str], dict] = {}
         self.stats_samples: list[tuple[float, dict]] = []
         self.next_stats_sample = 0.0
@@ -103,6 +107,8 @@ class Postmaster:
         self.epoll.register(self.signals.read_fd, select.EPOLLIN)
         for number in range(1, settings.connection_pool_workers + 1):
             self._spawn_listener(number)
+        if self.metrics_sock is not None:
+            self._spawn_metrics()
         process.set_title("postmaster")
         logger.log(log.LOG, "pgforkpool is ready to accept connections on port %d "
                    "(upstream %s:%d)", settings.port, settings.upstream_host, settings.upstream_port)
@@ -153,6 +159,12 @@ class Postmaster:
             self._listen(sock)
         if not self.listen_socks:
             raise StartupFailure("no socket created for listening")
+        if settings.metrics_port:
+            try:
+                self.metrics_sock = metrics.bind(settings)
+            except OSError as exc:
+                raise StartupFailure(f'could not bind the metrics endpoint "{settings.metrics_address}" '
+                                     f"port {settings.metrics_port}: {exc.strerror or exc}")
 
     def _listen(self, sock: socket.socket) -> None:
         sock.listen(1024)
@@ -486,8 +498,10 @@ class Postmaster:
         for sock in self.listen_socks:
             sock.close()
         for child in list(self.listeners.values()) + list(self.backends.values()) + list(
-                self.consoles.values()):
+                self.consoles.values()) + ([self.metrics] if self.metrics else []):
             child.chan.close()
+        if self.metrics_sock is not None and not self.forking_metrics:
+            self.metrics_sock.close()
         self.signals.close()
 
     def _spawn_listener(self, number: int) -> None:
@@ -541,6 +555,16 @@ class Postmaster:
         self.consoles[pid] = slot
         self.by_chan[chan.fileno()] = slot
 
+    def _spawn_metrics(self) -> None:
+        listen, table = self.metrics_sock, self.table
+        self.forking_metrics = True
+        try:
+            pid, chan = self._fork("metrics", lambda c: metrics.main(listen, table, c))
+        finally:
+            self.forking_metrics = False
+        self.metrics = ConsoleSlot(pid, chan)
+        self.by_chan[chan.fileno()] = self.metrics
+
     def _tell(self, child, message: tuple) -> None:
         try:
             channel.send(child.chan, message)
@@ -569,6 +593,14 @@ class Postmaster:
             self._child_exited(pid, wstatus)
 
     def _child_exited(self, pid: int, wstatus: int) -> None:
+        if self.metrics is not None and pid == self.metrics.pid:
+            self._forget_channel(self.metrics, closing=True)
+            self.metrics = None
+            if not self.shutdown_mode:
+                logger.log(log.LOG, "metrics process (PID %d) exited with exit code %d; restarting it",
+                           pid, os.waitstatus_to_exitcode(wstatus))
+                self._spawn_metrics()
+            return
         console_slot = self.consoles.pop(pid, None)
         if console_slot is not None:
             self._forget_channel(console_slot, closing=True)
@@ -678,7 +710,8 @@ class Postmaster:
 
     def handle_quit(self) -> None:
         logger.log(log.LOG, "received immediate shutdown request")
-        for pid in list(self.listeners) + list(self.backends) + list(self.consoles):
+        for pid in list(self.listeners) + list(self.backends) + list(self.consoles) + (
+                [self.metrics.pid] if self.metrics else []):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -703,6 +736,13 @@ class Postmaster:
 
     def _cleanup(self) -> None:
         self._close_listen_sockets()
+        if self.metrics is not None:
+            try:
+                os.kill(self.metrics.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        if self.metrics_sock is not None:
+            self.metrics_sock.close()
         if self.table is not None:
             self.table.unlink()
         if self.pid_file_written and _pid_in(self.settings.pid_file) == os.getpid():

@@ -28,6 +28,14 @@ FIELDS = ("in_use", "pid", "kind", "draining", "sessions", "waiting", "pinned",
 (IN_USE, PID, KIND, DRAINING, SESSIONS, WAITING, PINNED, TURNS, READY_SUM, STARTED_US,
  SERVED, TRANSACTIONS, SERVER_CONNECTIONS, PAUSED, QUERIES, BYTES_IN, BYTES_OUT, XACT_US,
  WAIT_US, WAITS) = range(20)
+# Histograms of transaction and wait times: a count per bucket (not cumulative),
+# the bucket being the first upper bound, in microseconds, that the time does not exceed.
+HISTOGRAM_BOUNDS_US = (500, 1000, 5000, 10_000, 50_000, 100_000, 500_000, 1000_000, 5000_000)
+HISTOGRAM_BUCKETS = len(HISTOGRAM_BOUNDS_US) + 1   # the last one: above every bound
+XACT_HIST = len(FIELDS)
+WAIT_HIST = XACT_HIST + HISTOGRAM_BUCKETS
+FIELDS = FIELDS + tuple(f"xact_hist_{i}" for i in range(HISTOGRAM_BUCKETS)) + tuple(
+    f"wait_hist_{i}" for i in range(HISTOGRAM_BUCKETS))
 INT_BYTES = len(FIELDS) * 8
 SLOT_SIZE = INT_BYTES + 2 * NAMEDATALEN
 
@@ -155,7 +163,8 @@ class StatusTable:
 
 
 # The cumulative figures of SHOW STATS, summed per pool.
-STAT_FIELDS = ("transactions", "queries", "bytes_in", "bytes_out", "xact_us", "wait_us", "waits")
+STAT_FIELDS = ("transactions", "queries", "bytes_in", "bytes_out", "xact_us", "wait_us",
+               "waits") + FIELDS[XACT_HIST:]
 
 
 def add_stats(totals: dict, row: dict) -> dict:

@@ -138,3 +138,57 @@ def test_start_up_errors_are_one_clear_line(start_pooler, tmp_path, change, mess
     assert "Traceback" not in out.stderr, out.stderr
     assert any(message in line for line in lines), lines
     assert len([line for line in lines if "FATAL" in line]) == 1, lines
+
+
+def scrape(port):
+    import urllib.request
+    from prometheus_client.parser import text_string_to_metric_families
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=WAIT) as response:
+        assert response.status == 200
+        text = response.read().decode()
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+def sample(families, name, suffix="", **labels):
+    family = families[name]
+    for s in family.samples:
+        if s.name == name + suffix and all(s.labels.get(k) == v for k, v in labels.items()):
+            return s.value
+    raise KeyError((name, suffix, labels))
+
+
+def test_metrics_endpoint_parses_and_its_counters_grow_with_traffic(start_pooler):
+    port = _free_port()
+    pool = start_pooler(metrics_port=port, metrics_address="127.0.0.1", session_pool_size=2)
+    conn = pool.connect()
+    conn.execute("SELECT 1")
+    before = scrape(port)
+    xacts = sample(before, "pgforkpool_transactions", "_total", database="app", user="app")
+    for _ in range(25):
+        conn.execute("SELECT repeat('y', 500)")
+    after = scrape(port)
+    assert sample(after, "pgforkpool_transactions", "_total", database="app", user="app") >= xacts + 25
+    assert sample(after, "pgforkpool_sent_bytes", "_total", database="app", user="app") >= 25 * 500
+    count = sample(after, "pgforkpool_transaction_duration_seconds", "_count", database="app", user="app")
+    inf = sample(after, "pgforkpool_transaction_duration_seconds", "_bucket", database="app", user="app",
+                 le="+Inf")
+    assert count == inf >= 26
+    assert "pgforkpool_wait_duration_seconds" in after
+    sessions = [s for s in after["pgforkpool_backend_sessions"].samples if s.labels["database"] == "app"]
+    assert sum(s.value for s in sessions) == 1
+    conn.close()
+
+
+def test_metrics_port_in_use_is_a_start_up_error(start_pooler):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        pool = start_pooler()
+        other = type(pool)(pool.cluster, dict(pool.settings))
+        other.port = other.settings["port"] = _free_port()
+        other.settings["pid_file"] = os.path.join(other.dir, "other.pid")
+        other.write_config(metrics_port=busy.getsockname()[1], metrics_address="127.0.0.1")
+        out = subprocess.run([PGFORKPOOL, "start", other.conf], capture_output=True, text=True,
+                             timeout=WAIT)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "could not bind the metrics endpoint" in out.stderr, out.stderr
