@@ -22,7 +22,6 @@ import struct
 import time
 from importlib import metadata
 
-import psutil
 
 from ..shared import channel, config, log, process, protocol, status
 from ..shared.errors import PgError
@@ -137,15 +136,7 @@ def backend_rows(table: status.StatusTable, server_pids: dict[int, list[int]] | 
         pid = slot["pid"]
         if not pid:
             continue
-        rss, cpu = None, None
-        try:
-            proc = psutil.Process(pid)
-            with proc.oneshot():
-                rss = proc.memory_info().rss
-                times = proc.cpu_times()
-                cpu = round(times.user + times.system, 3)
-        except psutil.Error:
-            pass
+        rss, cpu = status.process_figures(pid)
         state = "draining" if slot["draining"] else ("paused" if slot["paused"] else "running")
         pids = (server_pids or {}).get(pid, [])
         rows.append([pid, slot["database"], slot["user"], slot["kind"], state, slot["sessions"],

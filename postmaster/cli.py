@@ -115,38 +115,79 @@ def status_rows(table: status.StatusTable) -> list[dict]:
     for slot in table.slots():
         if not slot["pid"]:
             continue
+        rss, cpu = status.process_figures(slot["pid"])
         rows.append({
             "pid": slot["pid"], "type": slot["kind"], "database": slot["database"],
             "user": slot["user"], "sessions": slot["sessions"], "waiting": slot["waiting"],
             "pinned": slot["pinned"], "transactions": slot["transactions"],
             "load_average": round(slot["load_average"], 4),
-            "draining": bool(slot["draining"]),
+            "draining": bool(slot["draining"]), "paused": bool(slot["paused"]),
+            "rss_mb": round(rss / 2**20, 1) if rss is not None else None, "cpu_seconds": cpu,
         })
     return rows
 
 
+def pool_rows(table: status.StatusTable) -> list[dict]:
+    """One row per (database, user), as SHOW POOLS and SHOW STATS sum their backends (running ones)."""
+    pools: dict[tuple[str, str], dict] = {}
+    for slot in table.slots():
+        if not slot["pid"]:
+            continue
+        pool = pools.setdefault((slot["database"], slot["user"]), {
+            "database": slot["database"], "user": slot["user"], "backends": 0, "dedicated": 0,
+            "sessions": 0, "ready": 0, "pinned": 0})
+        pool["dedicated" if slot["kind"] == "dedicated" else "backends"] += 1
+        for name in ("sessions", "pinned"):
+            pool[name] += slot[name]
+        pool["ready"] += slot["waiting"]
+        status.add_stats(pool, slot)
+    rows = []
+    for pool in pools.values():
+        xacts, waits = pool["transactions"], pool["waits"]
+        rows.append({
+            "database": pool["database"], "user": pool["user"], "backends": pool["backends"],
+            "dedicated": pool["dedicated"], "sessions": pool["sessions"], "ready": pool["ready"],
+            "pinned": pool["pinned"], "transactions": xacts, "queries": pool["queries"],
+            "received_bytes": pool["bytes_in"], "sent_bytes": pool["bytes_out"],
+            "avg_xact_time_us": pool["xact_us"] // xacts if xacts else 0,
+            "avg_wait_time_us": pool["wait_us"] // waits if waits else 0,
+        })
+    return sorted(rows, key=lambda r: (r["database"], r["user"]))
+
+
+def _print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = {c: max([len(c)] + [len(str(r[c])) for r in rows]) for c in columns}
+    click.echo(" | ".join(c.ljust(widths[c]) for c in columns))
+    click.echo("-+-".join("-" * widths[c] for c in columns))
+    for r in rows:
+        click.echo(" | ".join(str(r[c]).ljust(widths[c]) for c in columns))
+    click.echo(f"({len(rows)} rows)")
+
+
 @main.command("status")
 @click.argument("config_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("-c", "overrides", multiple=True, metavar="NAME=VALUE",
+              help="Set a configuration parameter, as given to start (port, pid_file).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "yaml"]), default="table",
               show_default=True)
-def status_command(config_file: str, fmt: str) -> None:
-    """Show the running pooler's backends and their load."""
-    settings = _load(config_file)
+def status_command(config_file: str, overrides: tuple[str, ...], fmt: str) -> None:
+    """Show the running pooler's pools and backends, with their load and totals."""
+    settings = _load(config_file, overrides)
     pid = _running_pid(settings)
     table = status.StatusTable.attach(settings.port)
-    rows = status_rows(table) if table is not None else []
-    data = {"postmaster_pid": pid, "port": settings.port, "backends": rows}
+    backends = status_rows(table) if table is not None else []
+    pools = pool_rows(table) if table is not None else []
+    data = {"postmaster_pid": pid, "port": settings.port, "pools": pools, "backends": backends}
     if fmt == "json":
         click.echo(json.dumps(data, indent=2))
     elif fmt == "yaml":
         click.echo(yaml.safe_dump(data, sort_keys=False), nl=False)
     else:
         click.echo(f"pgforkpool postmaster {pid}, port {settings.port}")
-        columns = ["pid", "type", "database", "user", "sessions", "waiting", "pinned",
-                   "transactions", "load_average", "draining"]
-        widths = {c: max([len(c)] + [len(str(r[c])) for r in rows]) for c in columns}
-        click.echo(" | ".join(c.ljust(widths[c]) for c in columns))
-        click.echo("-+-".join("-" * widths[c] for c in columns))
-        for r in rows:
-            click.echo(" | ".join(str(r[c]).ljust(widths[c]) for c in columns))
-        click.echo(f"({len(rows)} rows)")
+        click.echo("")
+        _print_table(pools, ["database", "user", "backends", "dedicated", "sessions", "ready", "pinned",
+                             "transactions", "queries", "avg_xact_time_us", "avg_wait_time_us"])
+        click.echo("")
+        _print_table(backends, ["pid", "type", "database", "user", "sessions", "waiting", "pinned",
+                                "transactions", "load_average", "draining", "paused", "rss_mb",
+                                "cpu_seconds"])

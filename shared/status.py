@@ -189,6 +189,18 @@ def stats_rates(earlier: tuple[float, dict], later: tuple[float, dict]) -> dict:
     }
 
 
+def process_figures(pid: int) -> tuple[int | None, float | None]:
+    """(resident memory in bytes, CPU seconds user + system) of a process; Nones if unknown."""
+    import psutil
+    try:
+        proc = psutil.Process(pid)
+        with proc.oneshot():
+            times = proc.cpu_times()
+            return proc.memory_info().rss, round(times.user + times.system, 3)
+    except psutil.Error:
+        return None, None
+
+
 def load_average(turns: int, ready_sum: int) -> float:
     """pg_backend_load_average: sessions ready to run per event-loop turn since start."""
     return ready_sum / turns if turns else 0.0

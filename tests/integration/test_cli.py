@@ -75,6 +75,29 @@ def test_status_json_and_yaml_agree(busy_pooler):
         assert all(isinstance(b["load_average"], float) for b in parsed["backends"])
 
 
+def test_status_shows_pools_and_takes_the_start_overrides(cluster):
+    pooler = Pooler(cluster, {"pid_file": ""})   # found through the status table of its port
+    pooler.port = free_port()
+    try:
+        pooler.start("-c", f"port={pooler.port}")
+        with pooler.connect() as conn:
+            conn.execute("SELECT 1")
+            plain = cli("status", pooler.conf)
+            assert plain.returncode != 0 and "no pgforkpool is running" in plain.stderr
+            out = cli("status", pooler.conf, "-c", f"port={pooler.port}", "--format", "json")
+            assert out.returncode == 0, out.stderr
+            data = json.loads(out.stdout)
+            assert data["port"] == pooler.port and data["postmaster_pid"] == pooler.pid
+            pool = next(p for p in data["pools"] if (p["database"], p["user"]) == ("app", "app"))
+            assert pool["sessions"] == 1 and pool["transactions"] >= 1
+            assert [b["pid"] for b in data["backends"]] == [backend_pid(conn)]
+            assert data["backends"][0]["rss_mb"] > 0
+            table = cli("status", pooler.conf, "-c", f"port={pooler.port}")
+            assert "avg_xact_time_us" in table.stdout and "rss_mb" in table.stdout
+    finally:
+        pooler.cleanup()
+
+
 # ---------------------------------------------------------------- reload
 
 def test_reload_command(start_pooler):
