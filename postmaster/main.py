@@ -80,6 +80,8 @@ class Postmaster:
         self.metrics_sock: socket.socket | None = None   # metrics_port, bound at start
         self.metrics: ConsoleSlot | None = None          # the /metrics process
         self.forking_metrics = False
+        self.sd_status = ""             # the STATUS= systemd was last told
+        self.next_sd_status = 0.0
         self.retired_stats: dict[tuple[str, str], dict] = {}
         self.stats_samples: list[tuple[float, dict]] = []
         self.next_stats_sample = 0.0
@@ -112,7 +114,8 @@ class Postmaster:
         process.set_title("postmaster")
         logger.log(log.LOG, "pgforkpool is ready to accept connections on port %d "
                    "(upstream %s:%d)", settings.port, settings.upstream_host, settings.upstream_port)
-        _sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=accepting connections")
+        self.sd_status = self._status_text()
+        _sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS={self.sd_status}")
 
     def _bind(self) -> None:
         settings = self.settings
@@ -237,6 +240,8 @@ class Postmaster:
                     self._expire_questions()
                 if time.monotonic() >= self.next_stats_sample:
                     self._sample_stats()
+                if time.monotonic() >= self.next_sd_status:
+                    self._notify_status()
                 if self.shutdown_mode and not self.backends and not self.consoles:
                     if self.listen_socks:
                         self._stop_listening()   # smart shutdown: the last session has ended
@@ -362,6 +367,22 @@ class Postmaster:
                 if slot["pid"]:
                     status.add_stats(totals.setdefault((slot["database"], slot["user"]), {}), slot)
         return totals
+
+    def _status_text(self) -> str:
+        sessions = sum(b.sessions for b in self.backends.values()) + len(self.consoles)
+        pooled = sum(1 for b in self.backends.values() if b.pool is not None)
+        dedicated = len(self.backends) - pooled
+        state = f"shutting down ({self.shutdown_mode})" if self.shutdown_mode else "accepting connections"
+        return (f"{state}; {sessions} session{'s' * (sessions != 1)}, {pooled} pooled and "
+                f"{dedicated} dedicated backend{'s' * (dedicated != 1)}")
+
+    def _notify_status(self) -> None:
+        """STATUS= for systemctl status, when it has changed (at most once a second)."""
+        self.next_sd_status = time.monotonic() + 1.0
+        text = self._status_text()
+        if text != self.sd_status:
+            self.sd_status = text
+            _sd_notify(f"STATUS={text}")
 
     def _sample_stats(self) -> None:
         now = time.monotonic()
@@ -653,7 +674,7 @@ class Postmaster:
 
     def handle_hup(self) -> None:
         """Reload: apply a valid configuration file, or nothing at all."""
-        _sd_notify("RELOADING=1")
+        _sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
         old = self.settings
         try:
             new = config.load_config(old.path, old.overrides)

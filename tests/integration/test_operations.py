@@ -192,3 +192,36 @@ def test_metrics_port_in_use_is_a_start_up_error(start_pooler):
                              timeout=WAIT)
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert "could not bind the metrics endpoint" in out.stderr, out.stderr
+
+
+def test_systemd_notifications_through_a_real_notify_socket(start_pooler, monkeypatch, tmp_path):
+    from conftest import readable_tempdir
+    path = os.path.join(readable_tempdir("pgforkpool-notify-"), "notify")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    os.chmod(path, 0o777)   # the pooler sends as its `user` once it has switched
+    sock.settimeout(WAIT)
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    messages = []
+
+    def receive_until(predicate):
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            messages.append(sock.recv(4096).decode())
+            if predicate(messages[-1]):
+                return messages[-1]
+        raise AssertionError(f"no such notification among {messages}")
+
+    pool = start_pooler()
+    ready = receive_until(lambda m: "READY=1" in m)
+    assert f"MAINPID={pool.pid}" in ready and "STATUS=accepting connections; 0 sessions" in ready
+    conn = pool.connect()
+    conn.execute("SELECT 1")
+    receive_until(lambda m: "STATUS=accepting connections; 1 session, 1 pooled" in m)
+    pool.signal(signal.SIGHUP)
+    receive_until(lambda m: "RELOADING=1" in m)
+    receive_until(lambda m: m.startswith("READY=1"))
+    conn.close()
+    pool.stop(signal.SIGINT)
+    receive_until(lambda m: "STOPPING=1" in m)
+    sock.close()
