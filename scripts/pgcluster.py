@@ -79,8 +79,10 @@ class Cluster:
                     "host all all ::1/128 scram-sha-256\n")
 
     def start(self) -> None:
+        # The port on the command line: a cluster made by an earlier run with
+        # another port starts on the one asked for now.
         self._run([os.path.join(pg_bin(), "pg_ctl"), "-D", self.data_dir, "-l", self.log_file,
-                   "-w", "-t", "60", "start"])
+                   "-o", f"-p {self.port}", "-w", "-t", "60", "start"])
 
     def stop(self, mode: str = "fast") -> None:
         if os.path.exists(os.path.join(self.data_dir, "postmaster.pid")):

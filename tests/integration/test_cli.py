@@ -186,3 +186,20 @@ def test_help():
     start = cli("start", "--help", timeout=WAIT)
     assert start.returncode == 0, start.stderr
     assert "CONFIG" in start.stdout and "-c" in start.stdout
+
+
+def test_a_throwaway_cluster_starts_on_the_port_asked_for_now():
+    """scripts/run's PGPORT= on a second run: the cluster made by the first starts on the new port."""
+    from conftest import Cluster, readable_tempdir
+    base = readable_tempdir("pgforkpool-rerun-")
+    first = Cluster(base, free_port())
+    try:
+        first.init()
+        first.start()
+        first.stop()
+        second = Cluster(base, free_port())
+        second.init()
+        second.start()
+        assert second.psql("SHOW port") == str(second.port)
+    finally:
+        first.destroy()
