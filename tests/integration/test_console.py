@@ -205,13 +205,28 @@ def console_probe(pool):
     return conn
 
 
-def test_reload_through_the_console_drops_no_session(pool):
+def test_reload_by_console_sighup_and_cli_drops_no_session(pool):
+    import signal
+    import subprocess
+    from conftest import PGFORKPOOL
     app = pool.connect()
     app.execute("SET work_mem = '9MB'")
-    pool.write_config(max_sessions=500)
+    app_pid = backend_pid(app)
     with console(pool) as admin:
-        admin.execute("RELOAD")
-        wait_for(lambda: {r["name"]: r["setting"] for r in rows(admin, "SHOW CONFIG")}.get(
-            "max_sessions") == "500", "the reload to apply")
-    assert app.execute("SHOW work_mem").fetchone() == ("9MB",)
+        def max_sessions():
+            return {r["name"]: r["setting"] for r in rows(admin, "SHOW CONFIG")}["max_sessions"]
+        for value, how in (("500", "console"), ("400", "sighup"), ("300", "cli")):
+            pool.write_config(max_sessions=value)
+            if how == "console":
+                admin.execute("RELOAD")
+            elif how == "sighup":
+                pool.signal(signal.SIGHUP)
+            else:
+                out = subprocess.run([PGFORKPOOL, "reload", pool.conf], capture_output=True, text=True,
+                                     timeout=WAIT)
+                assert out.returncode == 0, out.stderr
+            wait_for(lambda: max_sessions() == value, f"the reload by {how} to apply")
+            assert app.execute("SHOW work_mem").fetchone() == ("9MB",)
+            assert backend_pid(app) == app_pid
+        assert len(rows(admin, "SHOW SESSIONS")) == 1
     app.close()
