@@ -40,6 +40,7 @@ class StartupConnection:
         self.auth: auth.ServerAuth | None = None
         self.negotiated_ssl = False
         self.negotiated_gss = False
+        self.peer = ""
 
 
 class Listener:
@@ -271,6 +272,9 @@ class Listener:
         if error.sqlstate in ("28P01", "28000"):
             logger.log(log.LOG, "%s (user \"%s\", database \"%s\")", error.text,
                        conn.params.get("user", ""), conn.params.get("database", ""))
+        elif error.sqlstate == "08P01":
+            logger.log(log.LOG, "connection %d (%s): protocol violation: %s", conn.conn_id,
+                       conn.peer or "?", error.text)
         try:
             conn.sock.send(error.packet())
         except OSError:

@@ -383,6 +383,8 @@ class Postmaster:
         if text != self.sd_status:
             self.sd_status = text
             _sd_notify(f"STATUS={text}")
+            # The process title tells the same (ps, top), as a backend's tells its sessions.
+            process.set_title("postmaster " + text.split("; ", 1)[-1])
 
     def _sample_stats(self) -> None:
         now = time.monotonic()

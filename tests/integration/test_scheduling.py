@@ -169,8 +169,8 @@ def test_round_robin_ignores_load(start_pooler):
 def test_process_titles_and_os_user(start_pooler):
     pooler = start_pooler(session_pool_size=1)
     postmaster = psutil.Process(pooler.pid)
-    wait_for(lambda: title(postmaster) == "pgforkpool: postmaster",
-             f"the postmaster's title (it is {title(postmaster)!r})")
+    wait_for(lambda: title(postmaster) == "pgforkpool: postmaster 0 sessions, 0 pooled and 0 dedicated "
+                                          "backends", f"the postmaster's title (it is {title(postmaster)!r})")
     wait_for_titles(pooler, ["pgforkpool: listener 1", "pgforkpool: listener 2"])
 
     pooled = [pooler.connect(), pooler.connect()]
@@ -185,6 +185,9 @@ def test_process_titles_and_os_user(start_pooler):
                  f"the title to show 2 sessions (it is {title(backend)!r})")
         assert title(psutil.Process(backend_pid(dedicated))) == \
             "pgforkpool: dedicated backend postgres/postgres"
+        wait_for(lambda: title(postmaster) == "pgforkpool: postmaster 3 sessions, 1 pooled and "
+                                              "1 dedicated backend",
+                 f"the postmaster's title to count them (it is {title(postmaster)!r})")
 
         children = pooler.children()
         assert len(children) == 4   # two listeners, one pooled backend, one dedicated backend
