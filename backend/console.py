@@ -189,6 +189,8 @@ class Console:
         self.inbuf = bytearray()
         self.next_token = 0
         self.extended_error = False   # an extended-protocol message was refused: skip to Sync
+        self.statements: dict[str, str] = {}      # prepared by Parse: name -> command text
+        self.portals: dict[str, list] = {}        # bound: name -> [command text, reply if described]
 
     # -- I/O
 
@@ -210,21 +212,95 @@ class Console:
                 self.send(self._simple_query(body) + protocol.ready_for_query(b"I"))
             elif msg_type == protocol.SYNC:
                 self.extended_error = False
+                self.portals.pop("", None)
                 self.send(protocol.ready_for_query(b"I"))
             elif msg_type in (protocol.FLUSH, protocol.COPY_DATA, protocol.COPY_DONE, protocol.COPY_FAIL):
                 continue
+            elif msg_type == protocol.FUNCTION_CALL:
+                self.send(error_packet("0A000", "the admin console has no functions to call")
+                          + protocol.ready_for_query(b"I"))
             elif msg_type in (protocol.PARSE, protocol.BIND, protocol.DESCRIBE, protocol.EXECUTE,
-                              protocol.CLOSE, protocol.FUNCTION_CALL):
-                if not self.extended_error:
-                    self.extended_error = msg_type != protocol.FUNCTION_CALL
-                    self.send(error_packet("0A000", "the admin console supports only the simple "
-                                           "query protocol"))
-                if msg_type == protocol.FUNCTION_CALL:
-                    self.send(protocol.ready_for_query(b"I"))
+                              protocol.CLOSE):
+                if self.extended_error:
+                    continue   # skipped until Sync, as PostgreSQL does after an error
+                try:
+                    self.send(self._extended(msg_type, body))
+                except ConsoleError as exc:
+                    self.extended_error = True
+                    self.send(error_packet(exc.sqlstate, exc.text, exc.hint))
+                except (ValueError, IndexError, struct.error, UnicodeDecodeError):
+                    self.send(PgError("protocol_violation", "invalid message format").packet())
+                    return
             else:
                 self.send(PgError("protocol_violation",
                                   f"invalid frontend message type {msg_type}").packet())
                 return
+
+    # -- the extended query protocol (drivers prepare statements they repeat), without parameters
+
+    def _extended(self, msg_type: int, body: bytes) -> bytes:
+        if msg_type == protocol.PARSE:
+            name, pos = protocol.read_cstring(body, 0)
+            query, pos = protocol.read_cstring(body, pos)
+            if len([s for s in _split(query) if s.strip()]) > 1:
+                raise ConsoleError("42601", "cannot insert multiple commands into a prepared statement")
+            self.statements[name] = query
+            return protocol.message(b"1")
+        if msg_type == protocol.BIND:
+            portal, pos = protocol.read_cstring(body, 0)
+            name, pos = protocol.read_cstring(body, pos)
+            if name not in self.statements:
+                raise ConsoleError("26000", f'prepared statement "{name}" does not exist')
+            nformats = struct.unpack_from("!h", body, pos)[0]
+            pos += 2 + 2 * nformats
+            nparams = struct.unpack_from("!h", body, pos)[0]
+            pos += 2
+            if nparams:
+                raise ConsoleError("0A000", "the admin console takes no parameters",
+                                   hint="Write the values into the command text.")
+            nresults = struct.unpack_from("!h", body, pos)[0]
+            formats = struct.unpack_from(f"!{nresults}h", body, pos + 2)
+            if any(formats):
+                raise ConsoleError("0A000", "the admin console returns text results only")
+            self.portals[portal] = [self.statements[name], None]
+            return protocol.message(b"2")
+        if msg_type == protocol.DESCRIBE:
+            kind, name = body[:1], protocol.read_cstring(body, 1)[0]
+            if kind == b"S":
+                if name not in self.statements:
+                    raise ConsoleError("26000", f'prepared statement "{name}" does not exist')
+                query, out = self.statements[name], protocol.message(b"t", b"\0\0")
+            else:
+                if name not in self.portals:
+                    raise ConsoleError("34000", f'portal "{name}" does not exist')
+                query, out = self.portals[name][0], b""
+            if not _READ_ONLY.match(query):
+                return out + protocol.message(b"n")   # NoData: it runs at Execute
+            reply = self._run_one(query)
+            if kind == b"P":
+                self.portals[name][1] = reply
+            return out + (_first_message(reply) if reply[:1] == b"T" else protocol.message(b"n"))
+        if msg_type == protocol.EXECUTE:
+            name = protocol.read_cstring(body, 0)[0]
+            if name not in self.portals:
+                raise ConsoleError("34000", f'portal "{name}" does not exist')
+            query, reply = self.portals[name]
+            if reply is None:
+                reply = self._run_one(query)
+            self.portals[name][1] = None
+            return reply[len(_first_message(reply)):] if reply[:1] == b"T" else reply
+        # Close
+        kind, name = body[:1], protocol.read_cstring(body, 1)[0]
+        (self.statements if kind == b"S" else self.portals).pop(name, None)
+        return protocol.message(b"3")
+
+    def _run_one(self, query: str) -> bytes:
+        """One command's reply bytes (RowDescription, rows, CommandComplete), or ConsoleError."""
+        self._drain_channel()
+        query = query.strip().rstrip(";").strip()
+        if not query:
+            return protocol.message(b"I")
+        return self._command(query)
 
     def _read_message(self) -> tuple[int, bytes] | None:
         while True:
@@ -450,6 +526,13 @@ class Console:
             if msg[0] == "answer" and msg[1] == token:
                 return msg[2]
             self._postmaster_says(msg)
+
+
+_READ_ONLY = re.compile(r"^\s*(show|select)\b", re.I)
+
+
+def _first_message(data: bytes) -> bytes:
+    return data[:1 + struct.unpack_from("!I", data, 1)[0]]
 
 
 def _identifier(text: str) -> str:

@@ -54,6 +54,7 @@ TX_IDLE = int(TransactionStatus.IDLE)
     status.WAIT_US, status.WAITS)
 _monotonic = time.monotonic
 _XACT_HIST, _WAIT_HIST, _BOUNDS_US = status.XACT_HIST, status.WAIT_HIST, status.HISTOGRAM_BOUNDS_US
+_STAT_INDEXES = tuple(status.FIELDS.index(name) for name in status.STAT_FIELDS)
 
 _length = struct.Struct("!I").unpack_from
 COPY_FAIL = protocol.message(b"f", protocol.cstring("client disconnected"))
@@ -102,6 +103,10 @@ class PooledBackend:
         self.trim_memory = False               # bulk traffic passed: hand memory back at housekeeping
         # Read every turn of the loop: a plain attribute, not a Settings lookup.
         self.idle_timeout = settings.idle_pool_backend_timeout
+        # SHOW STATS's cumulative figures, by status-table index: a list is cheaper to add
+        # to than the shared memory; _housekeeping publishes it at least once a second.
+        self.stats = [0] * len(status.FIELDS)
+        self.now = time.monotonic()   # the current turn of the event loop began
         # PAUSE from the admin console: no transaction starts, the shared
         # connection is closed once free; the console's question waits for that.
         self.paused = False
@@ -124,6 +129,7 @@ class PooledBackend:
             # Deadlines (login, cancels, idle timeout, shutdown) are kept by
             # _housekeeping, at least once a second; no per-turn computation.
             events = poll(1.0)
+            now = self.now = monotonic()   # the time of this turn, for every figure it records
             for fd, mask in events:
                 handler = handlers.get(fd)
                 if handler is not None:
@@ -133,16 +139,24 @@ class PooledBackend:
             counters[turns] += 1
             counters[ready_sum] += ready
             counters[waiting] = ready
-            if not events or monotonic() > self.title_at:
+            if not events or now > self.title_at:
                 self._housekeeping()
                 if self.shutdown_mode is not None and not self.sessions:
                     break
+        self._publish_stats()
         if self.server is not None:
             self.server.close()
         os._exit(0)
 
+    def _publish_stats(self) -> None:
+        """SHOW STATS's figures, counted in a plain list on the hot path, into the status table."""
+        counters, stats = self.counters, self.stats
+        for index in _STAT_INDEXES:
+            counters[index] = stats[index]
+
     def _housekeeping(self) -> None:
         now = time.monotonic()
+        self._publish_stats()
         server = self.server
         if (server is not None and server.state in (ServerState.CONNECTING, ServerState.LOGIN)
                 and now > server.deadline):
@@ -361,7 +375,7 @@ class PooledBackend:
         if not data:
             self._client_gone(session)
             return
-        self.counters[_BYTES_IN] += len(data)
+        self.stats[_BYTES_IN] += len(data)
         if len(data) == RECV_SIZE:
             self.trim_memory = True
         state = session.state
@@ -379,7 +393,7 @@ class PooledBackend:
                          or server.context == session.context.settings)
                     and len(data) >= 5 and len(data) >= 1 + _length(data, 1)[0]):
                 self.scheduler.assign(server, session)
-                server.since = _monotonic()
+                server.since = self.now
                 server.context = session.context.settings
                 self._forward(session, server, data)
                 return
@@ -578,7 +592,7 @@ class PooledBackend:
                 if not data:
                     self._server_lost(server)
                     return
-                self.counters[_BYTES_OUT] += len(data)
+                self.stats[_BYTES_OUT] += len(data)
                 if len(data) == RECV_SIZE:
                     self.trim_memory = True
                 out, event = server.receive(data)
@@ -859,13 +873,13 @@ class PooledBackend:
         """Give the server connection to session: restore its context, pass its waiting input."""
         settings = session.context.settings
         restoring = server.context is not settings and server.context != settings
-        now = server.since = _monotonic()
+        now = server.since = self.now
         if session.state is WAITING and session.since:
-            counters = self.counters
+            stats = self.stats
             waited = int((now - session.since) * 1e6)
-            counters[_WAIT_US] += waited
-            counters[_WAIT_HIST + bisect_left(_BOUNDS_US, waited)] += 1
-            counters[_WAITS] += 1
+            stats[_WAIT_US] += waited
+            stats[_WAIT_HIST + bisect_left(_BOUNDS_US, waited)] += 1
+            stats[_WAITS] += 1
         self.scheduler.assign(server, session, restoring)
         if self.registry.evicted:
             self._deallocate_evicted(server)
@@ -906,12 +920,12 @@ class PooledBackend:
         """The transaction is over: the server connection goes to the next waiting session."""
         session = self.scheduler.release(server)
         if server.queries:   # a transaction of the owner's, not only the pooler's own queries
-            counters = self.counters
-            counters[_TRANSACTIONS] += 1
-            counters[_QUERIES] += server.queries
-            elapsed = int((_monotonic() - server.since) * 1e6)
-            counters[_XACT_US] += elapsed
-            counters[_XACT_HIST + bisect_left(_BOUNDS_US, elapsed)] += 1
+            stats = self.stats
+            stats[_TRANSACTIONS] += 1
+            stats[_QUERIES] += server.queries
+            elapsed = int((self.now - server.since) * 1e6)
+            stats[_XACT_US] += elapsed
+            stats[_XACT_HIST + bisect_left(_BOUNDS_US, elapsed)] += 1
             server.queries = 0
         stream = server.stream
         if not stream.mask & EPOLLIN:

@@ -84,9 +84,13 @@ def test_status_shows_pools_and_takes_the_start_overrides(cluster):
             conn.execute("SELECT 1")
             plain = cli("status", pooler.conf)
             assert plain.returncode != 0 and "no pgforkpool is running" in plain.stderr
-            out = cli("status", pooler.conf, "-c", f"port={pooler.port}", "--format", "json")
-            assert out.returncode == 0, out.stderr
-            data = json.loads(out.stdout)
+            def status_json():
+                out = cli("status", pooler.conf, "-c", f"port={pooler.port}", "--format", "json")
+                assert out.returncode == 0, out.stderr
+                return json.loads(out.stdout)
+            # A backend publishes its figures at least once a second.
+            data = wait_for(lambda: (d := status_json()) and any(
+                p["transactions"] for p in d["pools"]) and d, "the transaction to be counted")
             assert data["port"] == pooler.port and data["postmaster_pid"] == pooler.pid
             pool = next(p for p in data["pools"] if (p["database"], p["user"]) == ("app", "app"))
             assert pool["sessions"] == 1 and pool["transactions"] >= 1

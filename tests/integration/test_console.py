@@ -71,12 +71,29 @@ def test_stats_grow_with_traffic(pool):
         with app.transaction():
             app.execute("SELECT 1")
             app.execute("SELECT 2")
-        after = stats()
-        assert after["total_xact_count"] >= before["total_xact_count"] + 21
+        # A backend publishes its figures at least once a second.
+        after = wait_for(lambda: (s := stats())["total_xact_count"] >= before["total_xact_count"] + 21
+                         and s, "the transactions to be counted")
         assert after["total_query_count"] >= before["total_query_count"] + 24
         assert after["total_sent"] >= before["total_sent"] + 20 * 1000
         assert after["total_received"] > before["total_received"]
         assert after["total_xact_time"] > before["total_xact_time"]
+
+
+def test_drivers_that_prepare_what_they_repeat_get_rows_too(pool):
+    with console(pool) as admin:
+        for _ in range(3):   # the extended protocol, as psycopg uses for a prepared statement
+            cur = admin.execute("SHOW VERSION", prepare=True)
+            assert [d.name for d in cur.description] == ["version"]
+            assert "pgforkpool" in cur.fetchone()[0]
+        for _ in range(7):   # psycopg prepares a query on its own from its fifth run
+            assert isinstance(rows(admin, "SHOW POOLS"), list)
+        assert admin.execute("SELECT pg_backend_load_average(1)", prepare=True).fetchone() == (None,)
+        cur = admin.execute("RELOAD", prepare=True)
+        assert cur.description is None and cur.statusmessage == "RELOAD"
+        with pytest.raises(psycopg.errors.FeatureNotSupported):
+            admin.execute("SHOW POOLS WHERE %s", [1])
+        assert admin.execute("SHOW VERSION", prepare=False).fetchone()
 
 
 def test_non_admin_is_refused_with_42501(pool):

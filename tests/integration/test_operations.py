@@ -166,8 +166,10 @@ def test_metrics_endpoint_parses_and_its_counters_grow_with_traffic(start_pooler
     xacts = sample(before, "pgforkpool_transactions", "_total", database="app", user="app")
     for _ in range(25):
         conn.execute("SELECT repeat('y', 500)")
-    after = scrape(port)
-    assert sample(after, "pgforkpool_transactions", "_total", database="app", user="app") >= xacts + 25
+    # A backend publishes its figures at least once a second.
+    after = wait_for(lambda: (f := scrape(port)) and sample(
+        f, "pgforkpool_transactions", "_total", database="app", user="app") >= xacts + 25 and f,
+        "the transactions to be counted")
     assert sample(after, "pgforkpool_sent_bytes", "_total", database="app", user="app") >= 25 * 500
     count = sample(after, "pgforkpool_transaction_duration_seconds", "_count", database="app", user="app")
     inf = sample(after, "pgforkpool_transaction_duration_seconds", "_bucket", database="app", user="app",
