@@ -27,7 +27,7 @@ import signal
 import socket
 import struct
 import time
-from bisect import bisect_left
+from bisect import bisect_right
 
 from ..shared import channel, log, process, protocol, status
 from ..shared.errors import PgError
@@ -53,7 +53,8 @@ TX_IDLE = int(TransactionStatus.IDLE)
     status.TRANSACTIONS, status.QUERIES, status.BYTES_IN, status.BYTES_OUT, status.XACT_US,
     status.WAIT_US, status.WAITS)
 _monotonic = time.monotonic
-_XACT_HIST, _WAIT_HIST, _BOUNDS_US = status.XACT_HIST, status.WAIT_HIST, status.HISTOGRAM_BOUNDS_US
+_XACT_HIST, _WAIT_HIST = status.XACT_HIST, status.WAIT_HIST
+_BOUNDS_S = tuple(bound / 1e6 for bound in status.HISTOGRAM_BOUNDS_US)
 _STAT_INDEXES = tuple(status.FIELDS.index(name) for name in status.STAT_FIELDS)
 
 _length = struct.Struct("!I").unpack_from
@@ -103,9 +104,12 @@ class PooledBackend:
         self.trim_memory = False               # bulk traffic passed: hand memory back at housekeeping
         # Read every turn of the loop: a plain attribute, not a Settings lookup.
         self.idle_timeout = settings.idle_pool_backend_timeout
-        # SHOW STATS's cumulative figures, by status-table index: a list is cheaper to add
-        # to than the shared memory; _housekeeping publishes it at least once a second.
-        self.stats = [0] * len(status.FIELDS)
+        # SHOW STATS's figures.  The hot path only appends a duration or adds to an
+        # attribute; _housekeeping sums, buckets and publishes them at least once a second.
+        self.stats = [0] * len(status.FIELDS)   # cumulative, by status-table index
+        self.xact_times: list[float] = []       # seconds each transaction held the connection
+        self.wait_times: list[float] = []       # seconds each session waited for it
+        self.bytes_in = self.bytes_out = self.queries = 0
         self.now = time.monotonic()   # the current turn of the event loop began
         # PAUSE from the admin console: no transaction starts, the shared
         # connection is closed once free; the console's question waits for that.
@@ -150,7 +154,22 @@ class PooledBackend:
 
     def _publish_stats(self) -> None:
         """SHOW STATS's figures, counted in a plain list on the hot path, into the status table."""
-        counters, stats = self.counters, self.stats
+        stats = self.stats
+        for times, total, count, histogram in ((self.xact_times, _XACT_US, _TRANSACTIONS, _XACT_HIST),
+                                               (self.wait_times, _WAIT_US, _WAITS, _WAIT_HIST)):
+            if times:
+                times.sort()
+                stats[count] += len(times)
+                stats[total] += int(sum(times) * 1e6)
+                below = 0
+                for bucket, bound in enumerate(_BOUNDS_S):
+                    upto = bisect_right(times, bound)
+                    stats[histogram + bucket] += upto - below
+                    below = upto
+                stats[histogram + len(_BOUNDS_S)] += len(times) - below
+                times.clear()
+        stats[_QUERIES], stats[_BYTES_IN], stats[_BYTES_OUT] = self.queries, self.bytes_in, self.bytes_out
+        counters = self.counters
         for index in _STAT_INDEXES:
             counters[index] = stats[index]
 
@@ -375,7 +394,7 @@ class PooledBackend:
         if not data:
             self._client_gone(session)
             return
-        self.stats[_BYTES_IN] += len(data)
+        self.bytes_in += len(data)
         if len(data) == RECV_SIZE:
             self.trim_memory = True
         state = session.state
@@ -592,7 +611,7 @@ class PooledBackend:
                 if not data:
                     self._server_lost(server)
                     return
-                self.stats[_BYTES_OUT] += len(data)
+                self.bytes_out += len(data)
                 if len(data) == RECV_SIZE:
                     self.trim_memory = True
                 out, event = server.receive(data)
@@ -874,12 +893,8 @@ class PooledBackend:
         settings = session.context.settings
         restoring = server.context is not settings and server.context != settings
         now = server.since = self.now
-        if session.state is WAITING and session.since:
-            stats = self.stats
-            waited = int((now - session.since) * 1e6)
-            stats[_WAIT_US] += waited
-            stats[_WAIT_HIST + bisect_left(_BOUNDS_US, waited)] += 1
-            stats[_WAITS] += 1
+        if session.state is WAITING:
+            self.wait_times.append(now - session.since)
         self.scheduler.assign(server, session, restoring)
         if self.registry.evicted:
             self._deallocate_evicted(server)
@@ -920,12 +935,8 @@ class PooledBackend:
         """The transaction is over: the server connection goes to the next waiting session."""
         session = self.scheduler.release(server)
         if server.queries:   # a transaction of the owner's, not only the pooler's own queries
-            stats = self.stats
-            stats[_TRANSACTIONS] += 1
-            stats[_QUERIES] += server.queries
-            elapsed = int((self.now - server.since) * 1e6)
-            stats[_XACT_US] += elapsed
-            stats[_XACT_HIST + bisect_left(_BOUNDS_US, elapsed)] += 1
+            self.xact_times.append(self.now - server.since)
+            self.queries += server.queries
             server.queries = 0
         stream = server.stream
         if not stream.mask & EPOLLIN:
