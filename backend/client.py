@@ -133,6 +133,27 @@ class ClientProtocol:
         """Whether what is buffered is worth a server connection (see buffer)."""
         return self.buffer(b"")
 
+    def drop_request(self) -> bool:
+        """Discard the buffered input up to and including its first Query, FunctionCall or Sync.
+
+        For a session whose wait for a server connection timed out: PostgreSQL
+        answers an error by skipping the rest of the request up to its Sync.
+        False (nothing discarded) when no whole request is buffered yet.
+        """
+        buf = self.buf
+        pos, n = 0, len(buf)
+        while n - pos >= 5:
+            msg_type = buf[pos]
+            end = pos + 1 + _length(buf, pos + 1)[0]
+            if end > n or end < pos + 5:
+                return False
+            if msg_type == Q or msg_type == F or msg_type == S:
+                del buf[:end]
+                self.need = 5
+                return True
+            pos = end
+        return False
+
     def take_flags(self) -> tuple[int, list]:
         """The state flags and settings texts earned since the last boundary, cleared."""
         flags, texts = self.flags, self.texts

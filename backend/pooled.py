@@ -192,8 +192,50 @@ class PooledBackend:
         if self.trim_memory:
             self.trim_memory = False
             release_memory()
+        if self.scheduler.queue and self.settings.query_wait_timeout:
+            self._expire_waits(now)
+        if self.settings.idle_in_transaction_session_timeout:
+            self._expire_idle_transactions(now)
         self._update_title()
         self.title_at = now + 1.0   # next housekeeping while busy
+
+    def _expire_waits(self, now: float) -> None:
+        """query_wait_timeout: a session that waited too long is answered with an error."""
+        timeout = self.settings.query_wait_timeout
+        for session in list(self.scheduler.queue):
+            if (session.state is not WAITING or session.pinned is not None
+                    or now - session.since < timeout or not session.proto.drop_request()):
+                continue
+            self.scheduler.timed_out(session)
+            logger.log(log.LOG, "%s: no server connection became free in %.1f s; query canceled",
+                       session, now - session.since)
+            error = PgError("query_canceled", "canceling statement due to query_wait_timeout: no "
+                            f"server connection of pool {self.database}/{self.user} became free "
+                            f"within {self.settings.setting_text('query_wait_timeout')}",
+                            severity="ERROR",
+                            hint="The pool was busy: its server connections were held by other "
+                                 "sessions' transactions. The session is still usable.")
+            self._client_send(session, error.packet() + protocol.ready_for_query(b"I"))
+            if session.paused:
+                session.paused = False
+                session.stream.resume_reading()
+            if session.proto.ready() is True:   # it had sent more: that waits its turn afresh
+                self._enqueue(session)
+
+    def _expire_idle_transactions(self, now: float) -> None:
+        """idle_in_transaction_session_timeout: end such a session, as PostgreSQL does."""
+        timeout = self.settings.idle_in_transaction_session_timeout
+        for session in list(self.sessions.values()):
+            server = session.pinned or self.server
+            if (server is None or server.owner is not session or server.status == TX_IDLE
+                    or server.pending or server.unsynced or not session.idle_since
+                    or now - session.idle_since < timeout):
+                continue
+            logger.log(log.LOG, "%s: terminating connection due to idle-in-transaction timeout",
+                       session)
+            self._client_send(session, PgError(
+                "25P03", "terminating connection due to idle-in-transaction timeout").packet())
+            self._client_gone(session)   # its transaction is rolled back before anyone else's turn
 
     def _update_title(self) -> None:
         title = (f"backend {self.database}/{self.user} {len(self.sessions)} sessions "
@@ -767,6 +809,8 @@ class PooledBackend:
             self._hidden(server, CAPTURE, capture_query(owner.context.custom_names), owner)
         elif decision is Decision.FIXUP:
             self._hidden(server, FIXUP, fixup_query(owner.context.startup), owner)
+        elif decision is Decision.KEEP and server.status != TX_IDLE:
+            owner.idle_since = _monotonic()   # idle in transaction from now
         # KEEP and HOLD: the owner keeps the connection.
 
     def _note_state(self, server, owner: Session, notes: int, flags: int, texts: list,

@@ -103,6 +103,11 @@ class Scheduler:
             except ValueError:
                 pass
 
+    def timed_out(self, session) -> None:
+        """Its wait exceeded query_wait_timeout: out of the queue, idle again."""
+        self.forget(session)
+        session.state = _IDLE
+
     @staticmethod
     def assign(server, session, restoring: bool = False) -> None:
         server.owner = session

@@ -12,6 +12,7 @@ class Session:
     __slots__ = ("stream", "fd", "conn_id", "key", "state", "context", "proto", "database", "user",
                  "address", "greeted", "gone", "paused", "dirty", "pin_check", "pinned",
                  "prepared_xacts", "capture_failures", "restore_retried", "since", "connected",
+                 "idle_since",
                  "__weakref__")
 
     def __init__(self, stream, conn_id: int, startup: dict[str, str], registry, address: str = ""):
@@ -41,6 +42,7 @@ class Session:
         self.restore_retried = False  # its restore failed once and was tried on a fresh connection
         self.since = 0.0             # monotonic time it began to wait for a connection (Scheduler.wait)
         self.connected = time.time()
+        self.idle_since = 0.0        # monotonic time its transaction last went idle (KEEP at a boundary)
 
     @property
     def settings(self) -> dict[str, str]:

@@ -76,6 +76,14 @@ PARAMETERS: dict[str, Param] = {p.name: p for p in (
     Param("max_pinned_sessions", "int", 100, "reload",
           "Sessions per pooled backend that may hold a server connection of their own; 0 for none.",
           min=0, max=100000),
+    Param("query_wait_timeout", "duration", 120.0, "reload",
+          "A session that has waited this long for a server connection gets an ERROR (57014) "
+          "instead of its result, and stays usable; 0 waits without a bound.",
+          min=0, max=2147483, unit="s"),
+    Param("idle_in_transaction_session_timeout", "duration", 0.0, "reload",
+          "A session idle inside a transaction this long is ended (FATAL 25P03), its transaction "
+          "rolled back, so that the server connection serves the others; 0 disables.",
+          min=0, max=2147483, unit="s"),
     Param("prepared_statement_cache_size", "int", 256, "reload",
           "Prepared statements no session holds any more that a pooled backend keeps on its "
           "server connection; beyond this, the least recently released are closed.",

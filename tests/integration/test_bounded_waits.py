@@ -1,0 +1,78 @@
+"""Bounded waits: query_wait_timeout and idle_in_transaction_session_timeout, as a client sees them."""
+
+import time
+
+import psycopg
+import pytest
+
+from conftest import WAIT, backend_pid, server_pid, wait_for
+
+
+def test_a_session_that_waits_too_long_gets_57014_and_stays_usable(start_pooler):
+    pool = start_pooler(session_pool_size=1, query_wait_timeout="1s")
+    holder = pool.connect(autocommit=False)
+    waiter = pool.connect()
+    waiter.execute("SET work_mem = '5MB'")
+    holder.execute("SELECT 1")   # a transaction holds the backend's one server connection
+    assert backend_pid(holder) == backend_pid(waiter)
+    started = time.monotonic()
+    with pytest.raises(psycopg.errors.QueryCanceled) as info:
+        waiter.execute("SELECT 'never ran'")
+    waited = time.monotonic() - started
+    assert "query_wait_timeout" in str(info.value) and "app/app" in str(info.value)
+    assert 1.0 <= waited < 1.0 + 2.5, waited   # the check runs once a second
+    # The extended protocol too: the request up to its Sync is answered with the error.
+    with pytest.raises(psycopg.errors.QueryCanceled):
+        waiter.execute("SELECT %s::int", [1])
+    holder.commit()
+    # Afterwards the session is as it was: its settings, and it runs queries again.
+    assert waiter.execute("SHOW work_mem").fetchone() == ("5MB",)
+    assert waiter.execute("SELECT %s::int", [7]).fetchone() == (7,)
+    assert server_pid(waiter) == server_pid(holder)
+    assert "no server connection became free" in pool.log()
+
+
+def test_no_timeout_by_default_for_a_short_wait(start_pooler):
+    pool = start_pooler(session_pool_size=1)
+    holder, waiter = pool.connect(autocommit=False), pool.connect()
+    holder.execute("SELECT 1")
+    import threading
+    result = []
+    t = threading.Thread(target=lambda: result.append(waiter.execute("SELECT 2").fetchone()))
+    t.start()
+    wait_for(lambda: "1 waiting" in _backend_title(pool), "the waiter to queue")
+    holder.commit()
+    t.join(timeout=WAIT)
+    assert result == [(2,)]
+
+
+def _backend_title(pool):
+    import psutil
+    for child in pool.children():
+        try:
+            title = " ".join(child.cmdline())
+        except psutil.Error:
+            continue
+        if "backend app/app" in title:
+            return title
+    return ""
+
+
+def test_idle_in_transaction_timeout_ends_the_session_and_frees_the_connection(start_pooler, cluster):
+    pool = start_pooler(session_pool_size=1, idle_in_transaction_session_timeout="1s")
+    idle = pool.connect(autocommit=False)
+    idle.execute("INSERT INTO items VALUES (424242, 'rolled back')")
+    other = pool.connect()
+    # The other session waits for the connection, then gets it once the idle one is ended.
+    started = time.monotonic()
+    assert other.execute("SELECT 1").fetchone() == (1,)
+    assert time.monotonic() - started < 1.0 + 2.5
+    with pytest.raises(psycopg.OperationalError) as info:
+        idle.execute("SELECT 1")
+    assert "idle-in-transaction timeout" in str(info.value)
+    assert cluster.psql("SELECT count(*) FROM items WHERE id = 424242", database="app") == "0"
+    # A transaction that is busy, not idle, is left alone however long it runs.
+    busy = pool.connect(autocommit=False)
+    busy.execute("SELECT pg_sleep(1.5)")
+    busy.execute("SELECT 1")
+    busy.commit()
