@@ -63,6 +63,12 @@ COPY_FAIL = protocol.message(b"f", protocol.cstring("client disconnected"))
 # Sync after it rolls its implicit transaction back instead of committing it.
 ABORT_PIPELINE = protocol.message(b"E", protocol.cstring("pgforkpool.abort") + b"\0\0\0\0")
 
+# Upstream failures worth dialing again for (a restart, a failover, an outage);
+# others (no such database, authentication) are told to the waiting sessions.
+TRANSIENT_FAILURES = frozenset({"57P01", "57P02", "57P03", "08000", "08001", "08003", "08004",
+                                "08006", "53300"})
+REDIAL_FIRST, REDIAL_MAX = 0.1, 2.0
+
 # Greeting parameter sets remembered per distinct context.
 GREETING_CACHE_SIZE = 64
 
@@ -115,6 +121,13 @@ class PooledBackend:
         # connection is closed once free; the console's question waits for that.
         self.paused = False
         self.pause_tokens: list[int] = []
+        # The upstream is down or restarting: sessions that need a server wait
+        # (bounded by query_wait_timeout) while the backend dials again with backoff.
+        self.redial_at = 0.0
+        self.redial_delay = 0.0
+        self.poll_timeout = 1.0
+        self.server_error: PgError | None = None   # why the last dial failed
+        self.ever_connected = False   # a first dial that fails is a configuration error: told at once
 
     # ================================================================ event loop
 
@@ -132,7 +145,7 @@ class PooledBackend:
         while True:
             # Deadlines (login, cancels, idle timeout, shutdown) are kept by
             # _housekeeping, at least once a second; no per-turn computation.
-            events = poll(1.0)
+            events = poll(self.poll_timeout)
             now = self.now = monotonic()   # the time of this turn, for every figure it records
             for fd, mask in events:
                 handler = handlers.get(fd)
@@ -192,6 +205,11 @@ class PooledBackend:
         if self.trim_memory:
             self.trim_memory = False
             release_memory()
+        if self.redial_at and now >= self.redial_at:
+            self.redial_at = 0.0
+            self.poll_timeout = 1.0
+            if self.server is None and self.scheduler.queue:
+                self._connect()
         if self.scheduler.queue and self.settings.query_wait_timeout:
             self._expire_waits(now)
         if self.settings.idle_in_transaction_session_timeout:
@@ -203,6 +221,14 @@ class PooledBackend:
         """query_wait_timeout: a session that waited too long is answered with an error."""
         timeout = self.settings.query_wait_timeout
         for session in list(self.scheduler.queue):
+            if session.state is SessionState.STARTING and now - session.since >= timeout:
+                # Never greeted: the upstream could not be reached all this time.
+                error = self.server_error or PgError("sqlclient_unable_to_establish_sqlconnection",
+                                                     "could not connect to upstream server")
+                error.severity = "FATAL"
+                self._client_send(session, error.packet())
+                self._close_session(session)
+                continue
             if (session.state is not WAITING or session.pinned is not None
                     or now - session.since < timeout or not session.proto.drop_request()):
                 continue
@@ -699,6 +725,12 @@ class PooledBackend:
             server.stream.send(reply)
         if server.state is SERVER_IDLE:
             logger.debug("server connection ready (server pid %d)", server.pid)
+            if self.redial_delay:
+                logger.log(log.LOG, "upstream connection for %s/%s is back (server process %d)",
+                           self.database, self.user, server.pid)
+            self.redial_delay = 0.0
+            self.server_error = None
+            self.ever_connected = True
             if server.inbuf:   # whatever followed the login's ReadyForQuery
                 out, event = server.receive(b"")
                 if out:
@@ -738,6 +770,17 @@ class PooledBackend:
                    self.database, self.user, error.text)
         if server is not None:
             self._close_server(server)
+        if (error.sqlstate in TRANSIENT_FAILURES and self.ever_connected and self.scheduler.queue
+                and not self.shutdown_mode and self.settings.query_wait_timeout):
+            # A restart or an outage: the waiting sessions keep waiting (query_wait_timeout
+            # bounds it), their contexts kept, while we dial again with backoff.
+            self.server_error = error
+            self.redial_delay = min(max(self.redial_delay * 2, REDIAL_FIRST), REDIAL_MAX)
+            self.redial_at = time.monotonic() + self.redial_delay
+            self.poll_timeout = min(1.0, self.redial_delay)
+            logger.log(log.LOG, "%d sessions of %s/%s wait; connecting again in %.1f s",
+                       len(self.scheduler.queue), self.database, self.user, self.redial_delay)
+            return
         error.severity = "FATAL"
         packet = error.packet()
         while True:

@@ -76,3 +76,27 @@ def test_idle_in_transaction_timeout_ends_the_session_and_frees_the_connection(s
     busy.execute("SELECT pg_sleep(1.5)")
     busy.execute("SELECT 1")
     busy.commit()
+
+
+def test_an_upstream_restart_ends_no_session_between_transactions(start_pooler, cluster):
+    import threading
+    pool = start_pooler(session_pool_size=2, query_wait_timeout="60s")
+    sessions = [pool.connect() for _ in range(6)]
+    for i, conn in enumerate(sessions):
+        conn.execute(f"SET application_name = 'client{i}'")
+        conn.execute("SELECT 1")
+    cluster.stop("fast")
+    try:
+        # A query sent while the server is down waits for it, then runs.
+        result = []
+        t = threading.Thread(target=lambda: result.append(sessions[0].execute("SELECT 42").fetchone()))
+        t.start()
+        wait_for(lambda: "connecting again" in pool.log(), "the backend to dial again")
+    finally:
+        cluster.start()
+    t.join(timeout=WAIT)
+    assert result == [(42,)]
+    assert "is back" in pool.log()
+    for i, conn in enumerate(sessions):   # every session is still there, its settings too
+        assert conn.execute("SHOW application_name").fetchone() == (f"client{i}",)
+        assert conn.execute("SELECT %s::int", [i]).fetchone() == (i,)
