@@ -222,9 +222,11 @@ class PooledBackend:
         timeout = self.settings.query_wait_timeout
         for session in list(self.scheduler.queue):
             if session.state is SessionState.STARTING and now - session.since >= timeout:
-                # Never greeted: the upstream could not be reached all this time.
-                error = self.server_error or PgError("sqlclient_unable_to_establish_sqlconnection",
-                                                     "could not connect to upstream server")
+                # Never greeted: the upstream could not be reached, or the pool was busy, all this time.
+                error = self.server_error or PgError(
+                    "query_canceled", f"no server connection of pool {self.database}/{self.user} "
+                    f"became free within query_wait_timeout "
+                    f"({self.settings.setting_text('query_wait_timeout')})")
                 error.severity = "FATAL"
                 self._client_send(session, error.packet())
                 self._close_session(session)
