@@ -855,7 +855,7 @@ class PooledBackend:
         elif decision is Decision.FIXUP:
             self._hidden(server, FIXUP, fixup_query(owner.context.startup), owner)
         elif decision is Decision.KEEP and server.status != TX_IDLE:
-            owner.idle_since = _monotonic()   # idle in transaction from now
+            owner.idle_since = self.now   # idle in transaction from now
         # KEEP and HOLD: the owner keeps the connection.
 
     def _note_state(self, server, owner: Session, notes: int, flags: int, texts: list,
