@@ -67,9 +67,10 @@ def test_idle_in_transaction_timeout_ends_the_session_and_frees_the_connection(s
     started = time.monotonic()
     assert other.execute("SELECT 1").fetchone() == (1,)
     assert time.monotonic() - started < 1.0 + 2.5
-    with pytest.raises(psycopg.OperationalError) as info:
+    with pytest.raises(psycopg.errors.IdleInTransactionSessionTimeout) as info:   # 25P03, as from PostgreSQL
         idle.execute("SELECT 1")
     assert "idle-in-transaction timeout" in str(info.value)
+    assert idle.closed or idle.broken
     assert cluster.psql("SELECT count(*) FROM items WHERE id = 424242", database="app") == "0"
     # A transaction that is busy, not idle, is left alone however long it runs.
     busy = pool.connect(autocommit=False)
