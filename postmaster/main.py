@@ -111,10 +111,10 @@ class Postmaster:
             self._spawn_listener(number)
         if self.metrics_sock is not None:
             self._spawn_metrics()
-        process.set_title("postmaster")
         logger.log(log.LOG, "pgforkpool is ready to accept connections on port %d "
                    "(upstream %s:%d)", settings.port, settings.upstream_host, settings.upstream_port)
         self.sd_status = self._status_text()
+        process.set_title("postmaster " + self.sd_status.split("; ", 1)[-1])
         _sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS={self.sd_status}")
 
     def _bind(self) -> None:
