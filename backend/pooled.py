@@ -54,6 +54,7 @@ TX_IDLE = int(TransactionStatus.IDLE)
     status.WAIT_US, status.WAITS)
 _monotonic = time.monotonic
 _XACT_HIST, _WAIT_HIST = status.XACT_HIST, status.WAIT_HIST
+_TURNS, _READY_SUM, _WAITING = status.TURNS, status.READY_SUM, status.WAITING
 _BOUNDS_S = tuple(bound / 1e6 for bound in status.HISTOGRAM_BOUNDS_US)
 _STAT_INDEXES = tuple(status.FIELDS.index(name) for name in status.STAT_FIELDS)
 
@@ -140,8 +141,9 @@ class PooledBackend:
         handlers = self.handlers
         queue = self.scheduler.queue
         monotonic = time.monotonic
-        turns, ready_sum = status.TURNS, status.READY_SUM
-        waiting = status.WAITING
+        # pg_backend_load_average's figures, kept in locals (a shared-memory update per turn
+        # costs more than the rest of a turn's bookkeeping) and published with the stats.
+        turns = ready_sum = 0
         while True:
             # Deadlines (login, cancels, idle timeout, shutdown) are kept by
             # _housekeeping, at least once a second; no per-turn computation.
@@ -153,13 +155,15 @@ class PooledBackend:
                     handler(mask)
             server = self.server
             ready = len(queue) + (server is not None and server.owner is not None)
-            counters[turns] += 1
-            counters[ready_sum] += ready
-            counters[waiting] = ready
+            turns += 1
+            ready_sum += ready
+            counters[_WAITING] = ready   # live: the load-balancing policy reads it
             if not events or now > self.title_at:
+                counters[_TURNS], counters[_READY_SUM] = turns, ready_sum
                 self._housekeeping()
                 if self.shutdown_mode is not None and not self.sessions:
                     break
+        counters[_TURNS], counters[_READY_SUM] = turns, ready_sum
         self._publish_stats()
         if self.server is not None:
             self.server.close()
