@@ -771,3 +771,29 @@ def test_large_copy_data_is_streamed():
     out, outcomes, largest = _stream(proto, srv, message)
     assert out == message and outcomes == [] and largest < 2 * CHUNK
     assert not srv.pending
+
+
+# ---------------------------------------------------------------- query_wait_timeout
+
+def test_drop_request_discards_up_to_the_first_sync_or_query():
+    proto = ClientProtocol(StatementRegistry(10))
+    pipeline = (msg(b"P", b"\0SELECT 1\0\0\0") + msg(b"B", b"\0\0\0\0\0\0\0\0") + msg(b"E", b"\0\0\0\0\0")
+                + msg(b"S"))
+    following = msg(b"Q", b"SELECT 2\0")
+    assert proto.buffer(pipeline + following + b"Q\0") is True
+    assert proto.drop_request() is True
+    assert bytes(proto.buf) == following + b"Q\0"
+    assert proto.drop_request() is True          # the simple Query is a request of its own
+    assert bytes(proto.buf) == b"Q\0"
+    assert proto.drop_request() is False         # a partial message is not a request yet
+    assert bytes(proto.buf) == b"Q\0"
+
+
+def test_drop_request_waits_for_the_sync_of_an_unfinished_pipeline():
+    proto = ClientProtocol(StatementRegistry(10))
+    parse = msg(b"P", b"\0SELECT 1\0\0\0")
+    proto.buffer(parse)
+    assert proto.drop_request() is False
+    assert bytes(proto.buf) == parse
+    proto.buffer(msg(b"S"))
+    assert proto.drop_request() is True and not proto.buf
