@@ -23,6 +23,7 @@ from .pools import BackendSlot, Pool
 logger = log.get("postmaster")
 
 MAX_STATUS_SLOTS = 4096
+METRICS_RESPAWN_AFTER = 10.0   # a metrics process that lived less than this is not started again
 ACCEPT_BATCH = 64
 
 
@@ -80,6 +81,7 @@ class Postmaster:
         self.metrics_sock: socket.socket | None = None   # metrics_port, bound at start
         self.metrics: ConsoleSlot | None = None          # the /metrics process
         self.forking_metrics = False
+        self.metrics_started = 0.0
         self.sd_status = ""             # the STATUS= systemd was last told
         self.next_sd_status = 0.0
         self.retired_stats: dict[tuple[str, str], dict] = {}
@@ -586,6 +588,7 @@ class Postmaster:
         finally:
             self.forking_metrics = False
         self.metrics = ConsoleSlot(pid, chan)
+        self.metrics_started = time.monotonic()
         self.by_chan[chan.fileno()] = self.metrics
 
     def _tell(self, child, message: tuple) -> None:
@@ -620,9 +623,15 @@ class Postmaster:
             self._forget_channel(self.metrics, closing=True)
             self.metrics = None
             if not self.shutdown_mode:
-                logger.log(log.LOG, "metrics process (PID %d) exited with exit code %d; restarting it",
-                           pid, os.waitstatus_to_exitcode(wstatus))
-                self._spawn_metrics()
+                code = os.waitstatus_to_exitcode(wstatus)
+                if time.monotonic() - self.metrics_started < METRICS_RESPAWN_AFTER:
+                    # It dies as soon as it starts: no fork loop; /metrics is off until a restart.
+                    logger.error("metrics process (PID %d) exited with exit code %d right after it "
+                                 "started; /metrics is disabled until pgforkpool restarts", pid, code)
+                else:
+                    logger.log(log.LOG, "metrics process (PID %d) exited with exit code %d; "
+                               "restarting it", pid, code)
+                    self._spawn_metrics()
             return
         console_slot = self.consoles.pop(pid, None)
         if console_slot is not None:
