@@ -132,17 +132,13 @@ CONFIG_COLUMNS = [("name", TEXT), ("setting", TEXT), ("default", TEXT), ("unit",
 
 def backend_rows(table: status.StatusTable, server_pids: dict[int, list[int]] | None = None) -> list[list]:
     rows = []
-    for slot in table.slots():
-        pid = slot["pid"]
-        if not pid:
-            continue
-        rss, cpu = status.process_figures(pid)
+    for slot in status.backends(table):
         state = "draining" if slot["draining"] else ("paused" if slot["paused"] else "running")
-        pids = (server_pids or {}).get(pid, [])
-        rows.append([pid, slot["database"], slot["user"], slot["kind"], state, slot["sessions"],
+        pids = (server_pids or {}).get(slot["pid"], [])
+        rows.append([slot["pid"], slot["database"], slot["user"], slot["kind"], state, slot["sessions"],
                      slot["waiting"], slot["pinned"], round(slot["load_average"], 6),
-                     ",".join(str(p) for p in pids), rss, cpu, slot["transactions"],
-                     slot["started_us"] / 1e6])
+                     ",".join(str(p) for p in pids), slot["rss"], slot["cpu_seconds"],
+                     slot["transactions"], slot["started_us"] / 1e6])
     return rows
 
 
@@ -375,7 +371,8 @@ class Console:
         if match:
             return self._load_average(match.group(1), match.group(2))
         if _LOAD_AVERAGE_VIEW.match(statement):
-            rows = [[r[0], r[1], r[2], r[8]] for r in backend_rows(self._table()) if r[3] == "pooled"]
+            rows = [[s["pid"], s["database"], s["user"], round(s["load_average"], 6)]
+                    for s in self._table().slots() if s["pid"] and s["kind"] == "pooled"]
             return result([("pid", INT8), ("database", TEXT), ("user", TEXT),
                            ("load_average", FLOAT8)], rows, f"SELECT {len(rows)}")
         match = _COMMAND.match(statement)

@@ -998,14 +998,7 @@ class PooledBackend:
         if not session.greeted:
             self._greet(session, dict(server.params))
             self.scheduler.restored(session)
-        # (_forward_buffered, inline: every queued transaction starts here.)
-        if session.paused:
-            session.paused = False
-            session.stream.resume_reading()
-        if session.proto.buf:
-            self._forward(session, server, b"")
-        elif not server.pending and not server.unsynced and server.owner is session:
-            self._boundary(server)
+        self._forward_buffered(server, session)
 
     def _deallocate_evicted(self, server: srv.ServerConnection) -> None:
         names = [name for name in self.registry.evicted if name in server.prepared]

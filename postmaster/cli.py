@@ -111,20 +111,15 @@ def stop(config_file: str, mode: str, timeout: float) -> None:
 
 def status_rows(table: status.StatusTable) -> list[dict]:
     """One row per backend, as SHOW BACKENDS lists them."""
-    rows = []
-    for slot in table.slots():
-        if not slot["pid"]:
-            continue
-        rss, cpu = status.process_figures(slot["pid"])
-        rows.append({
-            "pid": slot["pid"], "type": slot["kind"], "database": slot["database"],
-            "user": slot["user"], "sessions": slot["sessions"], "waiting": slot["waiting"],
-            "pinned": slot["pinned"], "transactions": slot["transactions"],
-            "load_average": round(slot["load_average"], 4),
-            "draining": bool(slot["draining"]), "paused": bool(slot["paused"]),
-            "rss_mb": round(rss / 2**20, 1) if rss is not None else None, "cpu_seconds": cpu,
-        })
-    return rows
+    return [{
+        "pid": slot["pid"], "type": slot["kind"], "database": slot["database"],
+        "user": slot["user"], "sessions": slot["sessions"], "waiting": slot["waiting"],
+        "pinned": slot["pinned"], "transactions": slot["transactions"],
+        "load_average": round(slot["load_average"], 4),
+        "draining": bool(slot["draining"]), "paused": bool(slot["paused"]),
+        "rss_mb": round(slot["rss"] / 2**20, 1) if slot["rss"] is not None else None,
+        "cpu_seconds": slot["cpu_seconds"],
+    } for slot in status.backends(table)]
 
 
 def pool_rows(table: status.StatusTable) -> list[dict]:

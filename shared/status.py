@@ -189,6 +189,16 @@ def stats_rates(earlier: tuple[float, dict], later: tuple[float, dict]) -> dict:
     }
 
 
+def backends(table: "StatusTable") -> list[dict]:
+    """The running backends' slots, each with its process's RSS and CPU (SHOW BACKENDS, status)."""
+    rows = []
+    for slot in table.slots():
+        if slot["pid"]:
+            slot["rss"], slot["cpu_seconds"] = process_figures(slot["pid"])
+            rows.append(slot)
+    return rows
+
+
 def process_figures(pid: int) -> tuple[int | None, float | None]:
     """(resident memory in bytes, CPU seconds user + system) of a process; Nones if unknown."""
     import psutil
