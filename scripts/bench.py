@@ -34,6 +34,7 @@ import os
 import platform
 import pwd
 import re
+import resource
 import select
 import shutil
 import signal
@@ -102,6 +103,9 @@ WORKLOADS = (
              ("-S", "-C", "-c", "10", "-j", "2")),
     Workload("tpcb-20", "TPC-B-like, 20 clients", ("-c", "20", "-j", "2")),
     Workload("latency-1", "select-only, 1 client", ("-S", "-c", "1", "-j", "1"), BOTH, latency=True),
+    # Issue 9: many more clients than server connections (the server's max_connections is
+    # raised for the direct run; PgBouncer's max_client_conn too).
+    Workload("select-1000", "select-only, 1,000 clients", ("-S", "-c", "1000", "-j", "2"), ("simple",)),
     # --only large: issue 6's large messages (see bytea_client); the round trips last, so that a
     # pooler they break fails them rather than the others
     Workload("large-alone", "select-only, 10 clients, alone", SELECT_10),
@@ -138,6 +142,7 @@ class RunResult:
     failed_transactions: int = 0
     transactions: int | None = None   # pgbench's "actually processed"
     cpu_us: float | None = None       # the pooler's CPU (user + system, all its processes) per transaction
+    switches: float | None = None     # the pooler's context switches (all its processes) per transaction
     round_trips: dict[int, list[float]] = field(default_factory=dict)   # bytea: seconds of each, by MB
     error: str = ""               # why the run does not count; empty when it does
 
@@ -224,16 +229,17 @@ def process_tree(pid: int) -> list[psutil.Process]:
         return []
 
 
-def cpu_seconds(pid: int) -> dict[int, float]:
-    """User + system CPU seconds of each process of the tree under pid."""
-    seconds = {}
+def cpu_seconds(pid: int) -> dict[int, tuple[float, int]]:
+    """(user + system CPU seconds, voluntary + involuntary context switches) of each process under pid."""
+    figures = {}
     for p in process_tree(pid):
         try:
-            t = p.cpu_times()
-            seconds[p.pid] = t.user + t.system
+            with p.oneshot():
+                t, c = p.cpu_times(), p.num_ctx_switches()
+            figures[p.pid] = (t.user + t.system, c.voluntary + c.involuntary)
         except psutil.Error:
             pass
-    return seconds
+    return figures
 
 
 def kill_survivors(processes: list[psutil.Process]) -> list[str]:
@@ -331,7 +337,7 @@ pool_mode = transaction
 default_pool_size = {pool_size}
 min_pool_size = 0
 reserve_pool_size = 0
-max_client_conn = 500
+max_client_conn = 1200
 max_db_connections = 0
 ; pgforkpool logs neither by default
 log_connections = 0
@@ -742,6 +748,10 @@ def results_table(cases: list[Case], results: dict, targets: tuple[str, ...], ba
             row(case, f"{case.workload.name}: pooler CPU per transaction, µs (lower is better) "
                       f"(`-M {case.protocol}`)", attrgetter("cpu_us"), 1)
     for case in cases:
+        if case.protocol and not case.workload.bytea_during:
+            row(case, f"{case.workload.name}: pooler context switches per transaction (lower is better) "
+                      f"(`-M {case.protocol}`)", attrgetter("switches"), 2)
+    for case in cases:
         if case.workload.bytea_sizes:
             sizes = sorted({mb for t in targets for r in results.get((case, t), []) for mb in r.round_trips})
             for mb in sizes:
@@ -995,8 +1005,17 @@ def raise_interrupted(signum, _frame) -> None:
 BASELINE_BUILD_ESTIMATE = 20   # seconds: git archive, venv, pip install with a warm cache (~10 s here)
 
 
+def raise_file_limit(wanted: int = 4096) -> None:
+    """select-1000 opens 1,000 sockets in pgbench and in each pooler: lift the soft limit (inherited)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, target), hard))
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    raise_file_limit()
     runs = len(args.cases) * len(args.targets) * args.rounds
     estimate = int(10 + args.scale + 3 * len(args.targets)
                    + sum(case_seconds(case, args) for case in args.cases) * len(args.targets) * args.rounds
@@ -1044,7 +1063,9 @@ def main(argv: list[str]) -> int:
                                  "into a virtual environment of its own; same configuration as pgforkpool, "
                                  "its own port")
             say(f"starting PostgreSQL 15 on port {cluster.port}")
-            cluster.init({"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"})
+            cluster.init({"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off",
+                          # select-1000 runs 1,000 clients straight at the server too
+                          "max_connections": "1100"})
             cluster.start()
             pg_tree = postgres_tree(cluster)
             cluster.psql(f"CREATE ROLE {USER} LOGIN PASSWORD '{PASSWORD}'")
@@ -1088,8 +1109,10 @@ def main(argv: list[str]) -> int:
                             # Processes that exited during the run are not counted (pooled
                             # backends live for the whole run).
                             after = cpu_seconds(pooler.proc.pid)
-                            used = sum(t - before.get(pid, 0.0) for pid, t in after.items())
+                            used = sum(t - before.get(pid, (0.0, 0))[0] for pid, (t, _) in after.items())
+                            switches = sum(c - before.get(pid, (0.0, 0))[1] for pid, (_, c) in after.items())
                             r.cpu_us = used * 1e6 / r.transactions
+                            r.switches = switches / r.transactions
                         for service in services:
                             if service.name == target and service.proc.poll() is not None:
                                 r.error = "; ".join(filter(None, (

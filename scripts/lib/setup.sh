@@ -38,13 +38,22 @@ install_system_packages() {
     fi
 }
 
+# The build: the pooled backend's hot path compiled with mypyc (setup.py), in .venv;
+# PGFORKPOOL_PURE=1 installs the same source uncompiled, in .venv-pure.
+if [ "${PGFORKPOOL_PURE:-0}" = 1 ]; then
+    VENV_NAME=.venv-pure
+else
+    VENV_NAME=.venv
+fi
+export PGFORKPOOL_PURE="${PGFORKPOOL_PURE:-0}"
+
 # As root, the pooler runs as `postgres` and must be able to read its Python:
 # keep the environment inside the checkout if postgres can reach it, else in /var/tmp.
 choose_venv() {
-    VENV="$ROOT/.venv"
+    VENV="$ROOT/$VENV_NAME"
     if [ "$(id -u)" -eq 0 ] && id postgres >/dev/null 2>&1 \
         && ! runuser -u postgres -- test -x "$ROOT/scripts" 2>/dev/null; then
-        local shared="/var/tmp/pgforkpool-venv-$(printf '%s' "$ROOT" | md5sum | cut -c1-12)"
+        local shared="/var/tmp/pgforkpool${VENV_NAME/.venv/-venv}-$(printf '%s' "$ROOT" | md5sum | cut -c1-12)"
         [ -L "$VENV" ] || rm -rf "$VENV"
         ln -sfn "$shared" "$VENV"
         VENV="$shared"
@@ -59,7 +68,7 @@ make_venv() {
         /usr/bin/python3 -m venv "$VENV"
         "$VENV/bin/pip" install -q --upgrade pip
     fi
-    say "installing pgforkpool into $VENV"
+    say "installing pgforkpool into $VENV (compiling the hot path unless PGFORKPOOL_PURE=1)"
     local log
     log="$(mktemp)"
     if ! "$VENV/bin/pip" install -q --disable-pip-version-check "$ROOT[test]" >"$log" 2>&1; then
@@ -68,7 +77,7 @@ make_venv() {
         exit 1
     fi
     rm -f "$log"
-    "$VENV/bin/pgforkpool" --version >/dev/null
+    say "$("$VENV/bin/pgforkpool" --version)"
     chmod -R a+rX "$VENV"
 }
 

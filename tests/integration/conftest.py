@@ -174,6 +174,8 @@ def start_pooler(cluster):
 
     yield start
     for pooler in started:
+        # Shown by pytest only when the test failed: what the pooler logged.
+        print(f"--- pgforkpool log ({pooler.log_path})\n{pooler.log()}")
         pooler.cleanup()
 
 

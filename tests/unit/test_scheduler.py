@@ -1,13 +1,19 @@
 """The decision at a transaction boundary, the wait queue and state changes, and the order of a context restore."""
 
 import itertools
+import select
+import socket
+import types
 
 import pytest
 
 from pgforkpool.backend.context import Context, restore_query
 from pgforkpool.backend.scheduler import (Decision, Scheduler, ServerState, SessionState,
                                           boundary_decision)
-from pgforkpool.backend.server import ServerProtocol
+from pgforkpool.backend.server import ServerConnection, ServerProtocol
+from pgforkpool.backend.session import Session
+from pgforkpool.backend.statements import StatementRegistry
+from pgforkpool.backend.stream import Stream
 
 FACTS = ("gone", "in_transaction", "fixup", "dirty", "pin_check", "pinned", "holding_xacts")
 
@@ -114,24 +120,24 @@ def test_every_combination_follows_the_table():
 # ================================================================ the queue and state changes
 
 
-class FakeSession:
-    """The attributes of a Session the scheduler touches."""
+def fake_session(name: str, state=SessionState.IDLE) -> Session:
+    """A real Session on a socket pair (the scheduler checks the type of what it is given)."""
+    ours, peer = socket.socketpair()
+    _SOCKETS.extend((ours, peer))
+    session = Session(Stream(ours, _EPOLL), len(_SOCKETS), {"user": name, "database": "db"},
+                      StatementRegistry(16))
+    session.state = state
+    return session
 
-    def __init__(self, name: str, state=SessionState.IDLE):
-        self.name = name
-        self.state = state
-        self.context = Context({})
-        self.gone = False
-        self.pinned = None
 
-    def __repr__(self) -> str:
-        return f"FakeSession({self.name})"
+_SOCKETS: list = []
+_EPOLL = select.epoll()
 
 
 def test_waiting_sessions_are_served_in_arrival_order():
     """wait() queues sessions as WAITING; next_waiting() takes them first come, first served."""
     scheduler = Scheduler()
-    a, b, c = FakeSession("a"), FakeSession("b"), FakeSession("c")
+    a, b, c = fake_session("a"), fake_session("b"), fake_session("c")
     for session in (a, b, c):
         scheduler.wait(session)
     assert a.state is SessionState.WAITING and scheduler.waiting() == 3
@@ -142,7 +148,7 @@ def test_waiting_sessions_are_served_in_arrival_order():
 def test_next_waiting_skips_sessions_no_longer_waiting():
     """A queued session that closed or got served meanwhile is skipped; a STARTING one is served."""
     scheduler = Scheduler()
-    a, b, c = FakeSession("a"), FakeSession("b"), FakeSession("c", SessionState.STARTING)
+    a, b, c = fake_session("a"), fake_session("b"), fake_session("c", SessionState.STARTING)
     scheduler.wait(a)
     scheduler.wait(b)
     scheduler.queue.append(c)
@@ -155,18 +161,18 @@ def test_next_waiting_skips_sessions_no_longer_waiting():
 def test_forget_removes_a_waiting_session():
     """forget() takes a waiting session out of the queue; forgetting one that is not queued is harmless."""
     scheduler = Scheduler()
-    a, b = FakeSession("a"), FakeSession("b")
+    a, b = fake_session("a"), fake_session("b")
     scheduler.wait(a)
     scheduler.wait(b)
     scheduler.forget(a)
-    scheduler.forget(FakeSession("never queued", SessionState.WAITING))
+    scheduler.forget(fake_session("never queued", SessionState.WAITING))
     assert list(scheduler.queue) == [b]
 
 
 def test_close_forgets_and_marks_the_session_gone():
     """close() removes a waiting session, marks it CLOSED and gone, and it is never served."""
     scheduler = Scheduler()
-    a, b = FakeSession("a"), FakeSession("b")
+    a, b = fake_session("a"), fake_session("b")
     scheduler.wait(a)
     scheduler.wait(b)
     scheduler.close(a)
@@ -177,7 +183,7 @@ def test_close_forgets_and_marks_the_session_gone():
 def test_assign_and_release():
     """assign() makes the session ACTIVE owner; release() returns it, sets it IDLE and the connection IDLE."""
     server = ServerProtocol()
-    session = FakeSession("a", SessionState.WAITING)
+    session = fake_session("a", SessionState.WAITING)
     Scheduler.assign(server, session)
     assert server.owner is session and server.state is ServerState.ACTIVE
     assert session.state is SessionState.ACTIVE and server.reported is session.context.reported
@@ -189,7 +195,7 @@ def test_assign_and_release():
 def test_assign_for_restoring():
     """A session whose context must be put back first is RESTORING until restored()."""
     server = ServerProtocol()
-    session = FakeSession("a", SessionState.WAITING)
+    session = fake_session("a", SessionState.WAITING)
     Scheduler.assign(server, session, restoring=True)
     assert session.state is SessionState.RESTORING
     Scheduler.restored(session)
@@ -199,7 +205,7 @@ def test_assign_for_restoring():
 def test_release_with_a_pending_cancel_waits_for_it():
     """A connection released while a cancel request for it may still arrive serves nobody (CANCEL_WAIT)."""
     server = ServerProtocol()
-    session = FakeSession("a")
+    session = fake_session("a")
     Scheduler.assign(server, session)
     server.cancels = 1
     Scheduler.release(server)
@@ -208,21 +214,30 @@ def test_release_with_a_pending_cancel_waits_for_it():
     assert server.state is ServerState.IDLE
 
 
-def test_release_of_a_pinned_connection_reports_to_its_session():
+def test_release_of_a_pinned_connection_reports_to_its_session(tmp_path):
     """A pinned connection keeps reporting parameters to its session after release."""
-    server = ServerProtocol()
-    session = FakeSession("a")
+    # A pinned connection is a real ServerConnection (Session.pinned is typed so);
+    # it dials a listening socket that never answers: no server is needed.
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(f"{tmp_path}/.s.PGSQL.5432")
+    listener.listen()
+    settings = types.SimpleNamespace(upstream_host=str(tmp_path), upstream_port=5432,
+                                     upstream_connect_timeout=5)
+    server = ServerConnection(settings, {"user": "a", "database": "db"}, None)
+    session = fake_session("a")
     Scheduler.assign(server, session)
     Scheduler.pin(server, session)
     Scheduler.release(server)
     assert server.reported is session.context.reported and server.pinned is session
     assert Scheduler.unpin(session) is server
     assert session.pinned is None and server.pinned is None and server.reported is None
+    server.close()
+    listener.close()
 
 
 def test_greeted_only_moves_a_starting_session():
     """greeted() makes a STARTING session IDLE and leaves other states alone."""
-    starting, active = FakeSession("a", SessionState.STARTING), FakeSession("b", SessionState.ACTIVE)
+    starting, active = fake_session("a", SessionState.STARTING), fake_session("b", SessionState.ACTIVE)
     Scheduler.greeted(starting)
     Scheduler.greeted(active)
     assert starting.state is SessionState.IDLE and active.state is SessionState.ACTIVE

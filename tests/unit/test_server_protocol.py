@@ -11,7 +11,7 @@ from pgforkpool.backend.pooled import ABORT_PIPELINE
 from pgforkpool.backend.server import (BOUNDARY, BROKEN, NOTE_DISCARDED, NOTE_PIN, NOTE_RESET,
                                        NOTE_SETTINGS, NOTE_UNPIN, HiddenQuery, ServerProtocol,
                                        TransactionStatus)
-from pgforkpool.backend.statements import ProtocolViolation, StatementRegistry
+from pgforkpool.backend.statements import ProtocolViolation, Statement, StatementRegistry
 from pgforkpool.shared import protocol
 
 MB = 1 << 20
@@ -365,7 +365,7 @@ def test_discard_all_forgets_prepared_statements():
     """DISCARD ALL clears the connection's prepared statements and unnamed statement, and holds the ReadyForQuery."""
     srv = owner_server(1)
     srv.prepared.add(b"pgforkpool.s1")
-    srv.unnamed = object()
+    srv.unnamed = Statement(b"", b"SELECT 1\0\0\0")
     out, event = srv.receive(command_complete(b"DISCARD ALL") + rfq())
     assert srv.prepared == set() and srv.unnamed is None and srv.held == rfq()
     notes, _ = srv.take_notes()

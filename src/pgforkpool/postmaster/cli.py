@@ -50,8 +50,20 @@ def _running_pid(settings: config.Settings) -> int:
     return pid
 
 
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    """--version: the release and which build runs (compiled hot path or pure Python)."""
+    if not value or ctx.resilient_parsing:
+        return
+    from importlib import metadata
+
+    import pgforkpool
+    click.echo(f"pgforkpool {metadata.version('pgforkpool')}, {pgforkpool.build()}")
+    ctx.exit()
+
+
 @click.group()
-@click.version_option(package_name="pgforkpool")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Show the version and which build runs (compiled or pure Python), then exit.")
 def main() -> None:
     """pgforkpool: a PostgreSQL connection pooler with session semantics."""
 

@@ -21,7 +21,7 @@ NAMEDATALEN = 64
 # through a memoryview cast without packing).
 # Cumulative figures (transactions, queries, bytes, times in microseconds) are
 # SHOW STATS's; a backend adds to them as traffic passes.
-FIELDS = ("in_use", "pid", "kind", "draining", "sessions", "waiting", "pinned",
+FIELDS: tuple[str, ...] = ("in_use", "pid", "kind", "draining", "sessions", "waiting", "pinned",
           "turns", "ready_sum", "started_us", "served", "transactions",
           "server_connections", "paused", "queries", "bytes_in", "bytes_out", "xact_us",
           "wait_us", "waits", "reserved1", "reserved2", "reserved3", "reserved4")

@@ -2,10 +2,16 @@
 
 import secrets
 import time
+from typing import TYPE_CHECKING
 
 from .client import ClientProtocol
 from .context import Context
 from .scheduler import SessionState
+from .stream import Stream
+
+if TYPE_CHECKING:
+    from .server import ServerConnection
+    from .statements import StatementRegistry
 
 
 class Session:
@@ -15,7 +21,8 @@ class Session:
                  "idle_since",
                  "__weakref__")
 
-    def __init__(self, stream, conn_id: int, startup: dict[str, str], registry, address: str = ""):
+    def __init__(self, stream: Stream, conn_id: int, startup: dict[str, str],
+                 registry: "StatementRegistry", address: str = ""):
         self.stream = stream
         self.fd = stream.fd
         self.conn_id = conn_id
@@ -36,7 +43,7 @@ class Session:
         # The server connection it keeps for itself, once it holds state that
         # cannot be copied (temporary tables, session advisory locks, LISTEN,
         # WITH HOLD cursors, SQL-level prepared statements); None while it shares.
-        self.pinned = None
+        self.pinned: ServerConnection | None = None
         self.prepared_xacts = 0      # prepared transactions (2PC) not yet committed or rolled back
         self.capture_failures = 0
         self.restore_retried = False  # its restore failed once and was tried on a fresh connection

@@ -2,15 +2,21 @@
 
 import collections
 import enum
+import errno
 import socket
 import struct
 import time
+from typing import TYPE_CHECKING, Any, cast
 
 from ..shared import auth, protocol
 from ..shared.errors import PgError
 from .scheduler import ServerState
 from .context import REPORTED_SETTABLE
-from .statements import STATEMENT_ENTRIES, CloseEntry, ParseEntry
+from .statements import STATEMENT_ENTRIES, CloseEntry, ParseEntry, Statement
+
+if TYPE_CHECKING:
+    from .session import Session
+    from .stream import Stream
 
 # ---------------------------------------------------------------- the protocol, sans I/O
 
@@ -29,7 +35,7 @@ class HiddenQuery:
 
     __slots__ = ("kind", "session", "rows", "error")
 
-    def __init__(self, kind: str, session=None):
+    def __init__(self, kind: str, session: "Session | None" = None):
         self.kind = kind
         self.session = session
         self.rows: list[tuple] = []
@@ -103,14 +109,14 @@ class ServerProtocol:
 
     def __init__(self) -> None:
         self.state = ServerState.IDLE
-        self.owner = None                   # the session that owns the connection now
-        self.pinned = None                  # the session it belongs to alone (state it cannot copy)
+        self.owner: Session | None = None   # the session that owns the connection now
+        self.pinned: Session | None = None                 # the session it belongs to alone (state it cannot copy)
         self.pending: collections.deque = collections.deque()
         self.unsynced = False               # extended-protocol messages sent since the last Sync
-        self.status = TransactionStatus.IDLE
+        self.status: int = TransactionStatus.IDLE
         self.copy_in = False                # COPY FROM STDIN in progress
         self.prepared: set[bytes] = set()   # server names of statements prepared here
-        self.unnamed = None                 # the statements.Statement that is the unnamed one here
+        self.unnamed: Statement | None = None   # the statements.Statement that is the unnamed one here
         self.error_names: dict[bytes, bytes] = {}   # server name -> client's, until the next ReadyForQuery
         self.params: dict[str, str] = {}    # ParameterStatus values in force
         # Session settings in force on the server now; None when unknown (a
@@ -126,13 +132,13 @@ class ServerProtocol:
         self.cancels = 0                    # cancel requests for it not yet taken by the server
         self.since = 0.0                    # monotonic time the owner's turn began (SHOW STATS)
         self.queries = 0                    # the owners' ReadyForQuery messages not yet counted
-        self.sock = None
-        self.stream = None
+        self.sock: Any = None               # a socket.socket once connected (ServerConnection)
+        self.stream: Any = None             # its stream.Stream, set by the backend that drives it
         self.fd = -1
         self.pid = 0
         self.key = 0
 
-    def hidden(self, kind: str, sql: str, session=None) -> bytes:
+    def hidden(self, kind: str, sql: str, session: "Session | None" = None) -> bytes:
         """A query of the pooler's own: its replies are collected, not forwarded."""
         self.pending.append(HiddenQuery(kind, session))
         self.unnamed = None
@@ -182,7 +188,7 @@ class ServerProtocol:
                     if msg_type == NOTIFICATION:
                         start = pos   # the session's, whatever the pooler is doing
                     else:
-                        self._hidden_message(head, msg_type, data, pos + 5, end)
+                        self._hidden_message(cast(HiddenQuery, head), msg_type, data, pos + 5, end)
                     if msg_type == Z:
                         pending.popleft()
                         status = data[pos + 5]
@@ -349,7 +355,7 @@ def text_row(data: bytes, pos: int, end: int) -> tuple:
     """The text values of a DataRow payload data[pos:end]."""
     count = _int16(data, pos)[0]
     pos += 2
-    values = []
+    values: list[str | None] = []
     for _ in range(count):
         size = _int32(data, pos)[0]
         pos += 4
@@ -370,7 +376,7 @@ _two_int32 = struct.Struct("!ii")
 
 # ---------------------------------------------------------------- the connection
 
-def upstream_address(settings) -> tuple[int, object]:
+def upstream_address(settings) -> tuple[int, Any]:
     """(address family, address) of the upstream server, as libpq reads host/port."""
     host, port = settings.upstream_host, settings.upstream_port
     if host.startswith("/"):
@@ -393,8 +399,8 @@ class ServerConnection(ServerProtocol):
         self.fd = self.sock.fileno()
         self.state = ServerState.CONNECTING
         self.deadline = time.monotonic() + settings.upstream_connect_timeout
-        self._reader = protocol.MessageReader()
-        self._auth = auth.ClientAuth(startup["user"], secret)
+        self._reader: protocol.MessageReader | None = protocol.MessageReader()
+        self._auth: auth.ClientAuth | None = auth.ClientAuth(startup["user"], secret)
         self._startup = startup
         try:
             self.sock.connect(addr)
@@ -410,7 +416,7 @@ class ServerConnection(ServerProtocol):
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             raise PgError("sqlclient_unable_to_establish_sqlconnection",
-                          f"could not connect to upstream server: {socket.errno.errorcode.get(err, err)}")
+                          f"could not connect to upstream server: {errno.errorcode.get(err, err)}")
         self.state = ServerState.LOGIN
         return protocol.startup_message(self._startup)
 
@@ -421,17 +427,19 @@ class ServerConnection(ServerProtocol):
         message (the dedicated backend relays ParameterStatus and notices to its client).
         Raises PgError with the server's own error if it refuses us.
         """
-        self._reader.feed(data)
+        reader, client_auth = self._reader, self._auth
+        assert reader is not None and client_auth is not None, "login() after the login"
+        reader.feed(data)
         out = b""
         while self.state is ServerState.LOGIN:
-            item = self._reader.next()
+            item = reader.next()
             if item is None:
                 break
             msg_type, payload = item
             if msg_type == protocol.AUTHENTICATION:
                 code = struct.unpack_from("!i", payload)[0]
                 if code != protocol.AUTH_OK:
-                    out += self._auth.respond(code, payload[4:])
+                    out += client_auth.respond(code, payload[4:])
             elif msg_type == protocol.PARAMETER_STATUS:
                 name, pos = protocol.read_cstring(payload, 0)
                 value, _ = protocol.read_cstring(payload, pos)
@@ -446,7 +454,7 @@ class ServerConnection(ServerProtocol):
                 on_message(msg_type, payload)
         if self.state is ServerState.IDLE:
             # Whatever followed ReadyForQuery (nothing, normally) is ordinary traffic.
-            self.inbuf = self._reader.buf
+            self.inbuf = reader.buf
             self.need = 1
             self._reader = None
             self._auth = None

@@ -24,8 +24,8 @@ import re
 import struct
 
 from ..shared import protocol
-from .statements import (MISSING, CloseEntry, ParseEntry, ProtocolViolation, Statement, parse_key,
-                         parse_message, with_statement_name)
+from .statements import (MISSING, CloseEntry, ParseEntry, ProtocolViolation, Statement, StatementRegistry,
+                         parse_key, parse_message, with_statement_name)
 
 _length = struct.Struct("!I").unpack_from
 _header = struct.Struct("!cI").pack
@@ -98,7 +98,7 @@ class ClientProtocol:
     __slots__ = ("buf", "need", "passthrough", "scanning", "tail", "statements", "unnamed",
                  "flags", "texts", "last_text", "registry")
 
-    def __init__(self, registry):
+    def __init__(self, registry: StatementRegistry) -> None:
         self.buf = bytearray()   # received, not yet forwarded (an incomplete message, or input that waits)
         self.need = 5            # framing is tried again once buf holds this many bytes
         self.passthrough = 0     # bytes of a message being streamed to the server, still to come
@@ -195,7 +195,7 @@ class ClientProtocol:
         pieces = None     # pieces to send, once a message had to be rewritten
         emit = 0          # data[emit:pos] is still to be sent as it is
         may_touch = None  # whether any text in data may change state (looked at once)
-        outcome = None
+        outcome: str | ProtocolViolation | None = None
         while n - pos >= 5:
             msg_type = data[pos]
             length = _length(data, pos + 1)[0]
@@ -386,7 +386,7 @@ class ClientProtocol:
     def _ensure_unnamed(self, server) -> bytes:
         """A Parse of the session's unnamed statement, if the connection's is another one."""
         statement = self.unnamed
-        if server.unnamed is statement:
+        if server.unnamed is statement or statement is None:
             return b""
         server.unnamed = statement
         server.pending.append(ParseEntry(True, server, statement, self, None))

@@ -28,6 +28,7 @@ import socket
 import struct
 import time
 from bisect import bisect_right
+from typing import Callable
 
 from ..shared import channel, log, process, protocol, status
 from ..shared.errors import PgError
@@ -92,7 +93,7 @@ class PooledBackend:
         self.secret = secret
         self.pid = os.getpid()
         self.epoll = select.epoll()
-        self.handlers: dict[int, object] = {}
+        self.handlers: dict[int, Callable[[int], None]] = {}
         self.sessions: dict[int, Session] = {}       # by client fd
         self.by_key: dict[int, Session] = {}
         self.scheduler = Scheduler()
@@ -289,6 +290,9 @@ class PooledBackend:
                 os._exit(1)
             kind = msg[0]
             if kind == "session":
+                if fd is None:   # the postmaster always sends the socket with it
+                    logger.warning("a session was handed over without its socket")
+                    continue
                 self._new_session(msg[1], msg[2], fd)
             elif kind == "cancel":
                 self._cancel(msg[1])
@@ -370,11 +374,10 @@ class PooledBackend:
         rows = []
         for session in self.sessions.values():
             server = session.pinned or self.server
-            owns = server is not None and server.owner is session
             state = session.state
             if state is WAITING or (state is SessionState.STARTING and not session.greeted):
                 name, since = "waiting", session.since
-            elif owns:
+            elif server is not None and server.owner is session:
                 in_xact = server.status != TX_IDLE
                 name, since = ("in transaction" if in_xact else "active"), server.since
             else:
@@ -473,7 +476,9 @@ class PooledBackend:
             self.trim_memory = True
         state = session.state
         if state is ACTIVE:
-            self._forward(session, session.pinned or self.server, data)
+            server = session.pinned or self.server
+            assert server is not None, "an active session has a server connection"
+            self._forward(session, server, data)
             return
         proto = session.proto
         if state is IDLE and not proto.buf:
@@ -882,6 +887,10 @@ class PooledBackend:
     def _hidden_done(self, server: srv.ServerConnection, hidden: srv.HiddenQuery) -> None:
         """A hidden query's ReadyForQuery arrived: act on what it returned."""
         kind, session, error = hidden.kind, hidden.session, hidden.error
+        if session is None:   # the pooler's own (ROLLBACK, DEALLOCATE): nothing to act on
+            if not server.pending and not server.unsynced and server.owner is not None:
+                self._boundary(server)
+            return
         if kind == RESTORE:
             self._restored(server, session, error)
             return
@@ -966,7 +975,7 @@ class PooledBackend:
         # The server reports settings in its own spelling (UTF8, "ISO, MDY"):
         # keep that spelling so that equal contexts compare equal.
         reported = {name.lower(): value for name, value in server.params.items()}
-        for name in srv.REPORTED_SETTABLE & settings.keys():
+        for name in settings.keys() & srv.REPORTED_SETTABLE:
             if name in reported:
                 settings[name] = reported[name]
                 session.context.startup[name] = reported[name]
@@ -1034,8 +1043,8 @@ class PooledBackend:
             if ready.__class__ is ProtocolViolation:
                 self._protocol_violation(session, ready.text)
             elif ready:
-                if server.pinned is session:
-                    self._enqueue(session)
+                if server.pinned is not None and server.pinned is session:
+                    self._enqueue(server.pinned)
                     return
                 # The client already sent its next transaction: it waits its turn.
                 self.scheduler.wait(session)
@@ -1184,11 +1193,15 @@ class PooledBackend:
                 self._activate(server, session)
 
 
+def _exit_now(_signum: int, _frame: object) -> None:
+    os._exit(0)
+
+
 def main(settings, database: str, user: str, chan: socket.socket,
          table: status.StatusTable, slot: int | None, secret: str | None) -> None:
     """Entry point in the forked pooled-backend process."""
     process.set_title(f"backend {database}/{user} 0 sessions 0 waiting")
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    signal.signal(signal.SIGTERM, _exit_now)
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the postmaster says how to stop
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     PooledBackend(settings, database, user, chan, table, slot, secret).run()

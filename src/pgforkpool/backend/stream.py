@@ -120,7 +120,7 @@ class Stream:
             pass
 
 
-_libc = None
+_libc: "ctypes.CDLL | bool | None" = None
 
 
 def release_memory() -> None:
@@ -132,5 +132,5 @@ def release_memory() -> None:
             _libc.malloc_trim.argtypes = [ctypes.c_size_t]
         except (OSError, AttributeError):
             _libc = False
-    if _libc:
+    if isinstance(_libc, ctypes.CDLL):
         _libc.malloc_trim(0)
