@@ -22,6 +22,7 @@ WAITING_INPUT_LIMIT).
 
 import re
 import struct
+from typing import Final
 
 from ..shared import protocol
 from .statements import (MISSING, CloseEntry, ParseEntry, ProtocolViolation, Statement, StatementRegistry,
@@ -31,50 +32,60 @@ _length = struct.Struct("!I").unpack_from
 _header = struct.Struct("!cI").pack
 
 # PostgreSQL's PQ_SMALL_MESSAGE_LIMIT and PQ_LARGE_MESSAGE_LIMIT (MaxAllocSize - 1).
-SMALL_MESSAGE_LIMIT = 10000
-LARGE_MESSAGE_LIMIT = 0x3FFFFFFF - 1
+SMALL_MESSAGE_LIMIT: Final = 10000
+LARGE_MESSAGE_LIMIT: Final = 0x3FFFFFFF - 1
 
-Q, F, X = protocol.QUERY, protocol.FUNCTION_CALL, protocol.TERMINATE
-P, B, D, E, C = protocol.PARSE, protocol.BIND, protocol.DESCRIBE, protocol.EXECUTE, protocol.CLOSE
-S, H = protocol.SYNC, protocol.FLUSH
-COPY_DATA, COPY_DONE, COPY_FAIL = protocol.COPY_DATA, protocol.COPY_DONE, protocol.COPY_FAIL
+Q: Final = protocol.QUERY
+F: Final = protocol.FUNCTION_CALL
+X: Final = protocol.TERMINATE
+P: Final = protocol.PARSE
+B: Final = protocol.BIND
+D: Final = protocol.DESCRIBE
+E: Final = protocol.EXECUTE
+C: Final = protocol.CLOSE
+S: Final = protocol.SYNC
+H: Final = protocol.FLUSH
+COPY_DATA: Final = protocol.COPY_DATA
+COPY_DONE: Final = protocol.COPY_DONE
+COPY_FAIL: Final = protocol.COPY_FAIL
 
 # The longest length word each frontend message type may carry; 0: not a frontend message.
-LIMITS = [0] * 256
+LIMITS: Final = [0] * 256
 for _t in (Q, F, P, B, COPY_DATA):
     LIMITS[_t] = LARGE_MESSAGE_LIMIT
 for _t in (X, C, D, E, H, S, COPY_DONE, COPY_FAIL):
     LIMITS[_t] = SMALL_MESSAGE_LIMIT
 del _t
 # Messages whose body must be empty.
-EMPTY_BODY = frozenset({S, H, X, COPY_DONE})
+EMPTY_BODY: Final = frozenset({S, H, X, COPY_DONE})
 # Extended-query messages that leave work on the server until the next Sync.
 # (Flush does not: psycopg ends a pipeline with Sync then Flush.)
-EXTENDED = frozenset({P, B, D, E, C})
-_STATEMENT, _PORTAL = ord("S"), ord("P")
+EXTENDED: Final = frozenset({P, B, D, E, C})
+_STATEMENT: Final = ord("S")
+_PORTAL: Final = ord("P")
 
 # A Bind's portal and statement names are looked for within this many bytes
 # of a message that has not arrived whole.
-BIND_HEADER_LIMIT = 1 << 16
+BIND_HEADER_LIMIT: Final = 1 << 16
 # Input a waiting session may buffer before its socket is not read any more.
-WAITING_INPUT_LIMIT = 1 << 16
+WAITING_INPUT_LIMIT: Final = 1 << 16
 # The most filler sent to complete the message of a client that vanished in
 # the middle of it; beyond this its server connection is closed instead.
-ABANDON_FILL_LIMIT = 1 << 20
+ABANDON_FILL_LIMIT: Final = 1 << 20
 
-TERMINATE = "terminate"
+TERMINATE: Final = "terminate"
 
 # Flags of statement text that may change session state without a telling
 # command tag (SET, LISTEN, PREPARE, CREATE TABLE… have tags; see server.py).
-MAY_SET = 1      # set_config(): read the settings back after the transaction
-MAY_PIN = 2      # temporary objects, session advisory locks: ask the server whether to pin
-_SETTINGS_TEXT = re.compile(rb"set_config", re.IGNORECASE)
-_PIN_TEXT = re.compile(rb"\btemp(?:orary)?\b|pg_temp|advisory_(?:un)?lock", re.IGNORECASE)
+MAY_SET: Final = 1      # set_config(): read the settings back after the transaction
+MAY_PIN: Final = 2      # temporary objects, session advisory locks: ask the server whether to pin
+_SETTINGS_TEXT: Final = re.compile(rb"set_config", re.IGNORECASE)
+_PIN_TEXT: Final = re.compile(rb"\btemp(?:orary)?\b|pg_temp|advisory_(?:un)?lock", re.IGNORECASE)
 # A C-speed first look (lower-case, then substring search) before any regex:
 # most statements mention none of these words.
-_LOWER = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", b"abcdefghijklmnopqrstuvwxyz")
+_LOWER: Final = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", b"abcdefghijklmnopqrstuvwxyz")
 # How much of a streamed text is kept to find a word cut by a chunk boundary.
-_OVERLAP = 16
+_OVERLAP: Final = 16
 
 
 def may_touch_state(text) -> bool:
@@ -510,4 +521,4 @@ def _bad_header(msg_type: int, length: int) -> str:
 # the replies it then skips after an error cannot be told apart without
 # following every message, so the pooler refuses it (no driver sends it:
 # libpq's pipeline mode forbids it).
-MIXED_PIPELINE = "simple Query or FunctionCall inside an unsynced extended-query pipeline"
+MIXED_PIPELINE: Final = "simple Query or FunctionCall inside an unsynced extended-query pipeline"

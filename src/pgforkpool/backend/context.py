@@ -8,22 +8,23 @@ back after RESET or DISCARD.
 """
 
 import re
+from typing import Final
 
 from ..shared import protocol
 
 # Startup packet fields that are not settings.
-NOT_SETTINGS = frozenset({"user", "database", "options", "replication"})
+NOT_SETTINGS: Final = frozenset({"user", "database", "options", "replication"})
 
 # Settings the server reports with ParameterStatus that a session can change;
 # when the server reports one while a session owns it, the session changed it.
 # Names are kept lower-case, as PostgreSQL compares setting names.
-REPORTED_SETTABLE = frozenset({
+REPORTED_SETTABLE: Final = frozenset({
     "application_name", "client_encoding", "datestyle", "intervalstyle", "timezone",
     "standard_conforming_strings", "default_transaction_read_only",
 })
 
 # Applied last, in this order: SET SESSION AUTHORIZATION resets the role.
-IDENTITY = ("session_authorization", "role")
+IDENTITY: Final = ("session_authorization", "role")
 
 
 class Context:
@@ -106,7 +107,7 @@ def parse_options(options: str) -> list[tuple[str, str]]:
 
 # Custom settings ("myapp.tenant") a statement may set: pg_settings does not
 # list them, so their names are taken from the statement text.
-_CUSTOM_NAME = re.compile(
+_CUSTOM_NAME: Final = re.compile(
     rb"""(?:\bset\s+(?:session\s+|local\s+)?|set_config\s*\(\s*')"""
     rb"""([a-z_][a-z0-9_$]*\.[a-z_][a-z0-9_$.]*)""", re.IGNORECASE)
 
@@ -190,7 +191,7 @@ def restore_query(current: dict[str, str] | None, wanted: dict[str, str]) -> str
 
 
 # Whether the connection holds state of the session that cannot be copied to another.
-PIN_CHECK_QUERY = (
+PIN_CHECK_QUERY: Final = (
     "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_class "
     "WHERE relnamespace = pg_catalog.pg_my_temp_schema()) "
     "OR EXISTS (SELECT 1 FROM pg_catalog.pg_locks "

@@ -28,7 +28,7 @@ import socket
 import struct
 import time
 from bisect import bisect_right
-from typing import Callable
+from typing import Callable, Final
 
 from ..shared import channel, log, process, protocol, status
 from ..shared.errors import PgError
@@ -45,42 +45,55 @@ from .stream import EPOLLIN, EPOLLOUT, HIGH_WATER, LOW_WATER, READABLE, RECV_SIZ
 
 logger = log.get("backend")
 
-IDLE, ACTIVE, WAITING, CLOSED = (SessionState.IDLE, SessionState.ACTIVE, SessionState.WAITING,
-                                 SessionState.CLOSED)
-SERVER_IDLE, SERVER_ACTIVE, CONNECTING, LOGIN, SERVER_CLOSED = (
-    ServerState.IDLE, ServerState.ACTIVE, ServerState.CONNECTING, ServerState.LOGIN, ServerState.CLOSED)
-TX_IDLE = int(TransactionStatus.IDLE)
-(_TRANSACTIONS, _QUERIES, _BYTES_IN, _BYTES_OUT, _XACT_US, _WAIT_US, _WAITS) = (
-    status.TRANSACTIONS, status.QUERIES, status.BYTES_IN, status.BYTES_OUT, status.XACT_US,
-    status.WAIT_US, status.WAITS)
+IDLE: Final = SessionState.IDLE
+ACTIVE: Final = SessionState.ACTIVE
+WAITING: Final = SessionState.WAITING
+CLOSED: Final = SessionState.CLOSED
+SERVER_IDLE: Final = ServerState.IDLE
+SERVER_ACTIVE: Final = ServerState.ACTIVE
+CONNECTING: Final = ServerState.CONNECTING
+LOGIN: Final = ServerState.LOGIN
+SERVER_CLOSED: Final = ServerState.CLOSED
+TX_IDLE: Final = int(TransactionStatus.IDLE)
+_TRANSACTIONS: Final = status.TRANSACTIONS
+_QUERIES: Final = status.QUERIES
+_BYTES_IN: Final = status.BYTES_IN
+_BYTES_OUT: Final = status.BYTES_OUT
+_XACT_US: Final = status.XACT_US
+_WAIT_US: Final = status.WAIT_US
+_WAITS: Final = status.WAITS
 _monotonic = time.monotonic
-_XACT_HIST, _WAIT_HIST = status.XACT_HIST, status.WAIT_HIST
-_TURNS, _READY_SUM, _WAITING = status.TURNS, status.READY_SUM, status.WAITING
-_BOUNDS_S = tuple(bound / 1e6 for bound in status.HISTOGRAM_BOUNDS_US)
-_STAT_INDEXES = tuple(status.FIELDS.index(name) for name in status.STAT_FIELDS)
+_XACT_HIST: Final = status.XACT_HIST
+_WAIT_HIST: Final = status.WAIT_HIST
+_TURNS: Final = status.TURNS
+_READY_SUM: Final = status.READY_SUM
+_WAITING: Final = status.WAITING
+_BOUNDS_S: Final = tuple(bound / 1e6 for bound in status.HISTOGRAM_BOUNDS_US)
+_STAT_INDEXES: Final = tuple(status.FIELDS.index(name) for name in status.STAT_FIELDS)
 
 _length = struct.Struct("!I").unpack_from
-COPY_FAIL = protocol.message(b"f", protocol.cstring("client disconnected"))
+COPY_FAIL: Final = protocol.message(b"f", protocol.cstring("client disconnected"))
 # Ends a half-sent pipeline of a vanished client with an error, so that the
 # Sync after it rolls its implicit transaction back instead of committing it.
-ABORT_PIPELINE = protocol.message(b"E", protocol.cstring("pgforkpool.abort") + b"\0\0\0\0")
+ABORT_PIPELINE: Final = protocol.message(b"E", protocol.cstring("pgforkpool.abort") + b"\0\0\0\0")
 
 # Upstream failures worth dialing again for (a restart, a failover, an outage);
 # others (no such database, authentication) are told to the waiting sessions.
-TRANSIENT_FAILURES = frozenset({"57P01", "57P02", "57P03", "08000", "08001", "08003", "08004",
+TRANSIENT_FAILURES: Final = frozenset({"57P01", "57P02", "57P03", "08000", "08001", "08003", "08004",
                                 "08006", "53300"})
-REDIAL_FIRST, REDIAL_MAX = 0.1, 2.0
+REDIAL_FIRST: Final = 0.1
+REDIAL_MAX: Final = 2.0
 
 # Greeting parameter sets remembered per distinct context.
-GREETING_CACHE_SIZE = 64
+GREETING_CACHE_SIZE: Final = 64
 
 # Kinds of hidden queries.
-RESTORE = "restore"         # put the owner's settings on the server
-CAPTURE = "capture"         # read back settings the owner may have changed
-FIXUP = "fixup"             # after RESET/DISCARD: the owner's startup values again
-ROLLBACK = "rollback"       # end the transaction of a client that vanished
-DEALLOCATE = "deallocate"   # close statements no session holds any more
-PIN_CHECK = "pin check"     # does the owner hold state that cannot be copied?
+RESTORE: Final = "restore"         # put the owner's settings on the server
+CAPTURE: Final = "capture"         # read back settings the owner may have changed
+FIXUP: Final = "fixup"             # after RESET/DISCARD: the owner's startup values again
+ROLLBACK: Final = "rollback"       # end the transaction of a client that vanished
+DEALLOCATE: Final = "deallocate"   # close statements no session holds any more
+PIN_CHECK: Final = "pin check"     # does the owner hold state that cannot be copied?
 
 
 class PooledBackend:
@@ -140,6 +153,7 @@ class PooledBackend:
         counters = self.counters
         poll = self.epoll.poll
         handlers = self.handlers
+        sessions = self.sessions
         queue = self.scheduler.queue
         monotonic = time.monotonic
         # pg_backend_load_average's figures, kept in locals (a shared-memory update per turn
@@ -151,6 +165,17 @@ class PooledBackend:
             events = poll(self.poll_timeout)
             now = self.now = monotonic()   # the time of this turn, for every figure it records
             for fd, mask in events:
+                # Client sockets and the shared connection straight to their methods (a
+                # direct call when compiled); pinned connections, cancels and the channel
+                # through their handlers.
+                session = sessions.get(fd)
+                if session is not None:
+                    self._on_client(session, mask)
+                    continue
+                server = self.server
+                if server is not None and server.fd == fd:
+                    self._on_server(server, mask)
+                    continue
                 handler = handlers.get(fd)
                 if handler is not None:
                     handler(mask)
@@ -446,7 +471,6 @@ class PooledBackend:
         self.sessions[session.fd] = session
         self.by_key[session.key] = session
         self.idle_reported = False
-        self.handlers[session.fd] = functools.partial(self._on_client, session)   # no Python frame of its own
         self.counters[status.SESSIONS] = len(self.sessions)
         self.counters[status.SERVED] += 1
         # A context the pooler has greeted before needs no trip to the server.
@@ -565,8 +589,7 @@ class PooledBackend:
             return
         if len(stream.outbuf) < LOW_WATER:
             server = session.pinned or self.server
-            if (server is not None and server.stream is not None
-                    and (server.owner is session or server.pinned is session)):
+            if server is not None and (server.owner is session or server.pinned is session):
                 server.stream.resume_reading()
 
     def _greet(self, session: Session, params: dict[str, str]) -> None:
@@ -644,7 +667,6 @@ class PooledBackend:
         session.proto.release_statements()
         if session.pinned is not None:
             self._close_pinned(session)
-        self.handlers.pop(session.fd, None)
         del self.sessions[session.fd]
         del self.by_key[session.key]
         session.stream.close()
@@ -1105,8 +1127,7 @@ class PooledBackend:
 
     def _close_server(self, server: srv.ServerConnection) -> None:
         self.handlers.pop(server.fd, None)
-        if server.stream is not None:
-            server.stream.close()
+        server.stream.close()
         server.close()
         if self.server is server:
             self.server = None

@@ -7,6 +7,7 @@ method here; the pooled backend's event loop applies the I/O that follows.
 import collections
 import enum
 import time
+from typing import Final
 
 
 class SessionState(enum.Enum):
@@ -33,9 +34,13 @@ class ServerState(enum.Enum):
 
 # Bound to module names: the methods below run for every transaction.
 _monotonic = time.monotonic
-_STARTING, _IDLE, _WAITING, _ACTIVE = (SessionState.STARTING, SessionState.IDLE,
-                                       SessionState.WAITING, SessionState.ACTIVE)
-_SERVER_IDLE, _SERVER_ACTIVE, _CANCEL_WAIT = ServerState.IDLE, ServerState.ACTIVE, ServerState.CANCEL_WAIT
+_STARTING: Final = SessionState.STARTING
+_IDLE: Final = SessionState.IDLE
+_WAITING: Final = SessionState.WAITING
+_ACTIVE: Final = SessionState.ACTIVE
+_SERVER_IDLE: Final = ServerState.IDLE
+_SERVER_ACTIVE: Final = ServerState.ACTIVE
+_CANCEL_WAIT: Final = ServerState.CANCEL_WAIT
 
 
 class Decision(enum.Enum):

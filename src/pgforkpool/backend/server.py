@@ -6,7 +6,7 @@ import errno
 import socket
 import struct
 import time
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Final, TYPE_CHECKING, cast
 
 from ..shared import auth, protocol
 from ..shared.errors import PgError
@@ -27,7 +27,7 @@ class TransactionStatus(enum.IntEnum):
     FAILED = protocol.TRANS_FAILED
 
 
-_STATUSES = frozenset(TransactionStatus)
+_STATUSES: Final = frozenset(TransactionStatus)
 
 
 class HiddenQuery:
@@ -46,37 +46,48 @@ class HiddenQuery:
 
 
 # Events of ServerProtocol.receive().
-BOUNDARY = "boundary"   # every reply the owner awaited has come: its transaction may be over
-BROKEN = "broken"       # the server sent what is not the protocol: drop the connection
+BOUNDARY: Final = "boundary"   # every reply the owner awaited has come: its transaction may be over
+BROKEN: Final = "broken"       # the server sent what is not the protocol: drop the connection
 
 # Facts about the owner's session state gathered from the server's replies
 # (ServerProtocol.notes), acted on at the transaction boundary.
-NOTE_SETTINGS = 1       # a setting may have changed: read them back
-NOTE_RESET = 2          # RESET or DISCARD: startup values to re-apply
-NOTE_PIN = 4            # state that cannot be copied may exist now
-NOTE_UNPIN = 8          # such state may be gone now
-NOTE_DISCARDED = 16     # the server holds no prepared statement any more
+NOTE_SETTINGS: Final = 1       # a setting may have changed: read them back
+NOTE_RESET: Final = 2          # RESET or DISCARD: startup values to re-apply
+NOTE_PIN: Final = 4            # state that cannot be copied may exist now
+NOTE_UNPIN: Final = 8          # such state may be gone now
+NOTE_DISCARDED: Final = 16     # the server holds no prepared statement any more
 
 _length = struct.Struct("!I").unpack_from
-Z, PS, ERR, CC = (protocol.READY_FOR_QUERY, protocol.PARAMETER_STATUS, protocol.ERROR_RESPONSE,
-                  protocol.COMMAND_COMPLETE)
-NOTICE, NOTIFICATION = protocol.NOTICE_RESPONSE, protocol.NOTIFICATION_RESPONSE
-PARSE_COMPLETE, CLOSE_COMPLETE, DATA_ROW, ROW_DESCRIPTION = ord("1"), ord("3"), ord("D"), ord("T")
-FUNCTION_CALL_RESPONSE = ord("V")
-COPY_IN, COPY_BOTH, COPY_DATA = protocol.COPY_IN_RESPONSE, protocol.COPY_BOTH_RESPONSE, ord("d")
+Z: Final = protocol.READY_FOR_QUERY
+PS: Final = protocol.PARAMETER_STATUS
+ERR: Final = protocol.ERROR_RESPONSE
+CC: Final = protocol.COMMAND_COMPLETE
+NOTICE: Final = protocol.NOTICE_RESPONSE
+NOTIFICATION: Final = protocol.NOTIFICATION_RESPONSE
+PARSE_COMPLETE: Final = ord("1")
+CLOSE_COMPLETE: Final = ord("3")
+DATA_ROW: Final = ord("D")
+ROW_DESCRIPTION: Final = ord("T")
+FUNCTION_CALL_RESPONSE: Final = ord("V")
+COPY_IN: Final = protocol.COPY_IN_RESPONSE
+COPY_BOTH: Final = protocol.COPY_BOTH_RESPONSE
+COPY_DATA: Final = ord("d")
 # Server messages the owner's stream is watched for; everything else passes untouched.
-NOTED = frozenset({Z, PS, ERR, CC, NOTICE, COPY_IN, COPY_BOTH, PARSE_COMPLETE, CLOSE_COMPLETE})
+NOTED: Final = frozenset({Z, PS, ERR, CC, NOTICE, COPY_IN, COPY_BOTH, PARSE_COMPLETE, CLOSE_COMPLETE})
 # Messages that may be large and are passed on as they arrive.
-STREAMED = frozenset({DATA_ROW, COPY_DATA, ROW_DESCRIPTION, FUNCTION_CALL_RESPONSE})
+STREAMED: Final = frozenset({DATA_ROW, COPY_DATA, ROW_DESCRIPTION, FUNCTION_CALL_RESPONSE})
 # Longest message a server may send that is kept whole (errors, notices, tags).
-MAX_KEPT_MESSAGE = 1 << 26
+MAX_KEPT_MESSAGE: Final = 1 << 26
 
-# Command tags that say something about session state; all others (SELECT,
-# INSERT, BEGIN, COMMIT…) pass with one C-level prefix test.
-_TAG_PREFIXES = (b"SET\0", b"RESET\0", b"DISCARD", b"DEALLOCATE", b"LISTEN", b"UNLISTEN",
-                 b"DECLARE", b"PREPARE", b"CREATE TABLE", b"DROP TABLE", b"CLOSE CURSOR", b"LOAD",
-                 b"COMMIT PREPARED", b"ROLLBACK PREPARED")
-_TAG_NOTES = (
+# Command tags that say something about session state.
+_TAG_PREFIXES: Final = (b"SET\0", b"RESET\0", b"DISCARD", b"DEALLOCATE", b"LISTEN", b"UNLISTEN",
+                        b"DECLARE", b"PREPARE", b"CREATE TABLE", b"DROP TABLE", b"CLOSE CURSOR",
+                        b"LOAD", b"COMMIT PREPARED", b"ROLLBACK PREPARED")
+# The same by first letter: most tags (SELECT, INSERT, UPDATE, BEGIN, COMMIT) are
+# dismissed by one dictionary lookup and at most a short prefix test.
+_TAG_PREFIXES_BY_FIRST: Final[dict[int, tuple[bytes, ...]]] = {
+    first: tuple(p for p in _TAG_PREFIXES if p[0] == first) for first in {p[0] for p in _TAG_PREFIXES}}
+_TAG_NOTES: Final = (
     ((b"SET\0", b"RESET\0", b"DISCARD", b"LOAD"), NOTE_SETTINGS),
     ((b"RESET\0", b"DISCARD"), NOTE_RESET),
     ((b"LISTEN", b"DECLARE CURSOR", b"PREPARE\0", b"CREATE TABLE"), NOTE_PIN),
@@ -85,7 +96,7 @@ _TAG_NOTES = (
 )
 # The server removed a placeholder setting (a library reserved its prefix):
 # WARNING 42602 "invalid configuration parameter name …, removing it".
-_PLACEHOLDER_REMOVED = b"C42602\0"
+_PLACEHOLDER_REMOVED: Final = b"C42602\0"
 
 
 class ServerProtocol:
@@ -106,6 +117,10 @@ class ServerProtocol:
                  "xacts", "held", "inbuf", "need", "passthrough", "cancels", "sock", "fd",
                  "pid", "key", "deadline", "stream", "since", "queries", "_reader", "_auth", "_startup",
                  "__weakref__")
+
+    # The connection's buffered stream, made by the backend that drives it
+    # (pooled._connect) as soon as the connection is; absent in the sans-IO tests.
+    stream: "Stream"
 
     def __init__(self) -> None:
         self.state = ServerState.IDLE
@@ -133,7 +148,6 @@ class ServerProtocol:
         self.since = 0.0                    # monotonic time the owner's turn began (SHOW STATS)
         self.queries = 0                    # the owners' ReadyForQuery messages not yet counted
         self.sock: Any = None               # a socket.socket once connected (ServerConnection)
-        self.stream: Any = None             # its stream.Stream, set by the backend that drives it
         self.fd = -1
         self.pid = 0
         self.key = 0
@@ -238,7 +252,8 @@ class ServerProtocol:
                     head = pending[0] if pending else None
                     hidden = head.__class__ is HiddenQuery
                 elif msg_type == CC:
-                    if data.startswith(_TAG_PREFIXES, pos + 5):
+                    prefixes = _TAG_PREFIXES_BY_FIRST.get(data[pos + 5]) if end > pos + 5 else None
+                    if prefixes is not None and data.startswith(prefixes, pos + 5):
                         self._command_tag(data[pos + 5:end])
                 elif msg_type == PARSE_COMPLETE:
                     if head.__class__ is ParseEntry:

@@ -22,16 +22,20 @@ framed, and a malformed one comes back as a ProtocolViolation.
 
 import collections
 import struct
+from typing import Final
 
 # Server name that is never prepared: a client's unknown name becomes it, and
 # the server answers as PostgreSQL would (26000, or CloseComplete for Close).
-MISSING = b"pgforkpool.missing"
+MISSING: Final = b"pgforkpool.missing"
 
 _header = struct.Struct("!cI")
 _int16 = struct.Struct("!h").unpack_from
-_STATEMENT = ord("S")
-_PORTAL = ord("P")
-_PARSE, _BIND, _DESCRIBE, _CLOSE = ord("P"), ord("B"), ord("D"), ord("C")
+_STATEMENT: Final = ord("S")
+_PORTAL: Final = ord("P")
+_PARSE: Final = ord("P")
+_BIND: Final = ord("B")
+_DESCRIBE: Final = ord("D")
+_CLOSE: Final = ord("C")
 
 
 class ProtocolViolation:
@@ -127,7 +131,7 @@ class CloseEntry:
 
 
 # What the server answers with ParseComplete or CloseComplete, or skips after an error.
-STATEMENT_ENTRIES = (ParseEntry, CloseEntry)
+STATEMENT_ENTRIES: Final = (ParseEntry, CloseEntry)
 
 
 class StatementRegistry:

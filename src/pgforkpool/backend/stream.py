@@ -9,20 +9,22 @@ the read side sees the end of the connection and ends it once.
 import ctypes
 import ctypes.util
 import select
+from typing import Final
 
-EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
-READABLE = EPOLLIN | select.EPOLLHUP | select.EPOLLERR
+EPOLLIN: Final = select.EPOLLIN
+EPOLLOUT: Final = select.EPOLLOUT
+READABLE: Final = EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 
 # Bytes asked of one recv(). Larger buffers cost more than they save: CPython
 # allocates the whole size and shrinks it, and past 128 kB each call makes the
 # allocator trim and regrow the heap (measured: 15 µs against 2 µs per call).
-RECV_SIZE = 65536
+RECV_SIZE: Final = 65536
 # Buffered output beyond which the producing side is paused, and below which it goes on.
-HIGH_WATER = 1 << 20
-LOW_WATER = 1 << 18
+HIGH_WATER: Final = 1 << 20
+LOW_WATER: Final = 1 << 18
 # Output buffers that grew past this are dropped when drained, and memory is
 # handed back to the system afterwards (see release_memory).
-LARGE_BUFFER = 1 << 22
+LARGE_BUFFER: Final = 1 << 22
 
 
 class Stream:
