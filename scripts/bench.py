@@ -91,6 +91,7 @@ class Workload:
     bytea_during: int = 0         # MB of the round trips another client loops through the target during pgbench
     relative_to: str = ""         # the key of the workload whose tps this one's is also reported over
     extra_seconds: int = 0        # added to -T: pgbench's clock runs while its clients connect
+    long_clients: int = 0         # clients looping LONG_TRANSACTION beside the pgbench ones (skewed load)
 
 
 # To add a workload, add a line. Each runs once per protocol of its own (one row
@@ -109,6 +110,11 @@ WORKLOADS = (
     # 1,000 logins (scram) take several seconds on 2 cores, within pgbench's -T.
     Workload("select-1000", "select-only, 1,000 clients", ("-S", "-c", "1000", "-j", "2"), ("simple",),
              extra_seconds=15),
+    # Issue 8's skewed load: 16 select-only clients measured (TPS, p99 latency) while 4 others
+    # hold transactions open (LONG_TRANSACTION), so a pooler that queues the short ones
+    # behind the long ones shows it in their p99.
+    Workload("skewed-20", "select-only, 16 clients, beside 4 holding 50 ms transactions",
+             ("-S", "-c", "16", "-j", "2"), ("simple",), long_clients=4),
     # --only large: issue 6's large messages (see bytea_client); the round trips last, so that a
     # pooler they break fails them rather than the others
     Workload("large-alone", "select-only, 10 clients, alone", SELECT_10),
@@ -116,6 +122,7 @@ WORKLOADS = (
              bytea_during=DURING_MB, relative_to="large-alone"),
     Workload("large-sizes", "bytea round trips, 1 client", (), bytea_sizes=True),
 )
+LONG_TRANSACTION = "BEGIN;\nSELECT pg_sleep(0.05);\nCOMMIT;\n"
 PROFILED_WORKLOAD = "select-100"  # --profile samples a pgforkpool backend during this one
 
 
@@ -146,6 +153,7 @@ class RunResult:
     transactions: int | None = None   # pgbench's "actually processed"
     cpu_us: float | None = None       # the pooler's CPU (user + system, all its processes) per transaction
     switches: float | None = None     # the pooler's context switches (all its processes) per transaction
+    p99_ms: float | None = None       # 99th percentile of the measured clients' transaction latency
     round_trips: dict[int, list[float]] = field(default_factory=dict)   # bytea: seconds of each, by MB
     error: str = ""               # why the run does not count; empty when it does
 
@@ -668,7 +676,43 @@ def run_pgbench_during_bytea(pgbench: str, port: int, args: tuple[str, ...], dur
     return result
 
 
+def run_pgbench_skewed(pgbench: str, port: int, args: tuple[str, ...], duration: int, log,
+                       long_clients: int) -> RunResult:
+    """pgbench `args` with per-transaction logs (for the p99), while `long_clients` other
+    clients loop LONG_TRANSACTION through the same target for a second longer."""
+    with tempfile.TemporaryDirectory(prefix="pgforkpool-skewed-") as tmp:
+        script = os.path.join(tmp, "long.sql")
+        with open(script, "w") as f:
+            f.write(LONG_TRANSACTION)
+        long_run = start_pgbench(pgbench, port, ("-n", "-f", script, "-c", str(long_clients), "-j", "1"),
+                                 duration + 1)
+        try:
+            result = run_pgbench(pgbench, port, (*args, "-l", "--log-prefix", os.path.join(tmp, "short")),
+                                 duration, log)
+        finally:
+            try:
+                long_output, _ = long_run.communicate(timeout=RUN_GRACE + 1)
+            except subprocess.TimeoutExpired:
+                long_run.kill()
+                long_output, _ = long_run.communicate()
+        log.write(f"$ {' '.join(long_run.args)}\n{long_output}\n")
+        latencies = []
+        for name in os.listdir(tmp):
+            if name.startswith("short"):
+                with open(os.path.join(tmp, name)) as f:
+                    # client_id transaction_no latency_us script_no epoch epoch_us
+                    latencies += [int(line.split()[2]) for line in f if line.strip()]
+    if latencies:
+        latencies.sort()
+        result.p99_ms = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] / 1000
+    if long_run.returncode != 0 and not result.error:
+        result.error = f"the {long_clients} long clients' pgbench: exit {long_run.returncode}: {last_line(long_output)}"
+    return result
+
+
 def run_case(pgbench: str, case: Case, port: int, args: argparse.Namespace, log) -> RunResult:
+    if case.workload.long_clients:
+        return run_pgbench_skewed(pgbench, port, case.pgbench_args, args.duration, log, case.workload.long_clients)
     if case.workload.bytea_sizes:
         return run_bytea_sizes(port, args.sizes, log)
     if case.workload.bytea_during:
@@ -747,6 +791,10 @@ def results_table(cases: list[Case], results: dict, targets: tuple[str, ...], ba
             row(case, f"{case.workload.name}: latency average, ms (lower is better) (`-M {case.protocol}`)",
                 attrgetter("latency_ms"), 3)
     for case in cases:
+        if case.workload.long_clients:
+            row(case, f"{case.workload.name}: the 16 clients' p99 latency, ms (lower is better) "
+                      f"(`-M {case.protocol}`)", attrgetter("p99_ms"), 2)
+    for case in cases:
         if case.protocol and not case.workload.bytea_during:
             row(case, f"{case.workload.name}: pooler CPU per transaction, µs (lower is better) "
                       f"(`-M {case.protocol}`)", attrgetter("cpu_us"), 1)
@@ -795,7 +843,8 @@ def summary(case: Case, r: RunResult, tps_unit: str = " tps") -> str:
     parts = []
     if r.tps is not None:
         parts.append(f"{r.tps:,.0f}{tps_unit}"
-                     + (f", {r.latency_ms:.3f} ms" if case.workload.latency and r.latency_ms is not None else ""))
+                     + (f", {r.latency_ms:.3f} ms" if case.workload.latency and r.latency_ms is not None else "")
+                     + (f", p99 {r.p99_ms:.2f} ms" if r.p99_ms is not None else ""))
     elif not r.round_trips:
         parts.append("no tps" if case.protocol else "no round trip")
     parts += [f"{len(trips)} × {mb} MB, median {r.seconds(mb):.4f} s" for mb, trips in sorted(r.round_trips.items())]

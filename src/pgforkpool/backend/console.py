@@ -116,7 +116,8 @@ POOL_COLUMNS = [("database", TEXT), ("user", TEXT), ("backends", INT8), ("sessio
 BACKEND_COLUMNS = [("pid", INT8), ("database", TEXT), ("user", TEXT), ("kind", TEXT),
                    ("state", TEXT), ("sessions", INT8), ("waiting", INT8), ("pinned", INT8),
                    ("load_average", FLOAT8), ("server_pids", TEXT), ("rss_bytes", INT8),
-                   ("cpu_seconds", FLOAT8), ("transactions", INT8), ("started", TIMESTAMPTZ)]
+                   ("cpu_seconds", FLOAT8), ("transactions", INT8), ("migrations", INT8),
+                   ("started", TIMESTAMPTZ)]
 SESSION_COLUMNS = [("id", INT8), ("address", TEXT), ("port", INT8), ("database", TEXT),
                    ("user", TEXT), ("application_name", TEXT), ("backend_pid", INT8),
                    ("state", TEXT), ("connected", TIMESTAMPTZ), ("since", TIMESTAMPTZ),
@@ -138,7 +139,7 @@ def backend_rows(table: status.StatusTable, server_pids: dict[int, list[int]] | 
         rows.append([slot["pid"], slot["database"], slot["user"], slot["kind"], state, slot["sessions"],
                      slot["waiting"], slot["pinned"], round(slot["load_average"], 6),
                      ",".join(str(p) for p in pids), slot["rss"], slot["cpu_seconds"],
-                     slot["transactions"], slot["started_us"] / 1e6])
+                     slot["transactions"], slot["migrations"], slot["started_us"] / 1e6])
     return rows
 
 

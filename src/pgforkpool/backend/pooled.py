@@ -34,13 +34,13 @@ from ..shared import channel, log, process, protocol, status
 from ..shared.errors import PgError
 from . import server as srv
 from .client import MAY_PIN, MAY_SET, TERMINATE, WAITING_INPUT_LIMIT
-from .context import (PIN_CHECK_QUERY, capture_query, captured_settings, custom_setting_names,
+from .context import (PIN_CHECK_QUERY, Context, capture_query, captured_settings, custom_setting_names,
                       fixup_query, restore_query)
 from .scheduler import Decision, Scheduler, ServerState, SessionState, boundary_decision
 from .server import (BOUNDARY, BROKEN, NOTE_DISCARDED, NOTE_PIN, NOTE_SETTINGS, NOTE_UNPIN,
                      TransactionStatus)
 from .session import Session
-from .statements import ProtocolViolation, StatementRegistry
+from .statements import ProtocolViolation, Statement, StatementRegistry
 from .stream import EPOLLIN, EPOLLOUT, HIGH_WATER, LOW_WATER, READABLE, RECV_SIZE, Stream, release_memory
 
 logger = log.get("backend")
@@ -98,7 +98,7 @@ PIN_CHECK: Final = "pin check"     # does the owner hold state that cannot be co
 
 class PooledBackend:
     def __init__(self, settings, database: str, user: str, chan: socket.socket,
-                 table: status.StatusTable, slot: int | None, secret: str | None):
+                 table: status.StatusTable | None, slot: int | None, secret: str | None):
         self.settings = settings
         self.database = database
         self.user = user
@@ -115,7 +115,7 @@ class PooledBackend:
         self.greetings: dict[frozenset, dict[str, str]] = {}
         self.registry = StatementRegistry(settings.prepared_statement_cache_size)
         self.pinned_count = 0
-        self.counters = (table.counters(slot) if slot is not None
+        self.counters = (table.counters(slot) if table is not None and slot is not None
                          else memoryview(bytearray(status.INT_BYTES)).cast("q"))
         self.shutdown_mode: str | None = None
         self.title_at = 0.0
@@ -143,6 +143,14 @@ class PooledBackend:
         self.poll_timeout = 1.0
         self.server_error: PgError | None = None   # why the last dial failed
         self.ever_connected = False   # a first dial that fails is a configuration error: told at once
+        # Session migration: waiting sessions move to a backend of the pool that could
+        # serve them now.  Siblings are found in the status table (refreshed once a second).
+        self.table = table
+        self.migration_delay = settings.session_migration_delay if settings.session_migration else 0.0
+        self.migrate_at = 0.0
+        self.siblings: list[tuple[int, int]] = []   # (status-table slot, pid) of the pool's other backends
+        self.siblings_at = 0.0
+        self.migrations = 0
 
     # ================================================================ event loop
 
@@ -162,7 +170,8 @@ class PooledBackend:
         while True:
             # Deadlines (login, cancels, idle timeout, shutdown) are kept by
             # _housekeeping, at least once a second; no per-turn computation.
-            events = poll(self.poll_timeout)
+            delay = self.migration_delay
+            events = poll(self.poll_timeout if not (delay and queue) else min(self.poll_timeout, delay))
             now = self.now = monotonic()   # the time of this turn, for every figure it records
             for fd, mask in events:
                 # Client sockets and the shared connection straight to their methods (a
@@ -179,6 +188,8 @@ class PooledBackend:
                 handler = handlers.get(fd)
                 if handler is not None:
                     handler(mask)
+            if queue and delay and now >= self.migrate_at:
+                self._migrate_waiting(now)
             server = self.server
             ready = len(queue) + (server is not None and server.owner is not None)
             turns += 1
@@ -326,6 +337,13 @@ class PooledBackend:
                 self.secret = msg[2]
                 self.registry.cache_size = self.settings.prepared_statement_cache_size
                 self.idle_timeout = self.settings.idle_pool_backend_timeout
+                self.migration_delay = (self.settings.session_migration_delay
+                                        if self.settings.session_migration else 0.0)
+            elif kind == "adopt":
+                if fd is None:
+                    logger.warning("a moved session was handed over without its socket")
+                    continue
+                self._adopt(msg[1], msg[2], fd)
             elif kind == "shutdown":
                 self._shutdown(msg[1])
             elif kind == "ask":
@@ -442,6 +460,120 @@ class PooledBackend:
         for session in list(self.sessions.values()):
             self._client_send(session, error.packet())
             self._close_session(session)
+
+    # ================================================================ session migration
+
+    def _migrate_waiting(self, now: float) -> None:
+        """Move sessions that waited session_migration_delay to backends of the pool that are idle."""
+        delay = self.migration_delay
+        self.migrate_at = now + delay
+        server = self.server
+        if (self.table is None or server is None or server.state is not SERVER_ACTIVE
+                or self.paused or self.shutdown_mode is not None):
+            return
+        movable = [session for session in self.scheduler.queue
+                   if session.state is WAITING and now - session.since >= delay
+                   and self._movable(session)]
+        if not movable:
+            return
+        for target in self._idle_siblings(now):
+            if not movable:
+                break
+            self._migrate(movable.pop(0), target)
+
+    @staticmethod
+    def _movable(session: Session) -> bool:
+        """Between transactions, sharing, greeted, and with nothing half-done on either side."""
+        return (session.pinned is None and session.greeted and not session.gone
+                and not session.paused and not session.dirty and not session.pin_check
+                and not session.prepared_xacts and not session.stream.outbuf
+                and not session.proto.passthrough)
+
+    def _idle_siblings(self, now: float) -> list[int]:
+        """Pids of the pool's other backends whose server connection is free now."""
+        table = self.table
+        assert table is not None
+        if now >= self.siblings_at:
+            self.siblings_at = now + 1.0
+            siblings = []
+            for index in range(table.nslots):
+                in_use, pid, database, user = table.slot_identity(index)
+                if (in_use and pid != self.pid and database == self.database and user == self.user
+                        and table.counters(index)[status.KIND] == status.KIND_POOLED):
+                    siblings.append((index, pid))
+            self.siblings = siblings
+        idle = []
+        max_sessions = self.settings.max_sessions
+        for index, pid in self.siblings:
+            ints = table.counters(index)
+            if (ints[status.IN_USE] and ints[status.PID] == pid and not ints[status.DRAINING]
+                    and not ints[status.PAUSED] and ints[_WAITING] == 0
+                    and ints[status.SESSIONS] < max_sessions):
+                idle.append(pid)
+        return idle
+
+    def _migrate(self, session: Session, target: int) -> None:
+        """Hand a waiting session, with its socket and everything it holds here, to backend `target`.
+
+        The postmaster passes it on (or back to us, if the target is gone).  What
+        the client sends meanwhile stays in the socket for the adopter to read.
+        """
+        proto = session.proto
+        state = {
+            "key": session.key, "origin_pid": session.origin_pid or self.pid,
+            "address": session.address, "connected": session.connected,
+            "context": session.context.to_dict(), "buf": bytes(proto.buf),
+            "statements": [(name, st.key, st.flags) for name, st in proto.statements.items()],
+            "unnamed": None if proto.unnamed is None else (proto.unnamed.key, proto.unnamed.flags),
+        }
+        try:
+            channel.send(self.chan, ("migrate", session.conn_id, target, state), session.fd)
+        except OSError as exc:
+            logger.warning("%s: could not be moved to backend %d: %s", session, target, exc)
+            return
+        self.scheduler.forget(session)
+        proto.release_statements()
+        session.state = CLOSED
+        del self.sessions[session.fd]
+        del self.by_key[session.key]
+        session.stream.close()   # our copy of the socket: the client's connection lives on
+        self.migrations += 1
+        self.counters[status.MIGRATIONS] = self.migrations
+        self.counters[status.SESSIONS] = len(self.sessions)
+        if not self.sessions:
+            self.empty_since = time.monotonic()
+        logger.debug("%s: moved to backend %d after waiting %.1f ms", session, target,
+                     (self.now - session.since) * 1000)
+
+    def _adopt(self, conn_id: int, state: dict, fd: int) -> None:
+        """A session another backend of the pool handed over: it goes on here as if it had always been."""
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        session = Session(Stream(sock, self.epoll), conn_id, {"user": self.user, "database": self.database},
+                          self.registry, state["address"])
+        session.key = state["key"]
+        session.origin_pid = state["origin_pid"]
+        session.connected = state["connected"]
+        session.context = Context.from_dict(state["context"])
+        session.greeted = True
+        session.state = IDLE
+        proto = session.proto
+        for name, key, flags in state["statements"]:
+            proto.statements[name] = self.registry.acquire(key, flags)
+        if state["unnamed"] is not None:
+            proto.unnamed = Statement(b"", state["unnamed"][0], state["unnamed"][1])
+        if session.key in self.by_key:   # one chance in 2^31 per session: the newcomer's key wins
+            logger.warning("%s: its cancel key is also another session's here", session)
+        self.sessions[session.fd] = session
+        self.by_key[session.key] = session
+        self.idle_reported = False
+        self.counters[status.SESSIONS] = len(self.sessions)
+        proto.buf += state["buf"]
+        ready = proto.ready()
+        if ready.__class__ is ProtocolViolation:
+            self._protocol_violation(session, ready.text)
+        elif ready:
+            self._enqueue(session)
 
     # ================================================================ sessions
 

@@ -127,7 +127,7 @@ def status_rows(table: status.StatusTable) -> list[dict]:
         "pid": slot["pid"], "type": slot["kind"], "database": slot["database"],
         "user": slot["user"], "sessions": slot["sessions"], "waiting": slot["waiting"],
         "pinned": slot["pinned"], "transactions": slot["transactions"],
-        "load_average": round(slot["load_average"], 4),
+        "migrations": slot["migrations"], "load_average": round(slot["load_average"], 4),
         "draining": bool(slot["draining"]), "paused": bool(slot["paused"]),
         "rss_mb": round(slot["rss"] / 2**20, 1) if slot["rss"] is not None else None,
         "cpu_seconds": slot["cpu_seconds"],
@@ -196,5 +196,5 @@ def status_command(config_file: str, overrides: tuple[str, ...], fmt: str) -> No
                              "transactions", "queries", "avg_xact_time_us", "avg_wait_time_us"])
         click.echo("")
         _print_table(backends, ["pid", "type", "database", "user", "sessions", "waiting", "pinned",
-                                "transactions", "load_average", "draining", "paused", "rss_mb",
-                                "cpu_seconds"])
+                                "transactions", "migrations", "load_average", "draining", "paused",
+                                "rss_mb", "cpu_seconds"])

@@ -75,6 +75,10 @@ class Postmaster:
         self.by_chan: dict[int, object] = {}           # channel fd -> ListenerSlot/BackendSlot/ConsoleSlot
         self.consoles: dict[int, ConsoleSlot] = {}     # by pid
         self.questions: dict[int, Question] = {}       # console questions being answered, by id
+        # Sessions that moved between pooled backends (session_migration): the backend that
+        # has them now, by the (pid, key) their client was told, and that route by connection.
+        self.cancel_routes: dict[tuple[int, int], int] = {}
+        self.moved_sessions: dict[int, tuple[int, int]] = {}
         self.next_question = 0
         # SHOW STATS: what backends that have exited counted, per pool, and the
         # pools' totals sampled every stats_period (the averages are over the last one).
@@ -316,7 +320,11 @@ class Postmaster:
             elif isinstance(child, ConsoleSlot):
                 self._console_message(child, msg)
             else:
-                self._backend_message(child, msg)
+                try:
+                    self._backend_message(child, msg, fd)
+                finally:
+                    if fd is not None:
+                        os.close(fd)
 
     def _listener_message(self, listener: ListenerSlot, msg: tuple, fd: int | None) -> None:
         kind, conn_id = msg[0], msg[1]
@@ -327,7 +335,8 @@ class Postmaster:
             finally:
                 os.close(fd)
         elif kind == "cancel":
-            backend = self.backends.get(msg[2])
+            # A session that moved is cancelled where it is now, by the key its client was told.
+            backend = self.backends.get(self.cancel_routes.get((msg[2], msg[3]), msg[2]))
             if backend is not None:
                 try:
                     channel.send(backend.chan, ("cancel", msg[3]))
@@ -417,8 +426,11 @@ class Postmaster:
                                ", ".join(str(pid) for pid in sorted(question.waiting)))
                 self._answered(qid)
 
-    def _backend_message(self, backend: BackendSlot, msg: tuple) -> None:
+    def _backend_message(self, backend: BackendSlot, msg: tuple, fd: int | None = None) -> None:
         kind = msg[0]
+        if kind == "migrate" and fd is not None:
+            self._move_session(backend, msg[1], msg[2], msg[3], fd)
+            return
         if kind == "answer":
             question = self.questions.get(msg[1])
             if question is not None and backend.pid in question.waiting:
@@ -430,6 +442,9 @@ class Postmaster:
         if kind == "closed":
             backend.sessions -= 1
             self.connections -= 1
+            route = self.moved_sessions.pop(msg[1], None)
+            if route is not None:
+                self.cancel_routes.pop(route, None)
             if backend.draining and backend.sessions == 0 and backend.pool is not None:
                 self._tell(backend, ("shutdown", "smart"))
         elif kind == "idle" and backend.sessions == 0 and not backend.draining:
@@ -440,6 +455,36 @@ class Postmaster:
             # The upstream refuses this pool (no such database or role): do not keep
             # a process for it; the next session of the pool starts afresh.
             self._retire(backend)
+
+    def _move_session(self, source: BackendSlot, conn_id: int, target_pid: int, state: dict,
+                      fd: int) -> None:
+        """session_migration: pass a session from one pooled backend to another of its pool.
+
+        If the target has gone, is draining, or cannot be written to, the
+        session goes back to the backend it came from.
+        """
+        target = self.backends.get(target_pid)
+        if (target is None or target.draining or target.pool is None or target.pool is not source.pool
+                or self.shutdown_mode):
+            target = source
+        for receiver in dict.fromkeys((target, source)):
+            try:
+                channel.send(receiver.chan, ("adopt", conn_id, state), fd)
+            except OSError:
+                continue
+            source.sessions -= 1
+            receiver.sessions += 1
+            route = (state["origin_pid"], state["key"])
+            self.cancel_routes[route] = receiver.pid
+            self.moved_sessions[conn_id] = route
+            if source.draining and source.sessions == 0 and source.pool is not None:
+                self._tell(source, ("shutdown", "smart"))
+            return
+        # Neither backend can take it: the client's connection closes with our copy of the socket.
+        logger.warning("connection %d: lost while moving between pooled backends %d and %d",
+                       conn_id, source.pid, target.pid)
+        source.sessions -= 1
+        self.connections -= 1
 
     def _assign(self, conn_id: int, startup: dict[str, str], fd: int) -> None:
         """Choose the backend for an authenticated client and pass its socket on."""

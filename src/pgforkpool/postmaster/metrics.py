@@ -89,6 +89,9 @@ class Collector:
             "load_average": ("pgforkpool_backend_load_average", "pg_backend_load_average(pid)."),
             "paused": ("pgforkpool_backend_paused", "1 while the backend's pool is paused."),
             "draining": ("pgforkpool_backend_draining", "1 while the backend takes no new sessions."),
+            "migrations": ("pgforkpool_backend_migrations", "Sessions the backend has handed to "
+                                                            "another backend of its pool "
+                                                            "(session_migration) since it started."),
         }
         backend_families = {key: GaugeMetricFamily(name, text, labels=BACKEND)
                             for key, (name, text) in gauges.items()}

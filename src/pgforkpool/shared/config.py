@@ -92,6 +92,14 @@ PARAMETERS: dict[str, Param] = {p.name: p for p in (
           "Databases served by one backend per session, comma separated."),
     Param("dedicated_users", "list", ("postgres",), "reload",
           "Users served by one backend per session, comma separated."),
+    Param("session_migration", "bool", True, "reload",
+          "A session waiting for its backend's server connection, held by another session's "
+          "transaction, moves to a backend of the same pool that could serve it now (with its "
+          "socket, settings, prepared statements and cancel key). Off: a session stays on its "
+          "backend for life, as in Postgres Pro."),
+    Param("session_migration_delay", "duration", 0.01, "reload",
+          "How long a session waits before it is moved to another backend of its pool.",
+          min=0.001, max=3600, unit="ms"),
     Param("session_schedule", "enum", "round-robin", "reload",
           "How a new session picks a pooled backend.",
           enum_values=("round-robin", "random", "load-balancing")),

@@ -24,10 +24,10 @@ NAMEDATALEN = 64
 FIELDS: tuple[str, ...] = ("in_use", "pid", "kind", "draining", "sessions", "waiting", "pinned",
           "turns", "ready_sum", "started_us", "served", "transactions",
           "server_connections", "paused", "queries", "bytes_in", "bytes_out", "xact_us",
-          "wait_us", "waits", "reserved1", "reserved2", "reserved3", "reserved4")
+          "wait_us", "waits", "migrations", "reserved2", "reserved3", "reserved4")
 (IN_USE, PID, KIND, DRAINING, SESSIONS, WAITING, PINNED, TURNS, READY_SUM, STARTED_US,
  SERVED, TRANSACTIONS, SERVER_CONNECTIONS, PAUSED, QUERIES, BYTES_IN, BYTES_OUT, XACT_US,
- WAIT_US, WAITS) = range(20)
+ WAIT_US, WAITS, MIGRATIONS) = range(21)   # MIGRATIONS: sessions this backend handed to another
 # Histograms of transaction and wait times: a count per bucket (not cumulative),
 # the bucket being the first upper bound, in microseconds, that the time does not exceed.
 HISTOGRAM_BOUNDS_US = (500, 1000, 5000, 10_000, 50_000, 100_000, 500_000, 1000_000, 5000_000)
@@ -147,6 +147,13 @@ class StatusTable:
         """The slot's integer fields as a writable int64 view (read-only if attached)."""
         start = self._offset(index)
         return memoryview(self.mm)[start:start + INT_BYTES].cast("q")
+
+    def slot_identity(self, index: int) -> tuple[int, int, str, str]:
+        """(in_use, pid, database, user) of a slot, without the rest of its figures."""
+        ints = self.counters(index)
+        names = self._offset(index) + INT_BYTES
+        return (ints[IN_USE], ints[PID], _unname(self.mm[names:names + NAMEDATALEN]),
+                _unname(self.mm[names + NAMEDATALEN:names + 2 * NAMEDATALEN]))
 
     def slot(self, index: int) -> dict:
         ints = self.counters(index)

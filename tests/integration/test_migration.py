@@ -1,0 +1,221 @@
+"""Session migration (issue 8): a session waiting behind another session's transaction moves to a
+backend of its pool whose server connection is free, keeping everything it had."""
+
+import threading
+import time
+
+import psycopg
+import pytest
+
+from conftest import WAIT, backend_pid, server_pid, wait_for
+from pgforkpool.shared import status
+
+
+def migrations(pooler) -> int:
+    """Sessions the pool's backends have handed on so far (the status table's figure)."""
+    table = status.StatusTable.attach(pooler.port)
+    assert table is not None
+    return sum(slot["migrations"] for slot in table.slots())
+
+
+def same_backend_trio(pooler):
+    """Three connections on a pool of two backends: round-robin puts the 1st and 3rd on one."""
+    first, second, third = pooler.connect(), pooler.connect(), pooler.connect()
+    assert backend_pid(first) == backend_pid(third) != backend_pid(second)
+    assert server_pid(first) == server_pid(third) != server_pid(second)
+    return first, second, third
+
+
+@pytest.fixture
+def pool_of_two(start_pooler):
+    pooler = start_pooler(session_pool_size=2, session_schedule="round-robin")
+    connections = same_backend_trio(pooler)
+    yield (pooler, *connections)
+    for conn in connections:
+        conn.close()
+
+
+def test_a_second_connection_of_one_application_does_not_wait_for_the_first(pool_of_two):
+    """One application holds a transaction open on a connection and queries on another that
+    landed on the same backend: the query is served at once by the pool's other backend."""
+    pooler, holder, other_backend, waiter = pool_of_two
+    holder.execute("BEGIN")
+    holder.execute("SELECT 1")          # idle in transaction: the backend's connection is held
+    started = time.monotonic()
+    assert waiter.execute("SELECT 42").fetchone()[0] == 42
+    elapsed = time.monotonic() - started
+    # Served by the other backend's server connection: it moved there.
+    assert server_pid(waiter) == server_pid(other_backend)
+    assert migrations(pooler) == 1
+    # The delay is 10 ms; the bound leaves room for a loaded test machine.
+    print(f"the waiting query completed in {elapsed * 1000:.1f} ms")
+    assert elapsed < 1.0, f"the query waited {elapsed:.3f} s"
+    holder.execute("COMMIT")
+    # Everyone goes on working.
+    for conn in (holder, other_backend, waiter):
+        assert conn.execute("SELECT 1").fetchone()[0] == 1
+
+
+def test_without_migration_the_wait_ends_with_query_wait_timeout(start_pooler):
+    """session_migration = off: Postgres Pro's behaviour, bounded by query_wait_timeout."""
+    pooler = start_pooler(session_pool_size=2, session_migration="off", query_wait_timeout="1s")
+    holder, _other, waiter = same_backend_trio(pooler)
+    holder.execute("BEGIN")
+    holder.execute("SELECT 1")
+    with pytest.raises(psycopg.errors.QueryCanceled, match="query_wait_timeout"):
+        waiter.execute("SELECT 1")
+    holder.execute("COMMIT")
+    assert waiter.execute("SELECT 2").fetchone()[0] == 2   # the session is still usable
+    assert migrations(pooler) == 0
+
+
+def test_a_moved_session_keeps_its_context(pool_of_two):
+    """Settings, custom settings, role, ParameterStatus view, prepared statements and the cancel
+    key all go with the session to its new backend."""
+    pooler, holder, other_backend, waiter = pool_of_two
+    pooler.cluster.psql("GRANT alice TO app")
+    waiter.execute("SET TimeZone = 'Asia/Tokyo'")
+    waiter.execute("SET application_name = 'moving'")
+    waiter.execute("SELECT set_config('myapp.tenant', '42', false)")
+    waiter.execute("SET ROLE alice")
+    statement = "SELECT %s::int + 1"
+    assert waiter.execute(statement, (1,), prepare=True).fetchone()[0] == 2
+    other_backend.execute("SET TimeZone = 'UTC'")   # the other backend's connection has other settings
+
+    holder.execute("BEGIN")
+    holder.execute("SELECT 1")
+    # Its very next statement runs on the other backend: the protocol-level prepared one.
+    assert waiter.execute(statement, (41,), prepare=True).fetchone()[0] == 42
+    assert server_pid(waiter) == server_pid(other_backend)
+    assert migrations(pooler) == 1
+    assert waiter.execute("SHOW TimeZone").fetchone()[0] == "Asia/Tokyo"
+    assert waiter.execute("SELECT current_setting('myapp.tenant')").fetchone()[0] == "42"
+    assert waiter.execute("SELECT current_user").fetchone()[0] == "alice"
+    assert waiter.execute("SHOW application_name").fetchone()[0] == "moving"
+    assert waiter.info.parameter_status("TimeZone") == "Asia/Tokyo"
+    assert waiter.info.parameter_status("application_name") == "moving"
+    # ... and nobody else got them.
+    assert other_backend.execute("SHOW TimeZone").fetchone()[0] == "UTC"
+    assert other_backend.execute("SELECT current_user").fetchone()[0] == "app"
+    assert other_backend.execute("SELECT current_setting('myapp.tenant', true)").fetchone()[0] in (None, "")
+
+    # Its cancel key (the one its client was told at login) cancels its own query, now running
+    # on the new backend, and nobody else's.
+    errors: list[BaseException] = []
+
+    def sleeper():
+        try:
+            waiter.execute("SELECT pg_sleep(30)")
+        except BaseException as exc:
+            errors.append(exc)
+    thread = threading.Thread(target=sleeper)
+    thread.start()
+    wait_for(lambda: pooler.cluster.psql(
+        "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'")
+        == "1", "pg_sleep(30) to run")
+    waiter.cancel()
+    thread.join(WAIT)
+    assert not thread.is_alive() and isinstance(errors[0], psycopg.errors.QueryCanceled)
+    assert holder.execute("SELECT 2").fetchone()[0] == 2   # still in its transaction, untouched
+    holder.execute("COMMIT")
+    assert waiter.execute("SELECT 3").fetchone()[0] == 3
+
+
+def test_sessions_in_a_transaction_or_pinned_never_move(pool_of_two):
+    """A session inside a transaction keeps its connection; a pinned one (temporary table) has
+    its own; neither is handed on, whatever waits."""
+    pooler, holder, other_backend, waiter = pool_of_two
+    waiter.execute("CREATE TEMP TABLE mine (x int)")          # pinned from now on
+    waiter.execute("INSERT INTO mine VALUES (1)")
+    pinned_pid = server_pid(waiter)
+    holder.execute("BEGIN")
+    holder.execute("SELECT 1")
+    other_backend.execute("BEGIN")
+    other_backend.execute("SELECT 1")
+    for _ in range(3):
+        assert waiter.execute("SELECT count(*) FROM mine").fetchone()[0] == 1
+        assert holder.execute("SELECT 1").fetchone()[0] == 1
+    assert server_pid(waiter) == pinned_pid
+    assert migrations(pooler) == 0
+    # The two transactions are where they were.
+    assert holder.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = pg_backend_pid() "
+                          "AND state LIKE 'active'").fetchone()[0] == 1
+    holder.execute("COMMIT")
+    other_backend.execute("COMMIT")
+
+
+def test_input_sent_while_moving_is_not_lost(pool_of_two):
+    """A pipeline that arrives in pieces, part before the move and part after, runs whole."""
+    pooler, holder, _other_backend, waiter = pool_of_two
+    holder.execute("BEGIN")
+    holder.execute("SELECT 1")
+    with waiter.pipeline():
+        cursors = [waiter.execute("SELECT %s::int", (i,)) for i in range(50)]
+    assert [c.fetchone()[0] for c in cursors] == list(range(50))
+    assert migrations(pooler) >= 1
+    holder.execute("COMMIT")
+
+
+def test_stress_skewed_load_moves_sessions_and_mixes_nothing(start_pooler):
+    """40 sessions on 4 backends for 15 s, 4 of them holding transactions open with pg_sleep:
+    sessions move, and every session sees only its own settings, role, statements and rows."""
+    pooler = start_pooler(session_pool_size=4, query_wait_timeout="10s")
+    pooler.cluster.psql("GRANT alice TO app")
+    pooler.cluster.psql("CREATE TABLE IF NOT EXISTS stress_rows (session int, n int); "
+                        "GRANT ALL ON stress_rows TO PUBLIC", database="app")
+    duration = 15.0
+    deadline = time.monotonic() + duration
+    failures: list[str] = []
+    counts = [0] * 40
+
+    def long_holder(index: int) -> None:
+        with pooler.connect() as conn:
+            while time.monotonic() < deadline:
+                conn.execute("BEGIN")
+                conn.execute("SELECT pg_sleep(0.05)")
+                conn.execute("COMMIT")
+
+    def checker(index: int) -> None:
+        try:
+            with pooler.connect(application_name=f"stress-{index}") as conn:
+                conn.execute(f"SET myapp.session = '{index}'")
+                conn.execute(f"SET statement_timeout = '{10000 + index}ms'")
+                if index % 2:
+                    conn.execute("SET ROLE alice")
+                role = "alice" if index % 2 else "app"
+                statement = f"SELECT %s::int * 0 + {index}"   # a statement of its own
+                n = 0
+                while time.monotonic() < deadline:
+                    n += 1
+                    row = conn.execute(
+                        "SELECT current_setting('myapp.session'), current_setting('statement_timeout'), "
+                        "current_user, current_setting('application_name')").fetchone()
+                    expected = (str(index), f"{10000 + index}ms", role, f"stress-{index}")
+                    if row != expected:
+                        failures.append(f"session {index} iteration {n}: saw {row}, expected {expected}")
+                        return
+                    if conn.execute(statement, (n,), prepare=True).fetchone()[0] != index:
+                        failures.append(f"session {index}: its prepared statement gave another answer")
+                        return
+                    conn.execute("INSERT INTO stress_rows VALUES (%s, %s)", (index, n))
+                    mine = conn.execute("SELECT count(*), max(n) FROM stress_rows WHERE session = %s",
+                                        (index,)).fetchone()
+                    if tuple(mine) != (n, n):
+                        failures.append(f"session {index}: {mine} of its rows, expected {n}")
+                        return
+                counts[index] = n
+        except Exception as exc:   # reported, so that the test fails with it rather than hangs
+            failures.append(f"session {index}: {exc!r}")
+
+    threads = [threading.Thread(target=long_holder if i < 4 else checker, args=(i,)) for i in range(40)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(duration + WAIT)
+    assert not any(thread.is_alive() for thread in threads), "a session hung"
+    assert not failures, failures[:5]
+    assert all(counts[4:]), "every checking session completed iterations"
+    moved = migrations(pooler)
+    print(f"{sum(counts)} checked iterations, {moved} migrations")
+    assert moved > 0
+    pooler.cluster.psql("DROP TABLE stress_rows", database="app")
