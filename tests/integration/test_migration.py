@@ -219,3 +219,30 @@ def test_stress_skewed_load_moves_sessions_and_mixes_nothing(start_pooler):
     print(f"{sum(counts)} checked iterations, {moved} migrations")
     assert moved > 0
     pooler.cluster.psql("DROP TABLE stress_rows", database="app")
+
+
+def test_load_balancing_evens_out_waiting_sessions(start_pooler):
+    """session_schedule = load-balancing: a backend with two more sessions ready than another
+    hands one of its waiting sessions over, even when that other backend is busy too."""
+    pooler = start_pooler(session_pool_size=2, session_schedule="load-balancing")
+    h1, h2, s1, _s2, s3 = [pooler.connect() for _ in range(5)]
+    assert backend_pid(h1) == backend_pid(s1) == backend_pid(s3) != backend_pid(h2)
+    for holder in (h1, h2):
+        holder.execute("BEGIN")
+        holder.execute("SELECT 1")
+    results: list = []
+    threads = [threading.Thread(target=lambda c=c: results.append(c.execute("SELECT 7").fetchone()[0]))
+               for c in (s1, s3)]
+    for thread in threads:
+        thread.start()
+    # h1's backend has 3 ready (h1 and two waiting), h2's has 1: one waiting session moves.
+    wait_for(lambda: migrations(pooler) >= 1, "a waiting session to move to the lighter backend")
+    h1.execute("COMMIT")
+    h2.execute("COMMIT")
+    for thread in threads:
+        thread.join(WAIT)
+    assert results == [7, 7]
+    assert migrations(pooler) == 1   # 2 and 2 afterwards: nothing more to even out
+    assert sorted(server_pid(c) for c in (s1, s3)) == sorted((server_pid(h1), server_pid(h2)))
+    for conn in (h1, h2, s1, s3, _s2):
+        conn.close()

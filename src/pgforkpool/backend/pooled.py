@@ -476,7 +476,10 @@ class PooledBackend:
                    and self._movable(session)]
         if not movable:
             return
-        for target in self._idle_siblings(now):
+        # Ready to run here: the waiting sessions and the owner.  With load-balancing, a
+        # sibling with at least two fewer takes one too, which evens the queues out.
+        balance = len(self.scheduler.queue) + 1 if self.settings.session_schedule == "load-balancing" else 0
+        for target in self._sibling_targets(now, balance):
             if not movable:
                 break
             self._migrate(movable.pop(0), target)
@@ -489,8 +492,9 @@ class PooledBackend:
                 and not session.prepared_xacts and not session.stream.outbuf
                 and not session.proto.passthrough)
 
-    def _idle_siblings(self, now: float) -> list[int]:
-        """Pids of the pool's other backends whose server connection is free now."""
+    def _sibling_targets(self, now: float, balance: int = 0) -> list[int]:
+        """Pids of the pool's other backends whose server connection is free now, then (balance:
+        our number of sessions ready to run) those with at least two fewer ready than that."""
         table = self.table
         assert table is not None
         if now >= self.siblings_at:
@@ -502,15 +506,19 @@ class PooledBackend:
                         and table.counters(index)[status.KIND] == status.KIND_POOLED):
                     siblings.append((index, pid))
             self.siblings = siblings
-        idle = []
+        idle, lighter = [], []
         max_sessions = self.settings.max_sessions
         for index, pid in self.siblings:
             ints = table.counters(index)
-            if (ints[status.IN_USE] and ints[status.PID] == pid and not ints[status.DRAINING]
-                    and not ints[status.PAUSED] and ints[_WAITING] == 0
-                    and ints[status.SESSIONS] < max_sessions):
+            if (not ints[status.IN_USE] or ints[status.PID] != pid or ints[status.DRAINING]
+                    or ints[status.PAUSED] or ints[status.SESSIONS] >= max_sessions):
+                continue
+            ready = ints[_WAITING]
+            if ready == 0:
                 idle.append(pid)
-        return idle
+            elif ready + 2 <= balance:
+                lighter.append((ready, pid))
+        return idle + [pid for _ready, pid in sorted(lighter)]
 
     def _migrate(self, session: Session, target: int) -> None:
         """Hand a waiting session, with its socket and everything it holds here, to backend `target`.
