@@ -21,6 +21,7 @@ from pgcluster import Cluster  # noqa: E402
 USERS = {"app": "app-secret", "alice": "alice-secret", "bob": "bob-secret"}
 PGFORKPOOL = os.path.join(os.path.dirname(sys.executable), "pgforkpool")
 WAIT = 20.0   # the bound on every wait in the harness
+READY_LINE = "is ready to accept connections"   # the postmaster's log line once started
 
 
 def free_port() -> int:
@@ -94,6 +95,9 @@ class Pooler:
                 f.write(f"{name} = '{value}'\n")
 
     def start(self, *extra_args: str) -> "Pooler":
+        # Started means what systemd's READY=1 means: the listening socket is open and the
+        # start-up is complete (pid file, status table, listeners), which the log line says.
+        ready_lines = self.log().count(READY_LINE) if os.path.exists(self.log_path) else 0
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([PGFORKPOOL, "start", self.conf, *extra_args],
                                      stdout=log, stderr=subprocess.STDOUT)
@@ -101,11 +105,13 @@ class Pooler:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"pgforkpool exited at start:\n{self.log()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return self
-            except OSError:
-                time.sleep(0.05)
+            if self.log().count(READY_LINE) > ready_lines:
+                try:
+                    with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                        return self
+                except OSError:
+                    pass
+            time.sleep(0.05)
         raise RuntimeError(f"pgforkpool did not start listening:\n{self.log()}")
 
     @property
