@@ -37,21 +37,25 @@ def pool_of_two(start_pooler):
 
 def test_a_second_connection_of_one_application_does_not_wait_for_the_first(pool_of_two):
     """One application holds a transaction open on a connection and queries on another that
-    landed on the same backend: the query is served at once by the pool's other backend."""
+    landed on the same backend: the query is served within 100 ms by the pool's other backend."""
     pooler, holder, other_backend, waiter = pool_of_two
-    holder.execute("BEGIN")
-    holder.execute("SELECT 1")          # idle in transaction: the backend's connection is held
-    started = time.monotonic()
-    assert waiter.execute("SELECT 42").fetchone()[0] == 42
-    elapsed = time.monotonic() - started
-    # Served by the other backend's server connection: it moved there.
-    assert server_pid(waiter) == server_pid(other_backend)
-    assert migrations(pooler) == 1
-    # The delay is 10 ms; the bound leaves room for a loaded test machine.
-    print(f"the waiting query completed in {elapsed * 1000:.1f} ms")
-    assert elapsed < 1.0, f"the query waited {elapsed:.3f} s"
-    holder.execute("COMMIT")
-    # Everyone goes on working.
+    elapsed = []
+    for _round in range(3):
+        # The holder is the connection on the waiter's backend (the waiter moved last round).
+        if server_pid(waiter) != server_pid(holder):
+            holder, other_backend = other_backend, holder
+        holder.execute("BEGIN")
+        holder.execute("SELECT 1")          # idle in transaction: the backend's connection is held
+        started = time.monotonic()
+        assert waiter.execute("SELECT 42").fetchone()[0] == 42
+        elapsed.append(time.monotonic() - started)
+        # Served by the other backend's server connection: it moved there.
+        assert server_pid(waiter) == server_pid(other_backend)
+        holder.execute("COMMIT")
+    assert migrations(pooler) == 3
+    print("the waiting query completed in " + ", ".join(f"{e * 1000:.1f}" for e in elapsed) + " ms")
+    # The median, so that one hiccup of a loaded test machine is not taken for the pooler's.
+    assert sorted(elapsed)[1] < 0.1, f"the query waited {elapsed} s"
     for conn in (holder, other_backend, waiter):
         assert conn.execute("SELECT 1").fetchone()[0] == 1
 
@@ -157,8 +161,9 @@ def test_input_sent_while_moving_is_not_lost(pool_of_two):
 
 
 def test_stress_skewed_load_moves_sessions_and_mixes_nothing(start_pooler):
-    """40 sessions on 4 backends for 15 s, 4 of them holding transactions open with pg_sleep:
-    sessions move, and every session sees only its own settings, role, statements and rows."""
+    """40 sessions on 4 backends for 15 s, 3 of them holding transactions open with pg_sleep:
+    quick sessions stuck behind them move to the backend free of them, and every session sees
+    only its own settings, role, statements and rows."""
     pooler = start_pooler(session_pool_size=4, query_wait_timeout="10s")
     pooler.cluster.psql("GRANT alice TO app")
     pooler.cluster.psql("CREATE TABLE IF NOT EXISTS stress_rows (session int, n int); "
@@ -168,8 +173,11 @@ def test_stress_skewed_load_moves_sessions_and_mixes_nothing(start_pooler):
     failures: list[str] = []
     counts = [0] * 40
 
+    holders_connected = [threading.Event() for _ in range(3)]
+
     def long_holder(index: int) -> None:
         with pooler.connect() as conn:
+            holders_connected[index].set()
             while time.monotonic() < deadline:
                 conn.execute("BEGIN")
                 conn.execute("SELECT pg_sleep(0.05)")
@@ -207,14 +215,19 @@ def test_stress_skewed_load_moves_sessions_and_mixes_nothing(start_pooler):
         except Exception as exc:   # reported, so that the test fails with it rather than hangs
             failures.append(f"session {index}: {exc!r}")
 
-    threads = [threading.Thread(target=long_holder if i < 4 else checker, args=(i,)) for i in range(40)]
-    for thread in threads:
+    # The holders connect first: round-robin gives three backends one each.
+    threads = [threading.Thread(target=long_holder if i < 3 else checker, args=(i,)) for i in range(40)]
+    for thread in threads[:3]:
+        thread.start()
+    for event in holders_connected:
+        assert event.wait(WAIT)
+    for thread in threads[3:]:
         thread.start()
     for thread in threads:
         thread.join(duration + WAIT)
     assert not any(thread.is_alive() for thread in threads), "a session hung"
     assert not failures, failures[:5]
-    assert all(counts[4:]), "every checking session completed iterations"
+    assert all(counts[3:]), "every checking session completed iterations"
     moved = migrations(pooler)
     print(f"{sum(counts)} checked iterations, {moved} migrations")
     assert moved > 0

@@ -471,9 +471,13 @@ class PooledBackend:
         if (self.table is None or server is None or server.state is not SERVER_ACTIVE
                 or self.paused or self.shutdown_mode is not None):
             return
+        # Only sessions whose last transaction was shorter than the current owner has held the
+        # connection so far: a quick one stuck behind a long one moves, the long ones stay, so
+        # that long transactions do not spread over every backend of the pool.
+        held = now - server.since
         movable = [session for session in self.scheduler.queue
                    if session.state is WAITING and now - session.since >= delay
-                   and self._movable(session)]
+                   and session.last_xact < held and self._movable(session)]
         if not movable:
             return
         # Ready to run here: the waiting sessions and the owner.  With load-balancing, a
@@ -529,6 +533,7 @@ class PooledBackend:
         proto = session.proto
         state = {
             "key": session.key, "origin_pid": session.origin_pid or self.pid,
+            "last_xact": session.last_xact,
             "address": session.address, "connected": session.connected,
             "context": session.context.to_dict(), "buf": bytes(proto.buf),
             "statements": [(name, st.key, st.flags) for name, st in proto.statements.items()],
@@ -561,6 +566,7 @@ class PooledBackend:
                           self.registry, state["address"])
         session.key = state["key"]
         session.origin_pid = state["origin_pid"]
+        session.last_xact = state["last_xact"]
         session.connected = state["connected"]
         session.context = Context.from_dict(state["context"])
         session.greeted = True
@@ -1192,7 +1198,10 @@ class PooledBackend:
         """The transaction is over: the server connection goes to the next waiting session."""
         session = self.scheduler.release(server)
         if server.queries:   # a transaction of the owner's, not only the pooler's own queries
-            self.xact_times.append(self.now - server.since)
+            held = self.now - server.since
+            self.xact_times.append(held)
+            if session is not None:
+                session.last_xact = held
             self.queries += server.queries
             server.queries = 0
         stream = server.stream

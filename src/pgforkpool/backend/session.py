@@ -18,7 +18,7 @@ class Session:
     __slots__ = ("stream", "fd", "conn_id", "key", "state", "context", "proto", "database", "user",
                  "address", "greeted", "gone", "paused", "dirty", "pin_check", "pinned",
                  "prepared_xacts", "capture_failures", "restore_retried", "since", "connected",
-                 "idle_since", "origin_pid",
+                 "idle_since", "origin_pid", "last_xact",
                  "__weakref__")
 
     def __init__(self, stream: Stream, conn_id: int, startup: dict[str, str],
@@ -52,6 +52,9 @@ class Session:
         self.idle_since = 0.0        # monotonic time its transaction last went idle (KEEP at a boundary)
         # The backend pid its client was told (BackendKeyData); 0 while it is this backend's.
         self.origin_pid = 0
+        # Seconds its last transaction held the server connection (session migration moves
+        # a session stuck behind a longer one, not the long ones).
+        self.last_xact = 0.0
 
     @property
     def settings(self) -> dict[str, str]:
