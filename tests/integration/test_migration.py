@@ -240,6 +240,8 @@ def test_load_balancing_evens_out_waiting_sessions(start_pooler):
     pooler = start_pooler(session_pool_size=2, session_schedule="load-balancing")
     h1, h2, s1, _s2, s3 = [pooler.connect() for _ in range(5)]
     assert backend_pid(h1) == backend_pid(s1) == backend_pid(s3) != backend_pid(h2)
+    for conn in (h1, h2, s1, _s2, s3):
+        conn.execute("SELECT 1")   # each has a transaction behind it: a quick one
     for holder in (h1, h2):
         holder.execute("BEGIN")
         holder.execute("SELECT 1")

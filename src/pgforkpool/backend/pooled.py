@@ -81,6 +81,10 @@ ABORT_PIPELINE: Final = protocol.message(b"E", protocol.cstring("pgforkpool.abor
 # others (no such database, authentication) are told to the waiting sessions.
 TRANSIENT_FAILURES: Final = frozenset({"57P01", "57P02", "57P03", "08000", "08001", "08003", "08004",
                                 "08006", "53300"})
+# Session migration: how often a backend whose waiting sessions found every sibling busy looks again.
+MIGRATION_RECHECK: Final = 0.05
+# ... and how long it takes the transaction of a session that has not finished one yet to be.
+UNKNOWN_XACT: Final = 1.0
 REDIAL_FIRST: Final = 0.1
 REDIAL_MAX: Final = 2.0
 
@@ -171,7 +175,10 @@ class PooledBackend:
             # Deadlines (login, cancels, idle timeout, shutdown) are kept by
             # _housekeeping, at least once a second; no per-turn computation.
             delay = self.migration_delay
-            events = poll(self.poll_timeout if not (delay and queue) else min(self.poll_timeout, delay))
+            # While sessions wait, wake every session_migration_delay to look for a free sibling.
+            short_poll = bool(delay and queue) and delay < self.poll_timeout
+            events = poll(min(self.poll_timeout, max(delay, self.migrate_at - self.now))
+                          if short_poll else self.poll_timeout)
             now = self.now = monotonic()   # the time of this turn, for every figure it records
             for fd, mask in events:
                 # Client sockets and the shared connection straight to their methods (a
@@ -192,10 +199,11 @@ class PooledBackend:
                 self._migrate_waiting(now)
             server = self.server
             ready = len(queue) + (server is not None and server.owner is not None)
-            turns += 1
-            ready_sum += ready
+            if events or not short_poll:   # a wake-up to look for siblings is not a turn
+                turns += 1
+                ready_sum += ready
             counters[_WAITING] = ready   # live: the load-balancing policy reads it
-            if not events or now > self.title_at:
+            if (not events and not short_poll) or now > self.title_at:
                 counters[_TURNS], counters[_READY_SUM] = turns, ready_sum
                 self._housekeeping()
                 if self.shutdown_mode is not None and not self.sessions:
@@ -474,16 +482,22 @@ class PooledBackend:
         # Only sessions whose last transaction was shorter than the current owner has held the
         # connection so far: a quick one stuck behind a long one moves, the long ones stay, so
         # that long transactions do not spread over every backend of the pool.
+        # A session that has not finished a transaction here yet is taken for a long one
+        # (UNKNOWN_XACT): it moves only away from a connection held that long.
         held = now - server.since
         movable = [session for session in self.scheduler.queue
                    if session.state is WAITING and now - session.since >= delay
-                   and session.last_xact < held and self._movable(session)]
+                   and (session.last_xact or UNKNOWN_XACT) < held and self._movable(session)]
         if not movable:
             return
         # Ready to run here: the waiting sessions and the owner.  With load-balancing, a
         # sibling with at least two fewer takes one too, which evens the queues out.
         balance = len(self.scheduler.queue) + 1 if self.settings.session_schedule == "load-balancing" else 0
-        for target in self._sibling_targets(now, balance):
+        targets = self._sibling_targets(now, balance)
+        if not targets:
+            # Every sibling is busy too: look again less often (each look is a wake-up).
+            self.migrate_at = now + max(delay, MIGRATION_RECHECK)
+        for target in targets:
             if not movable:
                 break
             self._migrate(movable.pop(0), target)
