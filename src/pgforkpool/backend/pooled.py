@@ -68,6 +68,7 @@ _WAIT_HIST: Final = status.WAIT_HIST
 _TURNS: Final = status.TURNS
 _READY_SUM: Final = status.READY_SUM
 _WAITING: Final = status.WAITING
+_SLOT_INTS: Final = status.SLOT_SIZE // 8
 _BOUNDS_S: Final = tuple(bound / 1e6 for bound in status.HISTOGRAM_BOUNDS_US)
 _STAT_INDEXES: Final = tuple(status.FIELDS.index(name) for name in status.STAT_FIELDS)
 
@@ -83,6 +84,9 @@ TRANSIENT_FAILURES: Final = frozenset({"57P01", "57P02", "57P03", "08000", "0800
                                 "08006", "53300"})
 # Session migration: how often a backend whose waiting sessions found every sibling busy looks again.
 MIGRATION_RECHECK: Final = 0.05
+# Sessions whose buffered input and prepared-statement texts are larger than this stay
+# (the state travels as one message on the postmaster's channel, channel.MAX_MESSAGE).
+MIGRATION_STATE_LIMIT: Final = 1 << 18
 # ... and how long it takes the transaction of a session that has not finished one yet to be.
 UNKNOWN_XACT: Final = 1.0
 REDIAL_FIRST: Final = 0.1
@@ -150,9 +154,14 @@ class PooledBackend:
         # Session migration: waiting sessions move to a backend of the pool that could
         # serve them now.  Siblings are found in the status table (refreshed once a second).
         self.table = table
+        # The whole status table as int64s (slot i's field f at i * _SLOT_INTS + f): scanning
+        # it for siblings makes no object per slot.
+        self.table_ints = (memoryview(table.mm)[status.HEADER_SIZE:status.HEADER_SIZE
+                                                + table.nslots * status.SLOT_SIZE].cast("q")
+                           if table is not None else None)
         self.migration_delay = settings.session_migration_delay if settings.session_migration else 0.0
         self.migrate_at = 0.0
-        self.siblings: list[tuple[int, int]] = []   # (status-table slot, pid) of the pool's other backends
+        self.siblings: list[tuple[int, int]] = []   # (offset in table_ints, pid) of the pool's other backends
         self.siblings_at = 0.0
         self.migrations = 0
 
@@ -176,7 +185,9 @@ class PooledBackend:
             # _housekeeping, at least once a second; no per-turn computation.
             delay = self.migration_delay
             # While sessions wait, wake every session_migration_delay to look for a free sibling.
-            short_poll = bool(delay and queue) and delay < self.poll_timeout
+            server = self.server
+            short_poll = (bool(delay and queue) and delay < self.poll_timeout and server is not None
+                          and server.state is SERVER_ACTIVE and not self.paused)
             events = poll(min(self.poll_timeout, max(delay, self.migrate_at - self.now))
                           if short_poll else self.poll_timeout)
             now = self.now = monotonic()   # the time of this turn, for every figure it records
@@ -336,6 +347,7 @@ class PooledBackend:
             if kind == "session":
                 if fd is None:   # the postmaster always sends the socket with it
                     logger.warning("a session was handed over without its socket")
+                    channel.send(self.chan, ("closed", msg[1]))
                     continue
                 self._new_session(msg[1], msg[2], fd)
             elif kind == "cancel":
@@ -350,6 +362,7 @@ class PooledBackend:
             elif kind == "adopt":
                 if fd is None:
                     logger.warning("a moved session was handed over without its socket")
+                    channel.send(self.chan, ("closed", msg[1]))
                     continue
                 self._adopt(msg[1], msg[2], fd)
             elif kind == "shutdown":
@@ -505,33 +518,39 @@ class PooledBackend:
     @staticmethod
     def _movable(session: Session) -> bool:
         """Between transactions, sharing, greeted, and with nothing half-done on either side."""
+        proto = session.proto
         return (session.pinned is None and session.greeted and not session.gone
                 and not session.paused and not session.dirty and not session.pin_check
                 and not session.prepared_xacts and not session.stream.outbuf
-                and not session.proto.passthrough)
+                and not proto.passthrough
+                # what travels must fit one channel message, with room to spare
+                and len(proto.buf) + sum(len(st.key) for st in proto.statements.values())
+                < MIGRATION_STATE_LIMIT)
 
     def _sibling_targets(self, now: float, balance: int = 0) -> list[int]:
         """Pids of the pool's other backends whose server connection is free now, then (balance:
         our number of sessions ready to run) those with at least two fewer ready than that."""
-        table = self.table
-        assert table is not None
+        table, ints = self.table, self.table_ints
+        assert table is not None and ints is not None
         if now >= self.siblings_at:
             self.siblings_at = now + 1.0
             siblings = []
             for index in range(table.nslots):
-                in_use, pid, database, user = table.slot_identity(index)
-                if (in_use and pid != self.pid and database == self.database and user == self.user
-                        and table.counters(index)[status.KIND] == status.KIND_POOLED):
-                    siblings.append((index, pid))
+                base = index * _SLOT_INTS
+                if (ints[base + status.IN_USE] and ints[base + status.KIND] == status.KIND_POOLED
+                        and ints[base + status.PID] != self.pid):
+                    in_use, pid, database, user = table.slot_identity(index)
+                    if in_use and database == self.database and user == self.user:
+                        siblings.append((base, pid))
             self.siblings = siblings
         idle, lighter = [], []
         max_sessions = self.settings.max_sessions
-        for index, pid in self.siblings:
-            ints = table.counters(index)
-            if (not ints[status.IN_USE] or ints[status.PID] != pid or ints[status.DRAINING]
-                    or ints[status.PAUSED] or ints[status.SESSIONS] >= max_sessions):
+        for base, pid in self.siblings:
+            if (not ints[base + status.IN_USE] or ints[base + status.PID] != pid
+                    or ints[base + status.DRAINING] or ints[base + status.PAUSED]
+                    or ints[base + status.SESSIONS] >= max_sessions):
                 continue
-            ready = ints[_WAITING]
+            ready = ints[base + _WAITING]
             if ready == 0:
                 idle.append(pid)
             elif ready + 2 <= balance:
@@ -562,7 +581,8 @@ class PooledBackend:
         proto.release_statements()
         session.state = CLOSED
         del self.sessions[session.fd]
-        del self.by_key[session.key]
+        if self.by_key.get(session.key) is session:
+            del self.by_key[session.key]
         session.stream.close()   # our copy of the socket: the client's connection lives on
         self.migrations += 1
         self.counters[status.MIGRATIONS] = self.migrations
@@ -590,12 +610,22 @@ class PooledBackend:
             proto.statements[name] = self.registry.acquire(key, flags)
         if state["unnamed"] is not None:
             proto.unnamed = Statement(b"", state["unnamed"][0], state["unnamed"][1])
-        if session.key in self.by_key:   # one chance in 2^31 per session: the newcomer's key wins
-            logger.warning("%s: its cancel key is also another session's here", session)
         self.sessions[session.fd] = session
-        self.by_key[session.key] = session
+        if session.key in self.by_key:
+            # One chance in 2^31 per move.  Its client's cancel key cannot change, and it must
+            # never cancel the other session's query: cancel requests for it are ignored here.
+            logger.warning("%s: its cancel key is also another session's here; its cancel "
+                           "requests are ignored", session)
+        else:
+            self.by_key[session.key] = session
         self.idle_reported = False
         self.counters[status.SESSIONS] = len(self.sessions)
+        if self.shutdown_mode is not None and self.shutdown_mode != "smart":
+            # It was on its way while the pooler began a fast shutdown: end it as the others were.
+            self._client_send(session, PgError(
+                "admin_shutdown", "terminating connection due to administrator command").packet())
+            self._close_session(session)
+            return
         proto.buf += state["buf"]
         ready = proto.ready()
         if ready.__class__ is ProtocolViolation:
@@ -828,7 +858,8 @@ class PooledBackend:
         if session.pinned is not None:
             self._close_pinned(session)
         del self.sessions[session.fd]
-        del self.by_key[session.key]
+        if self.by_key.get(session.key) is session:
+            del self.by_key[session.key]
         session.stream.close()
         self.counters[status.SESSIONS] = len(self.sessions)
         if not self.sessions:
