@@ -62,7 +62,6 @@ _BYTES_OUT: Final = status.BYTES_OUT
 _XACT_US: Final = status.XACT_US
 _WAIT_US: Final = status.WAIT_US
 _WAITS: Final = status.WAITS
-_monotonic = time.monotonic
 _XACT_HIST: Final = status.XACT_HIST
 _WAIT_HIST: Final = status.WAIT_HIST
 _TURNS: Final = status.TURNS
@@ -434,7 +433,7 @@ class PooledBackend:
 
     def _report(self) -> list[dict]:
         """One row per session, as SHOW SESSIONS lists them."""
-        now, wall = _monotonic(), time.time()
+        now, wall = time.monotonic(), time.time()
         rows = []
         for session in self.sessions.values():
             server = session.pinned or self.server
@@ -577,18 +576,9 @@ class PooledBackend:
         except OSError as exc:
             logger.warning("%s: could not be moved to backend %d: %s", session, target, exc)
             return
-        self.scheduler.forget(session)
-        proto.release_statements()
-        session.state = CLOSED
-        del self.sessions[session.fd]
-        if self.by_key.get(session.key) is session:
-            del self.by_key[session.key]
-        session.stream.close()   # our copy of the socket: the client's connection lives on
+        self._detach(session)   # our copy of the socket closes: the client's connection lives on
         self.migrations += 1
         self.counters[status.MIGRATIONS] = self.migrations
-        self.counters[status.SESSIONS] = len(self.sessions)
-        if not self.sessions:
-            self.empty_since = time.monotonic()
         logger.debug("%s: moved to backend %d after waiting %.1f ms", session, target,
                      (self.now - session.since) * 1000)
 
@@ -610,16 +600,12 @@ class PooledBackend:
             proto.statements[name] = self.registry.acquire(key, flags)
         if state["unnamed"] is not None:
             proto.unnamed = Statement(b"", state["unnamed"][0], state["unnamed"][1])
-        self.sessions[session.fd] = session
         if session.key in self.by_key:
             # One chance in 2^31 per move.  Its client's cancel key cannot change, and it must
             # never cancel the other session's query: cancel requests for it are ignored here.
             logger.warning("%s: its cancel key is also another session's here; its cancel "
                            "requests are ignored", session)
-        else:
-            self.by_key[session.key] = session
-        self.idle_reported = False
-        self.counters[status.SESSIONS] = len(self.sessions)
+        self._register(session)
         if self.shutdown_mode is not None and self.shutdown_mode != "smart":
             # It was on its way while the pooler began a fast shutdown: end it as the others were.
             self._client_send(session, PgError(
@@ -658,10 +644,7 @@ class PooledBackend:
             return
         while session.key in self.by_key:
             session.key = (session.key * 7 + 1) & 0x7FFFFFFF or 1
-        self.sessions[session.fd] = session
-        self.by_key[session.key] = session
-        self.idle_reported = False
-        self.counters[status.SESSIONS] = len(self.sessions)
+        self._register(session)
         self.counters[status.SERVED] += 1
         # A context the pooler has greeted before needs no trip to the server.
         known = self.greetings.get(frozenset(session.settings.items()))
@@ -675,13 +658,10 @@ class PooledBackend:
             self._client_writable(session)
             if not mask & READABLE or session.state is CLOSED:
                 return
-        # Readable.  (Stream.recv, inline: this runs for every message a client sends.)
-        try:
-            data = session.stream.sock.recv(RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
+        # Readable.  (A native call when compiled: no copy of Stream.recv inlined here.)
+        data = session.stream.recv()
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self._client_gone(session)
             return
@@ -850,13 +830,18 @@ class PooledBackend:
         self._client_send(session, PgError("protocol_violation", text).packet())
         self._client_gone(session)
 
-    def _close_session(self, session: Session) -> None:
-        if session.state is CLOSED:
-            return
+    def _register(self, session: Session) -> None:
+        """A session (new, or moved here) joins this backend: by socket, and by cancel key if free."""
+        self.sessions[session.fd] = session
+        self.by_key.setdefault(session.key, session)
+        self.idle_reported = False
+        self.counters[status.SESSIONS] = len(self.sessions)
+
+    def _detach(self, session: Session) -> None:
+        """A session leaves this backend (ended, or moved away): out of the schedule and the
+        tables, its statements released, our copy of its socket closed."""
         self.scheduler.close(session)
         session.proto.release_statements()
-        if session.pinned is not None:
-            self._close_pinned(session)
         del self.sessions[session.fd]
         if self.by_key.get(session.key) is session:
             del self.by_key[session.key]
@@ -864,6 +849,14 @@ class PooledBackend:
         self.counters[status.SESSIONS] = len(self.sessions)
         if not self.sessions:
             self.empty_since = time.monotonic()
+
+    def _close_session(self, session: Session) -> None:
+        if session.state is CLOSED:
+            return
+        self.scheduler.close(session)   # CLOSED before anything its pinned connection's end triggers
+        if session.pinned is not None:
+            self._close_pinned(session)
+        self._detach(session)
         if self.settings.log_disconnections:
             logger.log(log.LOG, "%s", log.disconnection(time.time() - session.connected, session.user,
                                                        session.database, session.address))
@@ -893,13 +886,9 @@ class PooledBackend:
                 if server.state is SERVER_CLOSED:
                     return
             if mask & READABLE:
-                # (Stream.recv, inline: this runs for every reply.)
-                try:
-                    data = server.sock.recv(RECV_SIZE)
-                except (BlockingIOError, InterruptedError):
+                data = server.stream.recv()
+                if data is None:
                     return
-                except OSError:
-                    data = b""
                 if not data:
                     self._server_lost(server)
                     return
