@@ -160,6 +160,43 @@ def test_input_sent_while_moving_is_not_lost(pool_of_two):
     holder.execute("COMMIT")
 
 
+def test_a_move_is_counted_and_the_wait_counts_whole_where_the_session_is_served(start_pooler):
+    """SHOW BACKENDS and /metrics count the move; SHOW STATS counts the moved session's wait,
+    from when it began on the backend it left (at least session_migration_delay)."""
+    from test_operations import _free_port, sample, scrape
+    port = _free_port()
+    pooler = start_pooler(session_pool_size=2, session_schedule="round-robin", admin_users="alice",
+                          metrics_port=port, metrics_address="127.0.0.1",
+                          session_migration_delay="50ms")
+    holder, other_backend, waiter = same_backend_trio(pooler)
+    console = pooler.connect(user="alice", dbname="pgforkpool")
+
+    def waits():
+        cur = console.execute("SHOW STATS")
+        names = [d.name for d in cur.description]
+        row = dict(zip(names, cur.fetchone()))
+        return row["total_wait_count"], row["total_wait_time"]
+
+    source = backend_pid(holder)
+    holder.execute("BEGIN")
+    holder.execute("SELECT 1")
+    count, total_us = waits()
+    assert waiter.execute("SELECT 1").fetchone()[0] == 1
+    assert server_pid(waiter) == server_pid(other_backend)
+    holder.execute("COMMIT")
+    # Backends publish their figures at least once a second.
+    new_count, new_total_us = wait_for(lambda: (w := waits())[0] > count and w, "the wait to be counted")
+    assert new_total_us - total_us >= 50_000, (total_us, new_total_us)
+    cur = console.execute("SHOW BACKENDS")
+    names = [d.name for d in cur.description]
+    moved = {row[0]: dict(zip(names, row))["migrations"] for row in cur.fetchall()}
+    assert moved[source] == 1 and sum(moved.values()) == 1
+    assert sample(scrape(port), "pgforkpool_backend_migrations", pid=str(source)) == 1
+    console.close()
+    for conn in (holder, other_backend, waiter):
+        conn.close()
+
+
 def test_stress_skewed_load_moves_sessions_and_mixes_nothing(start_pooler):
     """40 sessions on 4 backends for 15 s, 3 of them holding transactions open with pg_sleep:
     quick sessions stuck behind them move (to the backend free of them, or with load-balancing to

@@ -153,6 +153,7 @@ class PooledBackend:
         # Session migration: waiting sessions move to a backend of the pool that could
         # serve them now.  Siblings are found in the status table (refreshed once a second).
         self.table = table
+        self.pool_number = self.counters[status.POOL]   # the same in every slot of our pool
         # The whole status table as int64s (slot i's field f at i * _SLOT_INTS + f): scanning
         # it for siblings makes no object per slot.
         self.table_ints = (memoryview(table.mm)[status.HEADER_SIZE:status.HEADER_SIZE
@@ -217,7 +218,9 @@ class PooledBackend:
                 counters[_TURNS], counters[_READY_SUM] = turns, ready_sum
                 self._housekeeping()
                 if self.shutdown_mode is not None and not self.sessions:
-                    break
+                    self._on_channel(0)   # a session on its way here (moved) keeps us going
+                    if not self.sessions:
+                        break
         counters[_TURNS], counters[_READY_SUM] = turns, ready_sum
         self._publish_stats()
         if self.server is not None:
@@ -260,7 +263,7 @@ class PooledBackend:
                 and now - self.empty_since >= self.idle_timeout):
             # The postmaster decides: it retires us only if it has sent us no new session.
             self.idle_reported = True
-            channel.send(self.chan, ("idle",))
+            self._tell(("idle",))
         if self.trim_memory:
             self.trim_memory = False
             release_memory()
@@ -346,7 +349,7 @@ class PooledBackend:
             if kind == "session":
                 if fd is None:   # the postmaster always sends the socket with it
                     logger.warning("a session was handed over without its socket")
-                    channel.send(self.chan, ("closed", msg[1]))
+                    self._tell(("closed", msg[1]))
                     continue
                 self._new_session(msg[1], msg[2], fd)
             elif kind == "cancel":
@@ -361,13 +364,33 @@ class PooledBackend:
             elif kind == "adopt":
                 if fd is None:
                     logger.warning("a moved session was handed over without its socket")
-                    channel.send(self.chan, ("closed", msg[1]))
+                    self._tell(("closed", msg[1]))
                     continue
                 self._adopt(msg[1], msg[2], fd)
             elif kind == "shutdown":
                 self._shutdown(msg[1])
             elif kind == "ask":
                 self._ask(msg[1], msg[2], msg[3])
+
+    def _tell(self, message: tuple) -> None:
+        """A message to the postmaster.  The channel is non-blocking; a full one (the
+        postmaster busy, migrations' large messages queued) is waited for, up to 10 s, rather
+        than the message lost or the backend ended."""
+        try:
+            channel.send(self.chan, message)
+            return
+        except BlockingIOError:
+            pass
+        except OSError as exc:   # the postmaster is gone: the channel's EOF ends us
+            logger.warning("could not send \"%s\" to the postmaster: %s", message[0], exc)
+            return
+        self.chan.settimeout(10.0)
+        try:
+            channel.send(self.chan, message)
+        except OSError as exc:
+            logger.error("could not send \"%s\" to the postmaster: %s", message[0], exc)
+        finally:
+            self.chan.setblocking(False)
 
     def _answer(self, token: int, rows: list) -> None:
         try:
@@ -534,19 +557,19 @@ class PooledBackend:
         if now >= self.siblings_at:
             self.siblings_at = now + 1.0
             siblings = []
-            for index in range(table.nslots):
-                base = index * _SLOT_INTS
-                if (ints[base + status.IN_USE] and ints[base + status.KIND] == status.KIND_POOLED
-                        and ints[base + status.PID] != self.pid):
-                    in_use, pid, database, user = table.slot_identity(index)
-                    if in_use and database == self.database and user == self.user:
-                        siblings.append((base, pid))
+            pool, own = self.pool_number, self.pid
+            if pool:
+                for base in range(0, table.nslots * _SLOT_INTS, _SLOT_INTS):
+                    if (ints[base + status.POOL] == pool and ints[base + status.IN_USE]
+                            and ints[base + status.PID] != own):
+                        siblings.append((base, ints[base + status.PID]))
             self.siblings = siblings
         idle, lighter = [], []
         max_sessions = self.settings.max_sessions
         for base, pid in self.siblings:
             if (not ints[base + status.IN_USE] or ints[base + status.PID] != pid
                     or ints[base + status.DRAINING] or ints[base + status.PAUSED]
+                    or ints[base + status.SERVER_DOWN]   # its upstream connection failed
                     or ints[base + status.SESSIONS] >= max_sessions):
                 continue
             ready = ints[base + _WAITING]
@@ -565,7 +588,7 @@ class PooledBackend:
         proto = session.proto
         state = {
             "key": session.key, "origin_pid": session.origin_pid or self.pid,
-            "last_xact": session.last_xact,
+            "last_xact": session.last_xact, "since": session.since,
             "address": session.address, "connected": session.connected,
             "context": session.context.to_dict(), "buf": bytes(proto.buf),
             "statements": [(name, st.key, st.flags) for name, st in proto.statements.items()],
@@ -618,6 +641,12 @@ class PooledBackend:
             self._protocol_violation(session, ready.text)
         elif ready:
             self._enqueue(session)
+            # Its wait goes on from when it began (CLOCK_MONOTONIC is the same in every process):
+            # query_wait_timeout and SHOW STATS count it whole.
+            if session.state is WAITING:
+                session.since = state["since"]
+            else:
+                self.wait_times.append(self.now - state["since"])
 
     # ================================================================ sessions
 
@@ -640,7 +669,7 @@ class PooledBackend:
                 pass
             self.epoll.unregister(fd)
             sock.close()
-            channel.send(self.chan, ("closed", conn_id))
+            self._tell(("closed", conn_id))
             return
         while session.key in self.by_key:
             session.key = (session.key * 7 + 1) & 0x7FFFFFFF or 1
@@ -860,7 +889,7 @@ class PooledBackend:
         if self.settings.log_disconnections:
             logger.log(log.LOG, "%s", log.disconnection(time.time() - session.connected, session.user,
                                                        session.database, session.address))
-        channel.send(self.chan, ("closed", session.conn_id))
+        self._tell(("closed", session.conn_id))
 
     # ================================================================ server connection
 
@@ -944,6 +973,7 @@ class PooledBackend:
             self.redial_delay = 0.0
             self.server_error = None
             self.ever_connected = True
+            self.counters[status.SERVER_DOWN] = 0
             if server.inbuf:   # whatever followed the login's ReadyForQuery
                 out, event = server.receive(b"")
                 if out:
@@ -981,6 +1011,7 @@ class PooledBackend:
         """The server refused us or could not be reached: every waiting session hears why."""
         logger.log(log.LOG, "upstream connection for %s/%s failed: %s",
                    self.database, self.user, error.text)
+        self.counters[status.SERVER_DOWN] = 1   # siblings move no session here meanwhile
         if server is not None:
             self._close_server(server)
         if (error.sqlstate in TRANSIENT_FAILURES and self.ever_connected and self.scheduler.queue
@@ -1003,7 +1034,7 @@ class PooledBackend:
             self._client_send(session, packet)
             self._close_session(session)
         if not self.sessions and error.sqlstate in ("3D000", "28000", "28P01"):
-            channel.send(self.chan, ("server_failed", error.sqlstate))
+            self._tell(("server_failed", error.sqlstate))
 
     def _server_send(self, server: srv.ServerConnection, data: bytes) -> None:
         stream = server.stream

@@ -428,8 +428,13 @@ class Postmaster:
 
     def _backend_message(self, backend: BackendSlot, msg: tuple, fd: int | None = None) -> None:
         kind = msg[0]
-        if kind == "migrate" and fd is not None:
-            self._move_session(backend, msg[1], msg[2], msg[3], fd)
+        if kind == "migrate":
+            if fd is not None:
+                self._move_session(backend, msg[1], msg[2], msg[3], fd)
+            else:   # the socket did not come with it (MSG_CTRUNC): the session is gone
+                logger.warning("connection %d: lost while moving from pooled backend %d (its socket "
+                               "was not passed)", msg[1], backend.pid)
+                self._session_gone(backend, msg[1])
             return
         if kind == "answer":
             question = self.questions.get(msg[1])
@@ -440,13 +445,7 @@ class Postmaster:
                     self._answered(msg[1])
             return
         if kind == "closed":
-            backend.sessions -= 1
-            self.connections -= 1
-            route = self.moved_sessions.pop(msg[1], None)
-            if route is not None:
-                self.cancel_routes.pop(route, None)
-            if backend.draining and backend.sessions == 0 and backend.pool is not None:
-                self._tell(backend, ("shutdown", "smart"))
+            self._session_gone(backend, msg[1])
         elif kind == "idle" and backend.sessions == 0 and not backend.draining:
             # idle_pool_backend_timeout: it has had no session for that long.
             logger.debug("retiring idle pooled backend %d", backend.pid)
@@ -456,16 +455,29 @@ class Postmaster:
             # a process for it; the next session of the pool starts afresh.
             self._retire(backend)
 
+    def _session_gone(self, backend: BackendSlot, conn_id: int) -> None:
+        backend.sessions -= 1
+        self.connections -= 1
+        route = self.moved_sessions.pop(conn_id, None)
+        if route is not None:
+            self.cancel_routes.pop(route, None)
+        if backend.draining and backend.sessions == 0 and backend.pool is not None:
+            self._tell(backend, ("shutdown", "smart"))
+
     def _move_session(self, source: BackendSlot, conn_id: int, target_pid: int, state: dict,
                       fd: int) -> None:
         """session_migration: pass a session from one pooled backend to another of its pool.
 
-        If the target has gone, is draining, or cannot be written to, the
-        session goes back to the backend it came from.
+        If the target has gone, is full (several backends chose it at once), is about
+        to exit (draining with no session left), or cannot be written to, the session
+        goes back to the backend it came from.  A draining backend that still serves
+        sessions stays up until they end: it may take one more (in a smart shutdown, the
+        target serves it as well as the source would).
         """
         target = self.backends.get(target_pid)
-        if (target is None or target.draining or target.pool is None or target.pool is not source.pool
-                or self.shutdown_mode):
+        if (target is None or target.pool is None or target.pool is not source.pool
+                or target.sessions >= self.settings.max_sessions
+                or (target.draining and target.sessions == 0)):
             target = source
         for receiver in dict.fromkeys((target, source)):
             try:
@@ -485,6 +497,9 @@ class Postmaster:
                        conn_id, source.pid, target.pid)
         source.sessions -= 1
         self.connections -= 1
+        route = self.moved_sessions.pop(conn_id, None)
+        if route is not None:
+            self.cancel_routes.pop(route, None)
 
     def _assign(self, conn_id: int, startup: dict[str, str], fd: int) -> None:
         """Choose the backend for an authenticated client and pass its socket on."""
@@ -506,7 +521,7 @@ class Postmaster:
             return
         pool = self.pools.get((database, user))
         if pool is None:
-            pool = self.pools[(database, user)] = Pool(database, user)
+            pool = self.pools[(database, user)] = Pool(database, user, len(self.pools) + 1)
         if len(pool.backends) < settings.session_pool_size:
             backend = self._spawn_pooled(pool, fd)
         else:
@@ -588,7 +603,7 @@ class Postmaster:
         secret = self.auth_entries.get(pool.user)
         table, settings = self.table, self.settings
         # The slot is claimed before the fork so that the child knows it.
-        slot = table.claim(0, status.KIND_POOLED, pool.database, pool.user)
+        slot = table.claim(0, status.KIND_POOLED, pool.database, pool.user, pool.number)
         pid, chan = self._fork(f"backend {pool.database}/{pool.user}",
                                lambda c: pooled.main(settings, pool.database, pool.user, c,
                                                      table, slot, secret),
@@ -688,6 +703,13 @@ class Postmaster:
                 question.waiting.discard(pid)
                 if not question.waiting:
                     self._answered(qid)
+        if pid in self.backends:
+            # What it said before it went: sessions it was handing to another backend are
+            # still passed on, the others it had are counted out below.
+            try:
+                self._read_child(self.backends[pid])
+            except OSError:
+                pass
         listener = self.listeners.pop(pid, None)
         backend = self.backends.pop(pid, None)
         child = listener or backend
@@ -707,6 +729,10 @@ class Postmaster:
                 self._spawn_listener(listener.number)
             return
         self.connections -= backend.sessions
+        for conn_id, route in list(self.moved_sessions.items()):
+            if self.cancel_routes.get(route) == pid:   # moved here, gone with it
+                del self.moved_sessions[conn_id]
+                del self.cancel_routes[route]
         if backend.pool is not None and backend in backend.pool.backends:
             backend.pool.backends.remove(backend)
         if backend.slot is not None:

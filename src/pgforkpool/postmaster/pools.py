@@ -24,11 +24,12 @@ class BackendSlot:
 class Pool:
     """The pooled backends serving one (database, user)."""
 
-    __slots__ = ("database", "user", "backends", "next_rr")
+    __slots__ = ("database", "user", "number", "backends", "next_rr")
 
-    def __init__(self, database: str, user: str):
+    def __init__(self, database: str, user: str, number: int = 0):
         self.database = database
         self.user = user
+        self.number = number   # in the status table, how backends find the others of their pool
         self.backends: list[BackendSlot] = []   # pooled, not draining
         self.next_rr = 0
 

@@ -24,10 +24,13 @@ NAMEDATALEN = 64
 FIELDS: tuple[str, ...] = ("in_use", "pid", "kind", "draining", "sessions", "waiting", "pinned",
           "turns", "ready_sum", "started_us", "served", "transactions",
           "server_connections", "paused", "queries", "bytes_in", "bytes_out", "xact_us",
-          "wait_us", "waits", "migrations", "reserved2", "reserved3", "reserved4")
+          "wait_us", "waits", "migrations", "pool", "server_down", "reserved4")
 (IN_USE, PID, KIND, DRAINING, SESSIONS, WAITING, PINNED, TURNS, READY_SUM, STARTED_US,
  SERVED, TRANSACTIONS, SERVER_CONNECTIONS, PAUSED, QUERIES, BYTES_IN, BYTES_OUT, XACT_US,
- WAIT_US, WAITS, MIGRATIONS) = range(21)   # MIGRATIONS: sessions this backend handed to another
+ WAIT_US, WAITS, MIGRATIONS, POOL, SERVER_DOWN) = range(23)
+# MIGRATIONS: sessions this backend handed to another.  POOL: the postmaster's number for
+# the backend's (database, user), the same for every backend of a pool (0 for dedicated ones).
+# SERVER_DOWN: 1 while the backend's last attempt to reach the upstream failed.
 # Histograms of transaction and wait times: a count per bucket (not cumulative),
 # the bucket being the first upper bound, in microseconds, that the time does not exceed.
 HISTOGRAM_BOUNDS_US = (500, 1000, 5000, 10_000, 50_000, 100_000, 500_000, 1000_000, 5000_000)
@@ -118,7 +121,7 @@ class StatusTable:
 
     # -- the postmaster's side
 
-    def claim(self, pid: int, kind: int, database: str, user: str) -> int | None:
+    def claim(self, pid: int, kind: int, database: str, user: str, pool: int = 0) -> int | None:
         """Take a free slot for a new backend; None when the table is full."""
         for index in range(self.nslots):
             ints = self.counters(index)
@@ -127,6 +130,7 @@ class StatusTable:
                     ints[field] = 0
                 ints[PID] = pid
                 ints[KIND] = kind
+                ints[POOL] = pool
                 ints[STARTED_US] = int(time.time() * 1e6)
                 names = self._offset(index) + INT_BYTES
                 self.mm[names:names + 2 * NAMEDATALEN] = (
