@@ -72,3 +72,57 @@ def test_a_failed_upstream_dial_is_published_and_cleared(table):
     from pgforkpool.shared.errors import PgError
     backend._server_failed(None, PgError("too_many_connections", "sorry, too many clients already"))
     assert table.counters(own)[status.SERVER_DOWN] == 1
+
+
+def test_cancel_keys_are_per_origin_and_a_moved_away_sessions_key_is_not_reused(table, monkeypatch):
+    """A session that moved keeps the (pid, key) its client was told; the backend it began on
+    gives that key to no new session until the postmaster says the moved session has ended."""
+    import secrets
+    import select
+
+    from pgforkpool.backend.session import Session
+    from pgforkpool.backend.stream import Stream
+    from pgforkpool.shared import channel
+
+    own = backend_slot(table, os.getpid(), pool=1)
+    ours, postmaster = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    backend = PooledBackend(config.defaults(), "db", "app", ours, table, own, None)
+    startup = {"user": "app", "database": "db"}
+    # A context greeted before: a new session is greeted without a server connection.
+    probe_socket, _ = socket.socketpair()
+    probe = Session(Stream(probe_socket, select.epoll()), 0, startup, backend.registry, "")
+    backend.greetings[frozenset(probe.settings.items())] = {"server_version": "15.0"}
+    clients = []
+
+    def new_session(conn_id, *keys):
+        drawn = iter(keys)
+        monkeypatch.setattr(secrets, "randbits", lambda _bits: next(drawn))
+        client, server_side = socket.socketpair()
+        clients.append(client)
+        backend._new_session(conn_id, startup, server_side.detach())
+        return next(s for s in backend.sessions.values() if s.conn_id == conn_id)
+
+    first = new_session(1, 777)
+    assert first.key == 777 and backend.by_key[(os.getpid(), 777)] is first
+    backend._migrate(first, 4242)
+    msg, fd = channel.receive(postmaster)
+    os.close(fd)
+    assert msg[:3] == ("migrate", 1, 4242)
+    assert msg[3]["origin_pid"] == os.getpid() and msg[3]["key"] == 777
+    assert first not in backend.sessions.values() and (os.getpid(), 777) not in backend.by_key
+
+    # Its key is still its client's: a new session here draws again.
+    second = new_session(2, 777, 778)
+    assert second.key == 778
+    # A cancel is matched by pid and key: the same key from another origin is not this session.
+    assert backend.by_key.get((os.getpid(), 778)) is second
+    assert backend.by_key.get((4242, 778)) is None
+
+    # The moved session ended: its key may be drawn again.
+    channel.send(postmaster, ("key_free", 777))
+    ours.setblocking(False)   # as run() has it
+    backend._on_channel(0)
+    third = new_session(3, 777)
+    assert third.key == 777
+    for sock in clients + [probe_socket]:
+        sock.close()

@@ -161,7 +161,7 @@ class DedicatedBackend:
                 return True
             if msg is None:
                 return False
-            if msg[0] == "cancel" and msg[1] == self.key:
+            if msg[0] == "cancel" and msg[2] == self.key:   # ("cancel", pid, key)
                 family, addr = srv.upstream_address(self.settings)
                 try:
                     with socket.socket(family, socket.SOCK_STREAM) as sock:

@@ -22,6 +22,7 @@ sends through _on_server: keep them lean.
 
 import functools
 import os
+import secrets
 import select
 import signal
 import socket
@@ -115,7 +116,12 @@ class PooledBackend:
         self.epoll = select.epoll()
         self.handlers: dict[int, Callable[[int], None]] = {}
         self.sessions: dict[int, Session] = {}       # by client fd
-        self.by_key: dict[int, Session] = {}
+        # Sessions by the (pid, key) their client was told in BackendKeyData: a session that
+        # moved here keeps its first backend's pid (origin_pid), so keys only differ per origin.
+        self.by_key: dict[tuple[int, int], Session] = {}
+        # Keys of sessions that began here and moved away, still in use by their clients:
+        # never given to a new session here (the postmaster says when one is free again).
+        self.moved_keys: set[int] = set()
         self.scheduler = Scheduler()
         self.server: srv.ServerConnection | None = None   # the shared connection
         self.cancels: dict[int, srv.CancelSender] = {}
@@ -353,7 +359,9 @@ class PooledBackend:
                     continue
                 self._new_session(msg[1], msg[2], fd)
             elif kind == "cancel":
-                self._cancel(msg[1])
+                self._cancel(msg[1], msg[2])
+            elif kind == "key_free":
+                self.moved_keys.discard(msg[1])
             elif kind == "reload":
                 self.settings = msg[1]
                 self.secret = msg[2]
@@ -599,6 +607,8 @@ class PooledBackend:
         except OSError as exc:
             logger.warning("%s: could not be moved to backend %d: %s", session, target, exc)
             return
+        if state["origin_pid"] == self.pid:
+            self.moved_keys.add(session.key)
         self._detach(session)   # our copy of the socket closes: the client's connection lives on
         self.migrations += 1
         self.counters[status.MIGRATIONS] = self.migrations
@@ -623,11 +633,8 @@ class PooledBackend:
             proto.statements[name] = self.registry.acquire(key, flags)
         if state["unnamed"] is not None:
             proto.unnamed = Statement(b"", state["unnamed"][0], state["unnamed"][1])
-        if session.key in self.by_key:
-            # One chance in 2^31 per move.  Its client's cancel key cannot change, and it must
-            # never cancel the other session's query: cancel requests for it are ignored here.
-            logger.warning("%s: its cancel key is also another session's here; its cancel "
-                           "requests are ignored", session)
+        if session.origin_pid == self.pid:   # back where it began
+            self.moved_keys.discard(session.key)
         self._register(session)
         if self.shutdown_mode is not None and self.shutdown_mode != "smart":
             # It was on its way while the pooler began a fast shutdown: end it as the others were.
@@ -671,8 +678,8 @@ class PooledBackend:
             sock.close()
             self._tell(("closed", conn_id))
             return
-        while session.key in self.by_key:
-            session.key = (session.key * 7 + 1) & 0x7FFFFFFF or 1
+        while (self.pid, session.key) in self.by_key or session.key in self.moved_keys:
+            session.key = secrets.randbits(31) or 1
         self._register(session)
         self.counters[status.SERVED] += 1
         # A context the pooler has greeted before needs no trip to the server.
@@ -862,7 +869,7 @@ class PooledBackend:
     def _register(self, session: Session) -> None:
         """A session (new, or moved here) joins this backend: by socket, and by cancel key if free."""
         self.sessions[session.fd] = session
-        self.by_key.setdefault(session.key, session)
+        self.by_key[(session.origin_pid or self.pid, session.key)] = session
         self.idle_reported = False
         self.counters[status.SESSIONS] = len(self.sessions)
 
@@ -872,8 +879,9 @@ class PooledBackend:
         self.scheduler.close(session)
         session.proto.release_statements()
         del self.sessions[session.fd]
-        if self.by_key.get(session.key) is session:
-            del self.by_key[session.key]
+        cancel_id = (session.origin_pid or self.pid, session.key)
+        if self.by_key.get(cancel_id) is session:
+            del self.by_key[cancel_id]
         session.stream.close()
         self.counters[status.SESSIONS] = len(self.sessions)
         if not self.sessions:
@@ -1369,8 +1377,9 @@ class PooledBackend:
 
     # ================================================================ cancel
 
-    def _cancel(self, key: int) -> None:
-        session = self.by_key.get(key)
+    def _cancel(self, pid: int, key: int) -> None:
+        """A CancelRequest for the session its client knows as (pid, key)."""
+        session = self.by_key.get((pid, key))
         server = None if session is None else (session.pinned or self.server)
         # Only while this session's own work runs on the server.
         if (session is not None and server is not None and server.owner is session

@@ -339,7 +339,7 @@ class Postmaster:
             backend = self.backends.get(self.cancel_routes.get((msg[2], msg[3]), msg[2]))
             if backend is not None:
                 try:
-                    channel.send(backend.chan, ("cancel", msg[3]))
+                    channel.send(backend.chan, ("cancel", msg[2], msg[3]))
                 except OSError:
                     pass
         elif kind == "closed":
@@ -458,9 +458,7 @@ class Postmaster:
     def _session_gone(self, backend: BackendSlot, conn_id: int) -> None:
         backend.sessions -= 1
         self.connections -= 1
-        route = self.moved_sessions.pop(conn_id, None)
-        if route is not None:
-            self.cancel_routes.pop(route, None)
+        self._drop_route(conn_id)
         if backend.draining and backend.sessions == 0 and backend.pool is not None:
             self._tell(backend, ("shutdown", "smart"))
 
@@ -497,9 +495,18 @@ class Postmaster:
                        conn_id, source.pid, target.pid)
         source.sessions -= 1
         self.connections -= 1
+        self._drop_route(conn_id)
+
+    def _drop_route(self, conn_id: int) -> None:
+        """A session that moved has ended: its cancel route goes, and the backend it began on
+        may give its cancel key to a new session again."""
         route = self.moved_sessions.pop(conn_id, None)
-        if route is not None:
-            self.cancel_routes.pop(route, None)
+        if route is None:
+            return
+        self.cancel_routes.pop(route, None)
+        origin = self.backends.get(route[0])
+        if origin is not None:
+            self._tell(origin, ("key_free", route[1]))
 
     def _assign(self, conn_id: int, startup: dict[str, str], fd: int) -> None:
         """Choose the backend for an authenticated client and pass its socket on."""
@@ -731,8 +738,7 @@ class Postmaster:
         self.connections -= backend.sessions
         for conn_id, route in list(self.moved_sessions.items()):
             if self.cancel_routes.get(route) == pid:   # moved here, gone with it
-                del self.moved_sessions[conn_id]
-                del self.cancel_routes[route]
+                self._drop_route(conn_id)
         if backend.pool is not None and backend in backend.pool.backends:
             backend.pool.backends.remove(backend)
         if backend.slot is not None:

@@ -152,13 +152,6 @@ class StatusTable:
         start = self._offset(index)
         return memoryview(self.mm)[start:start + INT_BYTES].cast("q")
 
-    def slot_identity(self, index: int) -> tuple[int, int, str, str]:
-        """(in_use, pid, database, user) of a slot, without the rest of its figures."""
-        ints = self.counters(index)
-        names = self._offset(index) + INT_BYTES
-        return (ints[IN_USE], ints[PID], _unname(self.mm[names:names + NAMEDATALEN]),
-                _unname(self.mm[names + NAMEDATALEN:names + 2 * NAMEDATALEN]))
-
     def slot(self, index: int) -> dict:
         ints = self.counters(index)
         names = self._offset(index) + INT_BYTES
