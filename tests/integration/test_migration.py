@@ -197,6 +197,38 @@ def test_a_move_is_counted_and_the_wait_counts_whole_where_the_session_is_served
         conn.close()
 
 
+def test_a_session_holding_more_than_256_kB_of_statement_texts_stays_and_is_served(start_pooler):
+    """What travels with a moved session is one channel message: a session whose prepared
+    statements' texts pass 256 kB is not moved; it waits for its own backend's connection."""
+    pooler = start_pooler(session_pool_size=2, session_schedule="round-robin", admin_users="alice")
+    holder, _other_backend, waiter = same_backend_trio(pooler)
+    console = pooler.connect(user="alice", dbname="pgforkpool")
+    for i in range(30):   # 30 statements of 10 kB each, prepared on the server
+        assert waiter.execute(f"SELECT {i} /* {'x' * 10_000} */", prepare=True).fetchone()[0] == i
+    holder.execute("BEGIN")
+    holder.execute("SELECT 1")
+    answer = []
+    query = threading.Thread(target=lambda: answer.append(waiter.execute("SELECT 42").fetchone()[0]))
+    query.start()
+
+    def waited():
+        cur = console.execute("SHOW SESSIONS")
+        names = [d.name for d in cur.description]
+        return max((dict(zip(names, row))["wait"] or 0 for row in cur.fetchall()), default=0)
+
+    # Waiting a good while: twenty times session_migration_delay, every chance to move.
+    wait_for(lambda: waited() >= 0.2, "the session to wait 200 ms")
+    assert query.is_alive() and migrations(pooler) == 0
+    holder.execute("COMMIT")
+    query.join(WAIT)
+    assert answer == [42]
+    assert server_pid(waiter) == server_pid(holder)
+    assert waiter.execute("SELECT 29 /* " + "x" * 10_000 + " */", prepare=True).fetchone()[0] == 29
+    console.close()
+    for conn in (holder, _other_backend, waiter):
+        conn.close()
+
+
 def test_stress_skewed_load_moves_sessions_and_mixes_nothing(start_pooler):
     """40 sessions on 4 backends for 15 s, 3 of them holding transactions open with pg_sleep:
     quick sessions stuck behind them move (to the backend free of them, or with load-balancing to
