@@ -60,6 +60,32 @@ def test_a_second_connection_of_one_application_does_not_wait_for_the_first(pool
         assert conn.execute("SELECT 1").fetchone()[0] == 1
 
 
+def test_a_brand_new_connection_behind_its_applications_open_transaction_moves_at_once(start_pooler):
+    """An ORM's pool opens a new connection while its first one sits idle in a transaction: the
+    new connection has run nothing yet, and still moves within 100 ms (the connection it waits
+    for waits on its own client, however long that takes)."""
+    pooler = start_pooler(session_pool_size=2, session_schedule="round-robin")
+    elapsed = []
+    for _round in range(3):
+        holder, other = pooler.connect(), pooler.connect()
+        assert backend_pid(holder) != backend_pid(other)
+        holder.execute("BEGIN")
+        holder.execute("SELECT 1")          # idle in transaction: its backend's connection is held
+        before = migrations(pooler)
+        fresh = pooler.connect()            # round-robin: on the holder's backend, nothing run yet
+        started = time.monotonic()
+        assert fresh.execute("SELECT 42").fetchone()[0] == 42
+        elapsed.append(time.monotonic() - started)
+        assert migrations(pooler) == before + 1   # it was on the holder's backend, and moved
+        assert server_pid(fresh) == server_pid(other)
+        holder.execute("COMMIT")
+        for conn in (holder, other, fresh):
+            conn.close()
+    print("the new connection's first query completed in "
+          + ", ".join(f"{e * 1000:.1f}" for e in elapsed) + " ms")
+    assert sorted(elapsed)[1] < 0.1, f"the query waited {elapsed} s"
+
+
 def test_without_migration_the_wait_ends_with_query_wait_timeout(start_pooler):
     """session_migration = off: Postgres Pro's behaviour, bounded by query_wait_timeout."""
     pooler = start_pooler(session_pool_size=2, session_migration="off", query_wait_timeout="1s")

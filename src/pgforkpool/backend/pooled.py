@@ -528,9 +528,17 @@ class PooledBackend:
         # A session that has not finished a transaction here yet is taken for a long one
         # (UNKNOWN_XACT): it moves only away from a connection held that long.
         held = now - server.since
+        # A connection whose owner sits idle in its transaction waits on that client, for
+        # as long as it likes (an application's own open transaction, say): then any waiting
+        # session moves, whatever its history.
+        owner = server.owner
+        stalled = (owner is not None and server.status != TX_IDLE and not server.pending
+                   and not server.unsynced and owner.idle_since > 0.0
+                   and now - owner.idle_since >= delay)
         movable = [session for session in self.scheduler.queue
                    if session.state is WAITING and now - session.since >= delay
-                   and (session.last_xact or UNKNOWN_XACT) < held and self._movable(session)]
+                   and (stalled or (session.last_xact or UNKNOWN_XACT) < held)
+                   and self._movable(session)]
         if not movable:
             return
         # Ready to run here: the waiting sessions and the owner.  With load-balancing, a
@@ -1221,13 +1229,16 @@ class PooledBackend:
                 settings[name] = reported[name]
                 session.context.startup[name] = reported[name]
         params = dict(server.params)
-        if len(self.greetings) >= GREETING_CACHE_SIZE:
-            self.greetings.clear()
+        self._remember_greeting(settings, params)
         self.greetings[raw_key] = params
-        self.greetings[frozenset(settings.items())] = params
         self._greet(session, params)
         self.scheduler.restored(session)
         self._forward_buffered(server, session)
+
+    def _remember_greeting(self, settings: dict[str, str], params: dict[str, str]) -> None:
+        if len(self.greetings) >= GREETING_CACHE_SIZE:
+            self.greetings.clear()
+        self.greetings[frozenset(settings.items())] = params
 
     # ================================================================ scheduling
 
@@ -1246,7 +1257,11 @@ class PooledBackend:
             self._hidden(server, RESTORE, restore_query(server.context, settings), session)
             return
         if not session.greeted:
-            self._greet(session, dict(server.params))
+            # The server is in this session's context already: what it reports is this
+            # context's greeting, for the next new session with the same settings too.
+            params = dict(server.params)
+            self._remember_greeting(settings, params)
+            self._greet(session, params)
             self.scheduler.restored(session)
         self._forward_buffered(server, session)
 
