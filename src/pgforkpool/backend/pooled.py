@@ -568,14 +568,14 @@ class PooledBackend:
     def _sibling_targets(self, now: float, balance: int = 0) -> list[int]:
         """Pids of the pool's other backends whose server connection is free now, then (balance:
         our number of sessions ready to run) those with at least two fewer ready than that."""
-        table, ints = self.table, self.table_ints
-        assert table is not None and ints is not None
+        ints = self.table_ints
+        assert ints is not None
         if now >= self.siblings_at:
             self.siblings_at = now + 1.0
             siblings = []
             pool, own = self.pool_number, self.pid
             if pool:
-                for base in range(0, table.nslots * _SLOT_INTS, _SLOT_INTS):
+                for base in range(0, len(ints), _SLOT_INTS):
                     if (ints[base + status.POOL] == pool and ints[base + status.IN_USE]
                             and ints[base + status.PID] != own):
                         siblings.append((base, ints[base + status.PID]))
@@ -603,7 +603,7 @@ class PooledBackend:
         """
         proto = session.proto
         state = {
-            "key": session.key, "origin_pid": session.origin_pid or self.pid,
+            "key": session.key, "origin_pid": session.origin_pid,
             "last_xact": session.last_xact, "since": session.since,
             "address": session.address, "connected": session.connected,
             "context": session.context.to_dict(), "buf": bytes(proto.buf),
@@ -686,7 +686,8 @@ class PooledBackend:
             sock.close()
             self._tell(("closed", conn_id))
             return
-        while (self.pid, session.key) in self.by_key or session.key in self.moved_keys:
+        session.origin_pid = self.pid
+        while session.cancel_id in self.by_key or session.key in self.moved_keys:
             session.key = secrets.randbits(31) or 1
         self._register(session)
         self.counters[status.SERVED] += 1
@@ -875,9 +876,10 @@ class PooledBackend:
         self._client_gone(session)
 
     def _register(self, session: Session) -> None:
-        """A session (new, or moved here) joins this backend: by socket, and by cancel key if free."""
+        """A session (new, or moved here) joins this backend: by socket, and by the cancel
+        key its client knows."""
         self.sessions[session.fd] = session
-        self.by_key[(session.origin_pid or self.pid, session.key)] = session
+        self.by_key[session.cancel_id] = session
         self.idle_reported = False
         self.counters[status.SESSIONS] = len(self.sessions)
 
@@ -887,9 +889,8 @@ class PooledBackend:
         self.scheduler.close(session)
         session.proto.release_statements()
         del self.sessions[session.fd]
-        cancel_id = (session.origin_pid or self.pid, session.key)
-        if self.by_key.get(cancel_id) is session:
-            del self.by_key[cancel_id]
+        if self.by_key.get(session.cancel_id) is session:
+            del self.by_key[session.cancel_id]
         session.stream.close()
         self.counters[status.SESSIONS] = len(self.sessions)
         if not self.sessions:

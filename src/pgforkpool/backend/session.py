@@ -50,11 +50,16 @@ class Session:
         self.since = 0.0             # monotonic time it began to wait for a connection (Scheduler.wait)
         self.connected = time.time()
         self.idle_since = 0.0        # monotonic time its transaction last went idle (KEEP at a boundary)
-        # The backend pid its client was told (BackendKeyData); 0 while it is this backend's.
+        # The pid its client was told in BackendKeyData: the backend it began on, set there
+        # and kept when it moves (with `key`, what the client's CancelRequest names).
         self.origin_pid = 0
         # Seconds its last transaction held the server connection (session migration moves
         # a session stuck behind a longer one, not the long ones).
         self.last_xact = 0.0
+
+    @property
+    def cancel_id(self) -> tuple[int, int]:
+        return (self.origin_pid, self.key)
 
     @property
     def settings(self) -> dict[str, str]:
