@@ -960,6 +960,77 @@ def profile_pgforkpool(pgbench: str, pooler: Service, case: Case, seconds: int, 
     return files
 
 
+def perf_profile(pgbench: str, service: "Service", case: Case, seconds: int, stamp: str, log) -> list[str]:
+    """An extra, unrecorded run of `case` through `service` while perf samples every process of it.
+
+    perf sees what py-spy cannot: the kernel side of each system call and wake-up, and the
+    compiled (mypyc) modules as the C functions they are.  Where the pooler's CPU goes, by
+    shared object and by function, with its CPU per transaction (user and system) in the run.
+    """
+    perf = shutil.which("perf")
+    if perf is None:
+        raise RuntimeError("perf is not installed (Debian: apt-get install linux-perf)")
+    tag = re.sub(r"[^\w.@+-]", "_", service.name)
+    summary = os.path.join(RESULTS_DIR, f"perf-{stamp}-{tag}.txt")
+    datadir = tempfile.mkdtemp(prefix="pgforkpool-perf-")
+    data = os.path.join(datadir, "perf.data")
+    load = start_pgbench(pgbench, service.port, case.pgbench_args, seconds + 6)
+    recorder = None
+    try:
+        time.sleep(3)   # let the clients connect and the backends fork
+        pids = [p.pid for p in process_tree(service.proc.pid)]
+        say(f"perf: sampling {len(pids)} processes of {service.name} for {seconds} s")
+        before = cpu_split(service.proc.pid)
+        t0 = time.monotonic()
+        recorder = subprocess.Popen([perf, "record", "-q", "-F", "1999", "-g", "-o", data,
+                                     "-p", ",".join(map(str, pids)), "--", "sleep", str(seconds)],
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        recorder.wait(timeout=seconds + RUN_GRACE)
+        elapsed = time.monotonic() - t0
+        after = cpu_split(service.proc.pid)
+        output, _ = load.communicate(timeout=seconds + RUN_GRACE)
+        log.write(f"$ {' '.join(load.args)}   # perf-profiled\n{output}\n")
+        result = parse_pgbench(output)
+        transactions = result.tps * elapsed if result.tps else 0.0
+
+        def report(*sort: str, limit: str) -> str:
+            out = subprocess.run([perf, "report", "-i", data, "--stdio", "--no-children", "-q", "-g", "none",
+                                  "--percent-limit", limit, "--sort", ",".join(sort)],
+                                 capture_output=True, text=True, timeout=300)
+            lines = [line.rstrip() for line in out.stdout.splitlines() if line.strip()]
+            return "\n".join(lines[:40])
+
+        user = sum(after.get(pid, (0.0, 0.0))[0] - before.get(pid, (0.0, 0.0))[0] for pid in after)
+        system = sum(after.get(pid, (0.0, 0.0))[1] - before.get(pid, (0.0, 0.0))[1] for pid in after)
+        head = f"perf, every process of {service.name}, {case.label}, {seconds} s"
+        if transactions:
+            head += (f": {result.tps:,.0f} TPS; CPU per transaction {1e6 * (user + system) / transactions:.1f} µs"
+                     f" (user {1e6 * user / transactions:.1f}, system {1e6 * system / transactions:.1f})")
+        text = "\n\n".join([head, "by shared object (self %):", report("dso", limit="0.5"),
+                            "by function (self %, top 40):", report("dso", "sym", limit="0.4")])
+        with open(summary, "w") as f:
+            f.write(text + "\n")
+        return [summary]
+    finally:
+        for proc in (recorder, load):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(datadir, ignore_errors=True)
+
+
+def cpu_split(pid: int) -> dict[int, tuple[float, float]]:
+    """(user, system) CPU seconds of each process under pid."""
+    figures = {}
+    for p in process_tree(pid):
+        try:
+            t = p.cpu_times()
+            figures[p.pid] = (t.user, t.system)
+        except psutil.Error:
+            pass
+    return figures
+
+
 # ------------------------------------------------------------------ main
 
 STARTED = time.monotonic()
@@ -1006,6 +1077,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help=f"after the rounds, an extra {PROFILED_WORKLOAD} run through pgforkpool "
                              "while py-spy samples two of its pooled backends")
     parser.add_argument("--profile-duration", type=int, default=10, help="seconds py-spy samples (default 10)")
+    parser.add_argument("--perf", action="store_true",
+                        help=f"after the rounds, an extra {PROFILED_WORKLOAD} run (or --perf-workload) through "
+                             "pgforkpool and one through PgBouncer while perf samples every process of each, "
+                             "kernel included: CPU by shared object and by function, side by side")
+    parser.add_argument("--perf-workload", metavar="KEY", default=PROFILED_WORKLOAD,
+                        help=f"the workload --perf samples (default {PROFILED_WORKLOAD})")
     parser.add_argument("--timeout", type=int,
                         help="bound on the whole run in seconds (default: twice the estimate plus 5 min)")
     parser.add_argument("--keep", action="store_true",
@@ -1042,6 +1119,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if unknown:
             parser.error(f"--only: unknown workload(s) {', '.join(sorted(unknown))}; known: {keys}")
         workloads = tuple(w for w in WORKLOADS if any(selects(k, w) for k in wanted))
+    if args.perf and not any(w.key == args.perf_workload and w.args for w in WORKLOADS):
+        parser.error(f"--perf-workload: {args.perf_workload} is not a pgbench workload; known: {keys}")
     args.cases = [Case(w, p) for w in workloads for p in ((args.protocols or w.protocols) if w.args else ("",))]
     if min(args.duration, args.rounds, args.pool_size, args.scale) < 1:
         parser.error("--duration, --rounds, --pool-size and --scale must be at least 1")
@@ -1072,7 +1151,8 @@ def main(argv: list[str]) -> int:
     estimate = int(10 + args.scale + 3 * len(args.targets)
                    + sum(case_seconds(case, args) for case in args.cases) * len(args.targets) * args.rounds
                    + (BASELINE_BUILD_ESTIMATE if args.baseline else 0)
-                   + (args.profile_duration + 10 if args.profile else 0))
+                   + (args.profile_duration + 10 if args.profile else 0)
+                   + (2 * (args.profile_duration + 40) if args.perf else 0))
     limit = args.timeout or 2 * estimate + 300
     signal.signal(signal.SIGTERM, raise_interrupted)
     signal.signal(signal.SIGHUP, raise_interrupted)
@@ -1184,6 +1264,17 @@ def main(argv: list[str]) -> int:
                 except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
                     profile_error = str(exc)
                     say(f"profile failed: {exc}")
+            if args.perf:
+                case = next((c for c in args.cases if c.workload.key == args.perf_workload),
+                            Case(next(w for w in WORKLOADS if w.key == args.perf_workload),
+                                 (args.protocols or ["simple"])[0]))
+                for service in (services[0], services[-1]):   # pgforkpool, PgBouncer
+                    try:
+                        profile_files += perf_profile(pgbench, service, case, args.profile_duration,
+                                                      stamp, pgbench_log)
+                    except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
+                        profile_error = "; ".join(filter(None, (profile_error, f"perf, {service.name}: {exc}")))
+                        say(f"perf profile of {service.name} failed: {exc}")
     except Interrupted as exc:
         interrupted = exc.reason
         say(f"stopping: {interrupted}")

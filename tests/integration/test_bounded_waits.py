@@ -101,3 +101,45 @@ def test_an_upstream_restart_ends_no_session_between_transactions(start_pooler, 
     for i, conn in enumerate(sessions):   # every session is still there, its settings too
         assert conn.execute("SHOW application_name").fetchone() == (f"client{i}",)
         assert conn.execute("SELECT %s::int", [i]).fetchone() == (i,)
+
+
+def test_an_upstream_restart_under_pgbench_ends_only_the_transactions_it_cut(start_pooler, cluster, tmp_path):
+    """pg_ctl restart -m fast while 8 pgbench clients run through 2 server connections: a
+    client whose statement was on the server when it went down gets its error, as directly;
+    every client that was between transactions goes on and finishes all its transactions."""
+    import os
+    import re
+    import subprocess
+    import threading
+    from conftest import USERS
+    clients, per_client, pool_size = 8, 3000, 2
+    pool = start_pooler(session_pool_size=pool_size, query_wait_timeout="60s")
+    script = tmp_path / "select.sql"
+    script.write_text("SELECT count(*) FROM items;\n")
+    env = dict(os.environ, PGPASSWORD=USERS["app"], PGCONNECT_TIMEOUT="10")
+    bench = subprocess.Popen(
+        ["pgbench", "-n", "-h", "127.0.0.1", "-p", str(pool.port), "-U", "app", "-c", str(clients),
+         "-j", "2", "-t", str(per_client), "-P", "1", "-f", str(script), "app"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(bench.stderr), daemon=True)
+    reader.start()
+    try:
+        # The load is on (its first progress report) before the upstream goes.
+        wait_for(lambda: any(line.startswith("progress:") for line in list(lines)),
+                 "pgbench's first progress report")
+        cluster.stop("fast")
+        cluster.start()
+        assert bench.poll() is None, "pgbench finished before the restart: the test proves nothing"
+        stdout, _ = bench.communicate(timeout=120)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
+    reader.join(timeout=WAIT)
+    aborted = [line for line in lines if re.search(r"client \d+ (?:script \d+ )?aborted", line)]
+    # At most one statement per server connection was running when the server went down.
+    assert len(aborted) <= pool_size, "".join(lines[-20:])
+    processed = int(re.search(r"number of transactions actually processed: (\d+)", stdout).group(1))
+    assert processed >= (clients - len(aborted)) * per_client, stdout + "".join(lines[-30:])
+    assert "is back" in pool.log()

@@ -126,3 +126,48 @@ def test_cancel_keys_are_per_origin_and_a_moved_away_sessions_key_is_not_reused(
     assert third.key == 777
     for sock in clients + [probe_socket]:
         sock.close()
+
+
+def test_a_move_sent_back_is_no_move_and_waits_first_in_line(table, monkeypatch):
+    """The postmaster sends a session back when its target filled up meanwhile: it is counted
+    as no move, and it is first in line again, its wait going on from when it began."""
+    import select
+
+    from pgforkpool.backend.pooled import WAITING
+    from pgforkpool.backend.session import Session
+    from pgforkpool.backend.stream import Stream
+    from pgforkpool.shared import channel
+
+    own = backend_slot(table, os.getpid(), pool=1)
+    ours, postmaster = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    backend = PooledBackend(config.defaults(), "db", "app", ours, table, own, None)
+    startup = {"user": "app", "database": "db"}
+    probe_socket, _ = socket.socketpair()
+    probe = Session(Stream(probe_socket, select.epoll()), 0, startup, backend.registry, "")
+    backend.greetings[frozenset(probe.settings.items())] = {"server_version": "15.0"}
+    backend.paused = True   # no server connection is dialled: the sessions wait
+    clients, sessions = [], []
+    for conn_id in (1, 2):
+        client, server_side = socket.socketpair()
+        clients.append(client)
+        backend._new_session(conn_id, startup, server_side.detach())
+        session = next(s for s in backend.sessions.values() if s.conn_id == conn_id)
+        session.proto.buf += b"Q\0\0\0\rSELECT 1\0"
+        backend._enqueue(session)
+        sessions.append(session)
+    assert [s.conn_id for s in backend.scheduler.queue] == [1, 2]
+    began = sessions[0].since
+
+    backend._migrate(sessions[0], 4242)
+    assert backend.migrations == 1 and table.counters(own)[status.MIGRATIONS] == 1
+    msg, fd = channel.receive(postmaster)
+    assert msg[0] == "migrate"
+    backend._adopt(msg[1], msg[3], fd, True)   # what the postmaster sends back: ("adopt", id, state, True)
+
+    assert backend.migrations == 0 and table.counters(own)[status.MIGRATIONS] == 0
+    queue = list(backend.scheduler.queue)
+    assert [s.conn_id for s in queue] == [1, 2]
+    assert queue[0].state is WAITING and queue[0].since == began
+    assert bytes(queue[0].proto.buf) == b"Q\0\0\0\rSELECT 1\0"
+    for sock in clients + [probe_socket]:
+        sock.close()

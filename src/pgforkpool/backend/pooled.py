@@ -374,7 +374,7 @@ class PooledBackend:
                     logger.warning("a moved session was handed over without its socket")
                     self._tell(("closed", msg[1]))
                     continue
-                self._adopt(msg[1], msg[2], fd)
+                self._adopt(msg[1], msg[2], fd, len(msg) > 3 and bool(msg[3]))
             elif kind == "shutdown":
                 self._shutdown(msg[1])
             elif kind == "ask":
@@ -401,10 +401,9 @@ class PooledBackend:
             self.chan.setblocking(False)
 
     def _answer(self, token: int, rows: list) -> None:
-        try:
-            channel.send(self.chan, ("answer", token, rows))
-        except OSError:
-            pass
+        """The answer to a console question; a full channel is waited for like any other
+        message, so the console does not wait out its timeout for an answer dropped here."""
+        self._tell(("answer", token, rows))
 
     def _ask(self, token: int, what: str, argument) -> None:
         """A question of the admin console, relayed by the postmaster."""
@@ -623,8 +622,12 @@ class PooledBackend:
         logger.debug("%s: moved to backend %d after waiting %.1f ms", session, target,
                      (self.now - session.since) * 1000)
 
-    def _adopt(self, conn_id: int, state: dict, fd: int) -> None:
-        """A session another backend of the pool handed over: it goes on here as if it had always been."""
+    def _adopt(self, conn_id: int, state: dict, fd: int, returned: bool = False) -> None:
+        """A session another backend of the pool handed over: it goes on here as if it had always been.
+
+        returned: it is one of ours that the postmaster sent back (its target was full or
+        gone): it was not moved, and it waits first in line again, where it was.
+        """
         sock = socket.socket(fileno=fd)
         sock.setblocking(False)
         session = Session(Stream(sock, self.epoll), conn_id, {"user": self.user, "database": self.database},
@@ -643,6 +646,9 @@ class PooledBackend:
             proto.unnamed = Statement(b"", state["unnamed"][0], state["unnamed"][1])
         if session.origin_pid == self.pid:   # back where it began
             self.moved_keys.discard(session.key)
+        if returned:
+            self.migrations -= 1
+            self.counters[status.MIGRATIONS] = self.migrations
         self._register(session)
         if self.shutdown_mode is not None and self.shutdown_mode != "smart":
             # It was on its way while the pooler began a fast shutdown: end it as the others were.
@@ -660,6 +666,10 @@ class PooledBackend:
             # query_wait_timeout and SHOW STATS count it whole.
             if session.state is WAITING:
                 session.since = state["since"]
+                if returned:   # it had waited longest: first in line again
+                    queue = self.scheduler.queue
+                    queue.remove(session)
+                    queue.appendleft(session)
             else:
                 self.wait_times.append(self.now - state["since"])
 

@@ -479,7 +479,8 @@ class Postmaster:
             target = source
         for receiver in dict.fromkeys((target, source)):
             try:
-                channel.send(receiver.chan, ("adopt", conn_id, state), fd)
+                # The last field: the session comes back to where it was (no move happened).
+                channel.send(receiver.chan, ("adopt", conn_id, state, receiver is source), fd)
             except OSError:
                 continue
             source.sessions -= 1
