@@ -31,6 +31,26 @@ def make_backend(table, slot):
     return PooledBackend(config.defaults(), "db", "app", ours, table, slot, None)
 
 
+def greeted_backend(table):
+    """A pooled backend of pool 1 with a channel whose far end the test holds, and a greeting
+    remembered for the test's startup packet: a new session is greeted without a server."""
+    import select
+
+    from pgforkpool.backend.session import Session
+    from pgforkpool.backend.stream import Stream
+
+    own = backend_slot(table, os.getpid(), pool=1)
+    ours, postmaster = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    backend = PooledBackend(config.defaults(), "db", "app", ours, table, own, None)
+    startup = {"user": "app", "database": "db"}
+    probe_socket, probe_peer = socket.socketpair()
+    probe = Session(Stream(probe_socket, select.epoll()), 0, startup, backend.registry, "")
+    backend.greetings[frozenset(probe.settings.items())] = {"server_version": "15.0"}
+    probe_socket.close()
+    probe_peer.close()
+    return backend, own, postmaster, startup
+
+
 def test_targets_are_the_pools_free_backends_and_not_failed_full_or_foreign_ones(table):
     own = backend_slot(table, os.getpid(), pool=1, waiting=5)
     backend_slot(table, 101, pool=1)                      # free: the one to move to
@@ -78,20 +98,11 @@ def test_cancel_keys_are_per_origin_and_a_moved_away_sessions_key_is_not_reused(
     """A session that moved keeps the (pid, key) its client was told; the backend it began on
     gives that key to no new session until the postmaster says the moved session has ended."""
     import secrets
-    import select
 
-    from pgforkpool.backend.session import Session
-    from pgforkpool.backend.stream import Stream
     from pgforkpool.shared import channel
 
-    own = backend_slot(table, os.getpid(), pool=1)
-    ours, postmaster = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    backend = PooledBackend(config.defaults(), "db", "app", ours, table, own, None)
-    startup = {"user": "app", "database": "db"}
-    # A context greeted before: a new session is greeted without a server connection.
-    probe_socket, _ = socket.socketpair()
-    probe = Session(Stream(probe_socket, select.epoll()), 0, startup, backend.registry, "")
-    backend.greetings[frozenset(probe.settings.items())] = {"server_version": "15.0"}
+    backend, own, postmaster, startup = greeted_backend(table)
+    ours = backend.chan
     clients = []
 
     def new_session(conn_id, *keys):
@@ -124,27 +135,17 @@ def test_cancel_keys_are_per_origin_and_a_moved_away_sessions_key_is_not_reused(
     backend._on_channel(0)
     third = new_session(3, 777)
     assert third.key == 777
-    for sock in clients + [probe_socket]:
+    for sock in clients:
         sock.close()
 
 
 def test_a_move_sent_back_is_no_move_and_waits_first_in_line(table, monkeypatch):
     """The postmaster sends a session back when its target filled up meanwhile: it is counted
     as no move, and it is first in line again, its wait going on from when it began."""
-    import select
-
     from pgforkpool.backend.pooled import WAITING
-    from pgforkpool.backend.session import Session
-    from pgforkpool.backend.stream import Stream
     from pgforkpool.shared import channel
 
-    own = backend_slot(table, os.getpid(), pool=1)
-    ours, postmaster = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    backend = PooledBackend(config.defaults(), "db", "app", ours, table, own, None)
-    startup = {"user": "app", "database": "db"}
-    probe_socket, _ = socket.socketpair()
-    probe = Session(Stream(probe_socket, select.epoll()), 0, startup, backend.registry, "")
-    backend.greetings[frozenset(probe.settings.items())] = {"server_version": "15.0"}
+    backend, own, postmaster, startup = greeted_backend(table)
     backend.paused = True   # no server connection is dialled: the sessions wait
     clients, sessions = [], []
     for conn_id in (1, 2):
@@ -169,5 +170,5 @@ def test_a_move_sent_back_is_no_move_and_waits_first_in_line(table, monkeypatch)
     assert [s.conn_id for s in queue] == [1, 2]
     assert queue[0].state is WAITING and queue[0].since == began
     assert bytes(queue[0].proto.buf) == b"Q\0\0\0\rSELECT 1\0"
-    for sock in clients + [probe_socket]:
+    for sock in clients:
         sock.close()
