@@ -240,17 +240,27 @@ def process_tree(pid: int) -> list[psutil.Process]:
         return []
 
 
-def cpu_seconds(pid: int) -> dict[int, tuple[float, int]]:
-    """(user + system CPU seconds, voluntary + involuntary context switches) of each process under pid."""
+def cpu_seconds(pid: int) -> dict[int, tuple[float, float, int]]:
+    """(user CPU seconds, system CPU seconds, voluntary + involuntary context switches) of each
+    process under pid."""
     figures = {}
     for p in process_tree(pid):
         try:
             with p.oneshot():
                 t, c = p.cpu_times(), p.num_ctx_switches()
-            figures[p.pid] = (t.user + t.system, c.voluntary + c.involuntary)
+            figures[p.pid] = (t.user, t.system, c.voluntary + c.involuntary)
         except psutil.Error:
             pass
     return figures
+
+
+def cpu_used(before: dict, after: dict) -> tuple[float, float, int]:
+    """User seconds, system seconds and context switches from one cpu_seconds() to the next
+    (processes that exited in between are not counted: pooled backends live for the whole run)."""
+    zero = (0.0, 0.0, 0)
+    return (sum(a[0] - before.get(pid, zero)[0] for pid, a in after.items()),
+            sum(a[1] - before.get(pid, zero)[1] for pid, a in after.items()),
+            sum(a[2] - before.get(pid, zero)[2] for pid, a in after.items()))
 
 
 def kill_survivors(processes: list[psutil.Process]) -> list[str]:
@@ -980,14 +990,14 @@ def perf_profile(pgbench: str, service: "Service", case: Case, seconds: int, sta
         time.sleep(3)   # let the clients connect and the backends fork
         pids = [p.pid for p in process_tree(service.proc.pid)]
         say(f"perf: sampling {len(pids)} processes of {service.name} for {seconds} s")
-        before = cpu_split(service.proc.pid)
+        before = cpu_seconds(service.proc.pid)
         t0 = time.monotonic()
         recorder = subprocess.Popen([perf, "record", "-q", "-F", "1999", "-g", "-o", data,
                                      "-p", ",".join(map(str, pids)), "--", "sleep", str(seconds)],
                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         recorder.wait(timeout=seconds + RUN_GRACE)
         elapsed = time.monotonic() - t0
-        after = cpu_split(service.proc.pid)
+        user, system, _switches = cpu_used(before, cpu_seconds(service.proc.pid))
         output, _ = load.communicate(timeout=seconds + RUN_GRACE)
         log.write(f"$ {' '.join(load.args)}   # perf-profiled\n{output}\n")
         result = parse_pgbench(output)
@@ -1000,8 +1010,6 @@ def perf_profile(pgbench: str, service: "Service", case: Case, seconds: int, sta
             lines = [line.rstrip() for line in out.stdout.splitlines() if line.strip()]
             return "\n".join(lines[:40])
 
-        user = sum(after.get(pid, (0.0, 0.0))[0] - before.get(pid, (0.0, 0.0))[0] for pid in after)
-        system = sum(after.get(pid, (0.0, 0.0))[1] - before.get(pid, (0.0, 0.0))[1] for pid in after)
         head = f"perf, every process of {service.name}, {case.label}, {seconds} s"
         if transactions:
             head += (f": {result.tps:,.0f} TPS; CPU per transaction {1e6 * (user + system) / transactions:.1f} µs"
@@ -1017,18 +1025,6 @@ def perf_profile(pgbench: str, service: "Service", case: Case, seconds: int, sta
                 proc.kill()
                 proc.wait()
         shutil.rmtree(datadir, ignore_errors=True)
-
-
-def cpu_split(pid: int) -> dict[int, tuple[float, float]]:
-    """(user, system) CPU seconds of each process under pid."""
-    figures = {}
-    for p in process_tree(pid):
-        try:
-            t = p.cpu_times()
-            figures[p.pid] = (t.user, t.system)
-        except psutil.Error:
-            pass
-    return figures
 
 
 # ------------------------------------------------------------------ main
@@ -1238,12 +1234,8 @@ def main(argv: list[str]) -> int:
                         before = cpu_seconds(pooler.proc.pid) if pooler else {}
                         r = run_case(pgbench, case, ports[target], args, pgbench_log)
                         if pooler and r.transactions:
-                            # Processes that exited during the run are not counted (pooled
-                            # backends live for the whole run).
-                            after = cpu_seconds(pooler.proc.pid)
-                            used = sum(t - before.get(pid, (0.0, 0))[0] for pid, (t, _) in after.items())
-                            switches = sum(c - before.get(pid, (0.0, 0))[1] for pid, (_, c) in after.items())
-                            r.cpu_us = used * 1e6 / r.transactions
+                            user, system, switches = cpu_used(before, cpu_seconds(pooler.proc.pid))
+                            r.cpu_us = (user + system) * 1e6 / r.transactions
                             r.switches = switches / r.transactions
                         for service in services:
                             if service.name == target and service.proc.poll() is not None:

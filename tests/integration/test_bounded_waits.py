@@ -1,11 +1,15 @@
 """Bounded waits: query_wait_timeout and idle_in_transaction_session_timeout, as a client sees them."""
 
+import os
+import re
+import subprocess
+import threading
 import time
 
 import psycopg
 import pytest
 
-from conftest import WAIT, backend_pid, server_pid, wait_for
+from conftest import USERS, WAIT, backend_pid, server_pid, wait_for
 
 
 def test_a_session_that_waits_too_long_gets_57014_and_stays_usable(start_pooler):
@@ -36,7 +40,6 @@ def test_no_timeout_by_default_for_a_short_wait(start_pooler):
     pool = start_pooler(session_pool_size=1)
     holder, waiter = pool.connect(autocommit=False), pool.connect()
     holder.execute("SELECT 1")
-    import threading
     result = []
     t = threading.Thread(target=lambda: result.append(waiter.execute("SELECT 2").fetchone()))
     t.start()
@@ -80,7 +83,6 @@ def test_idle_in_transaction_timeout_ends_the_session_and_frees_the_connection(s
 
 
 def test_an_upstream_restart_ends_no_session_between_transactions(start_pooler, cluster):
-    import threading
     pool = start_pooler(session_pool_size=2, query_wait_timeout="60s")
     sessions = [pool.connect() for _ in range(6)]
     for i, conn in enumerate(sessions):
@@ -107,11 +109,6 @@ def test_an_upstream_restart_under_pgbench_ends_only_the_transactions_it_cut(sta
     """pg_ctl restart -m fast while 8 pgbench clients run through 2 server connections: a
     client whose statement was on the server when it went down gets its error, as directly;
     every client that was between transactions goes on and finishes all its transactions."""
-    import os
-    import re
-    import subprocess
-    import threading
-    from conftest import USERS
     clients, per_client, pool_size = 8, 3000, 2
     pool = start_pooler(session_pool_size=pool_size, query_wait_timeout="60s")
     script = tmp_path / "select.sql"

@@ -374,7 +374,7 @@ class PooledBackend:
                     logger.warning("a moved session was handed over without its socket")
                     self._tell(("closed", msg[1]))
                     continue
-                self._adopt(msg[1], msg[2], fd, len(msg) > 3 and bool(msg[3]))
+                self._adopt(msg[1], msg[2], fd, msg[3])
             elif kind == "shutdown":
                 self._shutdown(msg[1])
             elif kind == "ask":
@@ -666,10 +666,8 @@ class PooledBackend:
             # query_wait_timeout and SHOW STATS count it whole.
             if session.state is WAITING:
                 session.since = state["since"]
-                if returned:   # it had waited longest: first in line again
-                    queue = self.scheduler.queue
-                    queue.remove(session)
-                    queue.appendleft(session)
+                if returned:
+                    self.scheduler.first_in_line(session)
             else:
                 self.wait_times.append(self.now - state["since"])
 

@@ -92,6 +92,12 @@ class Scheduler:
         session.since = _monotonic()
         self.queue.append(session)
 
+    def first_in_line(self, session) -> None:
+        """A waiting session goes to the head of the queue (it had waited longest: a move that
+        came back)."""
+        self.queue.remove(session)
+        self.queue.appendleft(session)
+
     def next_waiting(self):
         """The first session still waiting, taken from the queue (None if there is none)."""
         queue = self.queue
