@@ -6,11 +6,18 @@ through each target in turn (direct, pgforkpool, pgbouncer, direct, ...) for
 --rounds rounds. The median TPS per (workload, target) and the ratios go to stdout
 and to bench-results/bench-<UTC timestamp>.md (copied to bench-results/latest.md).
 
-With --baseline REV, a fourth target, pgforkpool@REV, is the pooler as it was at
+With --baseline REV, another target, pgforkpool@REV, is the pooler as it was at
 git revision REV: extracted with `git archive` into the temporary directory,
 installed into a virtual environment of its own there, started with the same
 configuration on a port of its own, and run after the current pgforkpool in every
-round; the table gains its column and the ratio current/baseline.
+round; the table gains its column and the ratio current/REV. --baseline may be
+given more than once: one target, column and ratio per revision, in one run.
+
+A pooler through which a run hung (pgbench or the bytea client killed past its
+bound) or that exited is restarted before its next run, and the report lists the
+restart: an old build with a defect that hangs its backends (the baseline of
+issue 6 hangs on the large-message workload) then fails that one run, not every
+run after it.
 
 The large-message workload (`--only large`) measures bytea round trips instead of,
 or besides, pgbench: a client on a connection of its own makes round trips of 1, 4,
@@ -65,7 +72,7 @@ DATABASE = "bench"
 USER = "bench"
 PASSWORD = "bench-secret"
 AUTH_METHOD = "scram-sha-256"     # clients authenticate this way to all three targets
-TARGETS = ("direct", "pgforkpool", "pgbouncer")   # --baseline adds pgforkpool@REV after pgforkpool
+TARGETS = ("direct", "pgforkpool", "pgbouncer")   # each --baseline adds pgforkpool@REV after pgforkpool
 STOP_WAIT = 20.0                  # seconds a process gets to stop before SIGKILL
 RUN_GRACE = 60.0                  # seconds past -T before a pgbench run is killed
 
@@ -160,6 +167,11 @@ class RunResult:
     @property
     def ok(self) -> bool:
         return not self.error and (self.tps is not None or bool(self.round_trips))
+
+    @property
+    def hung(self) -> bool:
+        """A client of the run had to be killed past its bound: the target may be stuck."""
+        return "killed after" in self.error
 
     def seconds(self, mb: int) -> float | None:
         """The median seconds of the round trips of `mb` MB."""
@@ -310,6 +322,18 @@ class Service:
                 self.proc.wait(timeout=STOP_WAIT)
         time.sleep(0.2)   # children die with their parent (PR_SET_PDEATHSIG): give them a moment
         return kill_survivors(tree[1:])
+
+
+def restart_if_stuck(pooler: Service, result: RunResult) -> str:
+    """Stop and start again a pooler that exited or through which `result`'s run hung, so that it
+    fails that run only, not every later one; returns why it was restarted, or ""."""
+    exited = pooler.proc is not None and pooler.proc.poll() is not None
+    if not exited and not result.hung:
+        return ""
+    why = "it had exited" if exited else "a client of the run hung"
+    killed = pooler.stop()
+    pooler.start()
+    return why + (f"; killed {'; '.join(killed)}" if killed else "")
 
 
 def start_pgforkpool(workdir: str, cluster: Cluster, pool_size: int, name: str = "pgforkpool",
@@ -768,11 +792,11 @@ def cell(results: list[RunResult], measure: Measure, digits: int) -> str:
     return value
 
 
-def results_table(cases: list[Case], results: dict, targets: tuple[str, ...], baseline: str | None) -> str:
-    """Medians per target, then pgforkpool over direct, over PgBouncer and over the baseline (if any)."""
-    compared = ["direct", "pgbouncer"] + ([baseline] if baseline else [])
-    rows = ["| workload | " + " | ".join(f"{t} tps" for t in targets) + " | pgforkpool/direct | "
-            "pgforkpool/pgbouncer |" + (" pgforkpool/baseline |" if baseline else ""),
+def results_table(cases: list[Case], results: dict, targets: tuple[str, ...], baselines: list[str]) -> str:
+    """Medians per target, then pgforkpool over direct, over PgBouncer and over each baseline."""
+    compared = ["direct", "pgbouncer", *baselines]
+    rows = ["| workload | " + " | ".join(f"{t} tps" for t in targets) + " | "
+            + " | ".join(f"pgforkpool/{t}" for t in compared) + " |",
             "| --- |" + " ---: |" * (len(targets) + len(compared))]
 
     def add(label: str, cells: dict[str, str], medians: dict[str, float | None]) -> None:
@@ -1045,17 +1069,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     "older revision (--baseline), and PgBouncer (transaction mode, same pool size), "
                     "interleaved; median TPS and ratios.")
     parser.add_argument("--duration", type=int,
-                        help="seconds of each pgbench run (-T); default 6, or 5 with --baseline (a fourth "
-                             "target): the default run takes 8-9 minutes; 3 with --quick")
+                        help="seconds of each pgbench run (-T); default 6, or 5 with --baseline (more "
+                             "targets): the default run takes 8-9 minutes; 3 with --quick")
     parser.add_argument("--rounds", type=int, help="rounds of interleaved runs; the median is taken "
                                                    "over them; default 3, 1 with --quick")
     parser.add_argument("--quick", action="store_true",
                         help="a ~2 minute smoke run (1 round of 3 s runs; bytea round trips "
                              f"up to {BYTEA_SIZES_MB[-2]} MB)")
-    parser.add_argument("--baseline", metavar="REV",
+    parser.add_argument("--baseline", metavar="REV", action="append",
                         help="also run pgforkpool as of git revision REV (a commit, tag or branch of this "
-                             "repository) as a fourth target, pgforkpool@REV, built into the temporary "
-                             "directory; the table gains the ratio pgforkpool/baseline")
+                             "repository) as another target, pgforkpool@REV, built into the temporary "
+                             "directory; the table gains the ratio pgforkpool/pgforkpool@REV. May be given "
+                             "more than once (one target each)")
     parser.add_argument("--pool-size", type=int, default=4,
                         help="pgforkpool session_pool_size and PgBouncer default_pool_size (default 4)")
     parser.add_argument("--scale", type=int, default=10, help="pgbench -i scale factor (default 10)")
@@ -1095,15 +1120,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         for p in args.protocols:
             if p not in ("simple", "extended", "prepared"):
                 parser.error(f"--protocol: unknown protocol {p!r}")
-    args.targets = TARGETS
-    args.baseline_target = args.baseline_commit = None
-    if args.baseline is not None:
-        args.baseline_commit = resolve_revision(args.baseline)
-        if not args.baseline_commit:
-            parser.error(f"--baseline: {args.baseline!r} names no commit of the repository {REPO} "
+    args.baselines = []   # (target name, commit) per --baseline
+    for rev in args.baseline or ():
+        commit = resolve_revision(rev)
+        if not commit:
+            parser.error(f"--baseline: {rev!r} names no commit of the repository {REPO} "
                          "(give a commit hash, tag or branch; `git log --oneline` lists them)")
-        args.baseline_target = f"pgforkpool@{args.baseline}"
-        args.targets = ("direct", "pgforkpool", args.baseline_target, "pgbouncer")
+        if f"pgforkpool@{rev}" in (target for target, _commit in args.baselines):
+            parser.error(f"--baseline: {rev!r} is given twice")
+        args.baselines.append((f"pgforkpool@{rev}", commit))
+    args.targets = ("direct", "pgforkpool", *(target for target, _commit in args.baselines), "pgbouncer")
     workloads = WORKLOADS
     if args.only:
         wanted = [k.strip() for k in args.only.split(",") if k.strip()]
@@ -1146,7 +1172,7 @@ def main(argv: list[str]) -> int:
     runs = len(args.cases) * len(args.targets) * args.rounds
     estimate = int(10 + args.scale + 3 * len(args.targets)
                    + sum(case_seconds(case, args) for case in args.cases) * len(args.targets) * args.rounds
-                   + (BASELINE_BUILD_ESTIMATE if args.baseline else 0)
+                   + BASELINE_BUILD_ESTIMATE * len(args.baselines)
                    + (args.profile_duration + 10 if args.profile else 0)
                    + (2 * (args.profile_duration + 40) if args.perf else 0))
     limit = args.timeout or 2 * estimate + 300
@@ -1169,6 +1195,7 @@ def main(argv: list[str]) -> int:
     cluster = Cluster(os.path.join(workdir, "pg"), free_port())
     services: list[Service] = []
     results: dict[tuple[Case, str], list[RunResult]] = {}
+    restarts: list[str] = []
     interrupted = ""
     leftovers: list[str] = []
     profile_files: list[str] = []
@@ -1176,20 +1203,20 @@ def main(argv: list[str]) -> int:
     server_version = "unknown"
     pg_tree: list[psutil.Process] = []
     pgbench = pgbench_path()
-    baseline_program = ""
-    baseline_info = ""
+    baseline_programs: list[str] = []
+    baseline_info: list[str] = []
     try:
         with open(pgbench_log_path, "w") as pgbench_log:
-            if args.baseline:
+            for i, (target, commit) in enumerate(args.baselines):
                 # First: a revision that does not build fails the run before anything else.
-                say(f"building {args.baseline_target} (commit {args.baseline_commit[:12]}) in a virtual "
-                    "environment of its own")
-                baseline_program = build_baseline(args.baseline_commit, os.path.join(workdir, "baseline"))
-                baseline_info = (f"{args.baseline_target} is commit {args.baseline_commit[:12]} "
-                                 f"(\"{command_output(['git', 'log', '-1', '--format=%s', args.baseline_commit])}\"), "
-                                 f"{command_output([baseline_program, '--version'])}, installed from `git archive` "
-                                 "into a virtual environment of its own; same configuration as pgforkpool, "
-                                 "its own port")
+                say(f"building {target} (commit {commit[:12]}) in a virtual environment of its own")
+                program = build_baseline(commit, os.path.join(workdir, f"baseline-{i + 1}"))
+                baseline_programs.append(program)
+                baseline_info.append(
+                    f"{target} is commit {commit[:12]} "
+                    f"(\"{command_output(['git', 'log', '-1', '--format=%s', commit])}\"), "
+                    f"{command_output([program, '--version'])}, installed from `git archive` "
+                    "into a virtual environment of its own; same configuration as pgforkpool, its own port")
             say(f"starting PostgreSQL 15 on port {cluster.port}")
             cluster.init({"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off",
                           # select-1000 runs 1,000 clients straight at the server too
@@ -1210,9 +1237,9 @@ def main(argv: list[str]) -> int:
             say("starting " + ", ".join(args.targets[1:]))
             services.append(start_pgforkpool(server_dir(os.path.join(workdir, "pgforkpool")), cluster,
                                              args.pool_size))
-            if args.baseline:
-                services.append(start_pgforkpool(server_dir(os.path.join(workdir, "pgforkpool-baseline")),
-                                                 cluster, args.pool_size, args.baseline_target, baseline_program))
+            for i, ((target, _commit), program) in enumerate(zip(args.baselines, baseline_programs)):
+                services.append(start_pgforkpool(server_dir(os.path.join(workdir, f"pgforkpool-baseline-{i + 1}")),
+                                                 cluster, args.pool_size, target, program))
             services.append(start_pgbouncer(server_dir(os.path.join(workdir, "pgbouncer")), cluster,
                                             args.pool_size))
             ports = {"direct": cluster.port, **{s.name: s.port for s in services}}
@@ -1237,14 +1264,19 @@ def main(argv: list[str]) -> int:
                             user, system, switches = cpu_used(before, cpu_seconds(pooler.proc.pid))
                             r.cpu_us = (user + system) * 1e6 / r.transactions
                             r.switches = switches / r.transactions
-                        for service in services:
-                            if service.name == target and service.proc.poll() is not None:
-                                r.error = "; ".join(filter(None, (
-                                    f"{target} has exited (code {service.proc.returncode})", r.error)))
+                        exited = pooler is not None and pooler.proc.poll() is not None
+                        if exited:
+                            r.error = "; ".join(filter(None, (
+                                f"{target} has exited (code {pooler.proc.returncode})", r.error)))
                         results.setdefault((case, target), []).append(r)
                         say(f"[{done}/{runs}] round {rnd + 1} {case.workload.key}"
                             + (f" -M {case.protocol}" if case.protocol else "")
                             + f" {target}: {summary(case, r)}" + (f"  FAILED: {r.error}" if not r.ok else ""))
+                        if pooler is not None:
+                            restart = restart_if_stuck(pooler, r)
+                            if restart:
+                                restarts.append(f"{target} after round {rnd + 1}, {case.short}: {restart}")
+                                say(f"restarted {target}: {restart}")
 
             if args.profile:
                 case = next((c for c in args.cases if c.workload.key == PROFILED_WORKLOAD),
@@ -1311,7 +1343,7 @@ def main(argv: list[str]) -> int:
     }
     load = (load_before, os.getloadavg()[0])
     report = render(args, started, load, versions, baseline_info, results, interrupted, profile_files,
-                    profile_error, log_tails, pgbench_log_path)
+                    profile_error, log_tails, pgbench_log_path, restarts)
     path = os.path.join(RESULTS_DIR, f"bench-{stamp}.md")
     with open(path, "w") as f:
         f.write(report)
@@ -1379,7 +1411,7 @@ def loop_time_section() -> str:
 
 
 def render(args, started, load, versions, baseline_info, results, interrupted, profile_files, profile_error,
-           log_tails, pgbench_log_path) -> str:
+           log_tails, pgbench_log_path, restarts=()) -> str:
     header = [
         f"# pgforkpool benchmark, {started.strftime('%Y-%m-%d %H:%M UTC')}",
         "",
@@ -1397,13 +1429,12 @@ def render(args, started, load, versions, baseline_info, results, interrupted, p
         "- versions: " + "; ".join(f"{k} {v}" if not v.lower().startswith(k.lower()) else v
                                    for k, v in versions.items()),
     ]
-    if baseline_info:
-        header.append(f"- baseline: {baseline_info}")
+    header += [f"- baseline: {info}" for info in baseline_info]
     if interrupted:
         header.append(f"- **incomplete run**: {interrupted}")
     notes = ["Ratios above 1 mean pgforkpool is faster in the tps rows and slower in the latency and CPU rows"
-             + (f" (pgforkpool/baseline: the current pgforkpool over {args.baseline_target})"
-                if args.baseline else "") + "; a ratio is — when either side has no successful run."]
+             + (f" (pgforkpool/pgforkpool@REV: the current pgforkpool over the one at REV)"
+                if args.baselines else "") + "; a ratio is — when either side has no successful run."]
     if any(case.workload.bytea_sizes or case.workload.bytea_during for case, _target in results):
         small, large = GROWTH_SIZES_MB
         notes.append(
@@ -1431,7 +1462,7 @@ def render(args, started, load, versions, baseline_info, results, interrupted, p
     if others:
         notes.append(f"Failures of {' and '.join(others)} are reported but do not make scripts/bench exit "
                      "non-zero; those of direct and of pgforkpool do.")
-    body = ["", results_table(args.cases, results, args.targets, args.baseline_target), "",
+    body = ["", results_table(args.cases, results, args.targets, [t for t, _c in args.baselines]), "",
             *(line for note in notes for line in (note, ""))]
     if any(case.workload.bytea_sizes for case, _target in results):
         try:
@@ -1443,9 +1474,12 @@ def render(args, started, load, versions, baseline_info, results, interrupted, p
             body += [f"(event-loop time not measured: {exc})", ""]
     body += [
             "## Every run (tps, or bytea round trips; ✗ = failed, not counted)", "",
-            "## Every run (tps, or bytea round trips; ✗ = failed, not counted)", "",
             runs_table(args.cases, results, args.rounds, args.targets)]
     failures = failures_section(args.cases, results, args.targets)
+    if restarts:
+        body += ["", "## Restarts", "",
+                 "A pooler through which a run hung, or that exited, was stopped and started again "
+                 "before its next run:", "", *(f"- {line}" for line in restarts)]
     if failures:
         body += ["", "## Failures", "", failures,
                  "", f"pgbench output: `{os.path.relpath(pgbench_log_path, REPO)}`"]

@@ -1,0 +1,125 @@
+"""scripts/bench's own logic: its options, its table, its report and the restart of a stuck
+pooler (a real process listening on a real loopback socket; no pgbench, no PostgreSQL)."""
+
+import importlib.util
+import os
+import signal
+import socket
+import sys
+
+import psutil
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench", os.path.join(REPO, "scripts", "bench.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_each_baseline_is_a_target_of_its_own_after_pgforkpool(bench):
+    args = bench.parse_args(["--baseline", "HEAD", "--baseline", "HEAD~1", "--only", "latency"])
+    assert args.targets == ("direct", "pgforkpool", "pgforkpool@HEAD", "pgforkpool@HEAD~1", "pgbouncer")
+    assert [target for target, _commit in args.baselines] == ["pgforkpool@HEAD", "pgforkpool@HEAD~1"]
+    assert all(len(commit) == 40 for _target, commit in args.baselines)
+    assert args.duration == 5
+    assert bench.parse_args(["--only", "latency"]).targets == ("direct", "pgforkpool", "pgbouncer")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--baseline", "HEAD", "--baseline", "HEAD"], "given twice"),
+    (["--baseline", "no-such-revision-anywhere"], "names no commit"),
+])
+def test_a_wrong_baseline_is_refused_before_anything_runs(bench, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit:
+        bench.parse_args(argv)
+    assert exit.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def run(tps, cpu_us=None, error=""):
+    return {"tps": tps, "cpu_us": cpu_us, "error": error}
+
+
+def test_the_table_has_a_ratio_for_each_baseline(bench):
+    args = bench.parse_args(["--baseline", "HEAD", "--baseline", "HEAD~1", "--only", "tpcb"])
+    (case,) = args.cases
+    results = {(case, target): [bench.RunResult(transactions=1000, **fields)] for target, fields in {
+        "direct": run(2000.0), "pgforkpool": run(1000.0, 300.0), "pgforkpool@HEAD": run(800.0, 400.0),
+        "pgforkpool@HEAD~1": run(1250.0, 200.0), "pgbouncer": run(500.0, 150.0)}.items()}
+    table = bench.results_table(args.cases, results, args.targets, [t for t, _c in args.baselines])
+    header, _rule, tps, cpu, _switches = table.splitlines()
+    assert header.endswith("| pgforkpool/direct | pgforkpool/pgbouncer | pgforkpool/pgforkpool@HEAD "
+                           "| pgforkpool/pgforkpool@HEAD~1 |")
+    assert tps.endswith("| 0.50 | 2.00 | 1.25 | 0.80 |")
+    assert cpu.endswith("| — | 2.00 | 0.75 | 1.50 |")
+
+
+def test_the_report_names_every_baseline_and_every_restart_once(bench):
+    args = bench.parse_args(["--baseline", "HEAD", "--baseline", "HEAD~1", "--only", "tpcb"])
+    (case,) = args.cases
+    results = {(case, "pgforkpool@HEAD"): [bench.RunResult(error="pgbench exit -9: [bench] pgbench killed after 65 s")],
+               (case, "pgforkpool"): [bench.RunResult(tps=1000.0)]}
+    import datetime
+    report = bench.render(args, datetime.datetime.now(datetime.timezone.utc), (0.5, 0.7), {"PgBouncer": "1.18.0"},
+                          ["pgforkpool@HEAD is commit abc", "pgforkpool@HEAD~1 is commit def"], results, "", [], "",
+                          {}, os.path.join(REPO, "bench-results", "x.log"),
+                          ["pgforkpool@HEAD after round 1, TPC-B: a client of the run hung"])
+    assert "- baseline: pgforkpool@HEAD is commit abc" in report
+    assert "- baseline: pgforkpool@HEAD~1 is commit def" in report
+    assert "## Restarts" in report and "- pgforkpool@HEAD after round 1, TPC-B: a client of the run hung" in report
+    assert report.count("## Every run") == 1
+    assert "interleaved direct → pgforkpool → pgforkpool@HEAD → pgforkpool@HEAD~1 → pgbouncer" in report
+
+
+LISTENER = """
+import socket, sys, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen()
+while True:
+    s.accept()[0].close()
+"""
+
+
+@pytest.fixture
+def service(bench, tmp_path):
+    port = bench.free_port()
+    service = bench.Service("pooler", [sys.executable, "-c", LISTENER, str(port)], port, str(tmp_path),
+                            signal.SIGINT)
+    service.start()
+    yield service
+    service.stop()
+
+
+def test_a_pooler_whose_run_hung_is_restarted_and_listens_again(bench, service):
+    first = service.proc.pid
+    assert bench.restart_if_stuck(service, bench.RunResult(tps=10.0)) == ""
+    assert service.proc.pid == first
+    why = bench.restart_if_stuck(service, bench.RunResult(error="pgbench exit -9: [bench] pgbench killed after 65 s"))
+    assert why == "a client of the run hung"
+    assert service.proc.pid != first and not psutil.pid_exists(first)
+    socket.create_connection(("127.0.0.1", service.port), timeout=5).close()
+
+
+def test_a_pooler_that_exited_is_started_again(bench, service):
+    first = service.proc.pid
+    os.kill(first, signal.SIGKILL)
+    service.proc.wait(timeout=10)
+    assert bench.restart_if_stuck(service, bench.RunResult(error="connection refused")) == "it had exited"
+    assert service.proc.pid != first
+    socket.create_connection(("127.0.0.1", service.port), timeout=5).close()
+
+
+def test_pgbench_summary_and_a_killed_run(bench):
+    result = bench.parse_pgbench("number of transactions actually processed: 5000\n"
+                                 "number of failed transactions: 0 (0.000%)\n"
+                                 "latency average = 0.200 ms\n"
+                                 "initial connection time = 3.1 ms\n"
+                                 "tps = 5000.5 (without initial connection time)\n")
+    assert (result.tps, result.latency_ms, result.transactions) == (5000.5, 0.2, 5000)
+    assert result.ok and not result.hung
+    assert bench.RunResult(error="16 MB client: bytea client killed after 85 s").hung
