@@ -172,3 +172,36 @@ def test_a_move_sent_back_is_no_move_and_waits_first_in_line(table, monkeypatch)
     assert bytes(queue[0].proto.buf) == b"Q\0\0\0\rSELECT 1\0"
     for sock in clients:
         sock.close()
+
+
+def test_a_console_answer_waits_for_a_full_channel_instead_of_being_lost(table):
+    """The postmaster is slow to read (migrations' large messages queued, say): an answer to
+    the console waits for room on the channel, and arrives after everything queued before it."""
+    import threading
+    import time
+
+    from pgforkpool.shared import channel
+
+    backend, _own, postmaster, _startup = greeted_backend(table)
+    backend.chan.setblocking(False)   # as run() leaves it
+    queued = 0
+    while True:   # fill the channel as a busy postmaster would leave it
+        try:
+            channel.send(backend.chan, ("closed", queued))
+        except BlockingIOError:
+            break
+        queued += 1
+    assert queued > 0
+    answering = threading.Thread(target=backend._answer, args=(7, [{"pid": 1, "sessions": 2}]), daemon=True)
+    answering.start()
+    deadline = time.monotonic() + 5
+    while backend.chan.gettimeout() is None or backend.chan.gettimeout() == 0.0:   # _tell: waiting for room
+        assert answering.is_alive() and time.monotonic() < deadline, "the answer was not waited for"
+        time.sleep(0.001)
+    postmaster.settimeout(5)
+    received = [channel.receive(postmaster)[0] for _ in range(queued + 1)]
+    answering.join(5)
+    assert not answering.is_alive()
+    assert [m[1] for m in received[:queued]] == list(range(queued))
+    assert received[-1] == ("answer", 7, [{"pid": 1, "sessions": 2}])
+    assert backend.chan.gettimeout() == 0.0   # non-blocking again for the event loop
