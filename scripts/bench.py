@@ -2,8 +2,8 @@
 
 One throwaway PostgreSQL 15 cluster, one pgforkpool and one PgBouncer (transaction
 mode) with the same pool size in front of it; every workload of WORKLOADS runs
-through each target in turn (direct, pgforkpool, pgbouncer, direct, ...) for
---rounds rounds. The median TPS per (workload, target) and the ratios go to stdout
+through each target in turn (direct, pgforkpool, pgbouncer in round 1, then in
+an order shuffled anew each round) for --rounds rounds. The median TPS per (workload, target) and the ratios go to stdout
 and to bench-results/bench-<UTC timestamp>.md (copied to bench-results/latest.md).
 
 With --baseline REV, another target, pgforkpool@REV, is the pooler as it was at
@@ -40,6 +40,7 @@ import datetime
 import os
 import platform
 import pwd
+import random
 import re
 import resource
 import select
@@ -322,6 +323,16 @@ class Service:
                 self.proc.wait(timeout=STOP_WAIT)
         time.sleep(0.2)   # children die with their parent (PR_SET_PDEATHSIG): give them a moment
         return kill_survivors(tree[1:])
+
+
+def round_order(targets: tuple[str, ...], rnd: int) -> tuple[str, ...]:
+    """The targets in the order round `rnd` (from 0) runs them: as given in the first round, then
+    shuffled (seeded by the round, so a run can be repeated), so that no target always runs right
+    after the same one (a run can leave the machine busier or quieter for the next: direct's
+    1,000 server processes exiting, say)."""
+    if rnd == 0:
+        return targets
+    return tuple(random.Random(rnd).sample(targets, len(targets)))
 
 
 def restart_if_stuck(pooler: Service, result: RunResult) -> str:
@@ -1255,7 +1266,7 @@ def main(argv: list[str]) -> int:
             done = 0
             for rnd in range(args.rounds):
                 for case in args.cases:
-                    for target in args.targets:
+                    for target in round_order(args.targets, rnd):
                         done += 1
                         pooler = next((s for s in services if s.name == target), None)
                         before = cpu_seconds(pooler.proc.pid) if pooler else {}
@@ -1420,7 +1431,11 @@ def render(args, started, load, versions, baseline_info, results, interrupted, p
         f"{load[1]:.2f} after (other work on the machine skews the figures)",
         f"- pool size: {args.pool_size} (pgforkpool `session_pool_size`, PgBouncer `default_pool_size`, "
         "`pool_mode = transaction`)",
-        f"- rounds: {args.rounds}, interleaved {' → '.join(args.targets)} per workload; "
+        f"- rounds: {args.rounds}, interleaved {' → '.join(args.targets)} per workload"
+        + ("; later rounds in a shuffled order, so that no target always runs after the same one ("
+           + "; ".join(f"round {rnd + 1}: {' → '.join(round_order(args.targets, rnd))}"
+                       for rnd in range(1, args.rounds)) + "); "
+           if args.rounds > 1 else "; ") +
         f"duration: {args.duration} s per run (`-T`); table cells are medians over the rounds",
         f"- data: `pgbench -i -s {args.scale}`; server with fsync, synchronous_commit and "
         "full_page_writes off",

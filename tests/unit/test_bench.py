@@ -74,6 +74,17 @@ def test_the_report_names_every_baseline_and_every_restart_once(bench):
     assert "## Restarts" in report and "- pgforkpool@HEAD after round 1, TPC-B: a client of the run hung" in report
     assert report.count("## Every run") == 1
     assert "interleaved direct → pgforkpool → pgforkpool@HEAD → pgforkpool@HEAD~1 → pgbouncer" in report
+    assert f"round 2: {' → '.join(bench.round_order(args.targets, 1))}" in report
+
+
+def test_later_rounds_shuffle_the_order_so_no_target_always_follows_the_same_one(bench):
+    targets = ("direct", "pgforkpool", "pgforkpool@b", "pgbouncer")
+    orders = [bench.round_order(targets, rnd) for rnd in range(5)]
+    assert orders[0] == targets
+    assert all(sorted(order) == sorted(targets) for order in orders)
+    assert bench.round_order(targets, 3) == orders[3]   # the same run again runs in the same orders
+    before = {order[order.index("pgforkpool") - 1] if order.index("pgforkpool") else None for order in orders}
+    assert len(before) >= 3
 
 
 LISTENER = """
