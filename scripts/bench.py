@@ -3,8 +3,9 @@
 One throwaway PostgreSQL 15 cluster, one pgforkpool and one PgBouncer (transaction
 mode) with the same pool size in front of it; every workload of WORKLOADS runs
 through each target in turn (direct, pgforkpool, pgbouncer in round 1, then in
-an order shuffled anew each round) for --rounds rounds. The median TPS per (workload, target) and the ratios go to stdout
-and to bench-results/bench-<UTC timestamp>.md (copied to bench-results/latest.md).
+an order shuffled anew each round) for --rounds rounds. The median TPS per
+(workload, target) and the ratios go to stdout and to
+bench-results/bench-<UTC timestamp>.md (copied to bench-results/latest.md).
 
 With --baseline REV, another target, pgforkpool@REV, is the pooler as it was at
 git revision REV: extracted with `git archive` into the temporary directory,
@@ -343,8 +344,13 @@ def restart_if_stuck(pooler: Service, result: RunResult) -> str:
         return ""
     why = "it had exited" if exited else "a client of the run hung"
     killed = pooler.stop()
-    pooler.start()
-    return why + (f"; killed {'; '.join(killed)}" if killed else "")
+    if killed:
+        why += f"; killed {'; '.join(killed)}"
+    try:
+        pooler.start()
+    except RuntimeError as exc:   # its later runs fail, each in its own cell
+        why += f"; it did not start again: {exc}"
+    return why
 
 
 def start_pgforkpool(workdir: str, cluster: Cluster, pool_size: int, name: str = "pgforkpool",

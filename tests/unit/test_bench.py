@@ -134,3 +134,13 @@ def test_pgbench_summary_and_a_killed_run(bench):
     assert (result.tps, result.latency_ms, result.transactions) == (5000.5, 0.2, 5000)
     assert result.ok and not result.hung
     assert bench.RunResult(error="16 MB client: bytea client killed after 85 s").hung
+
+
+def test_a_pooler_that_cannot_start_again_is_reported_not_fatal(bench, tmp_path):
+    port = bench.free_port()
+    service = bench.Service("pooler", [sys.executable, "-c", "raise SystemExit(3)"], port, str(tmp_path),
+                            signal.SIGINT)
+    with pytest.raises(RuntimeError):
+        service.start()   # it exits at once
+    why = bench.restart_if_stuck(service, bench.RunResult(error="x"))
+    assert why.startswith("it had exited; it did not start again: pooler exited at start (code 3)")
