@@ -2,8 +2,8 @@
 
 One throwaway PostgreSQL 15 cluster, one pgforkpool and one PgBouncer (transaction
 mode) with the same pool size in front of it; every workload of WORKLOADS runs
-through each target in turn (direct, pgforkpool, pgbouncer in round 1, then in
-an order shuffled anew each round) for --rounds rounds. The median TPS per
+through each target in turn, in an order that changes from round to round (see
+round_order), for --rounds rounds. The median TPS per
 (workload, target) and the ratios go to stdout and to
 bench-results/bench-<UTC timestamp>.md (copied to bench-results/latest.md).
 
@@ -300,8 +300,11 @@ class Service:
         self.log_path = os.path.join(workdir, re.sub(r"[^\w.@+-]", "_", name) + ".log")
         self.stop_signal = stop_signal
         self.proc: subprocess.Popen | None = None
+        self.popen_args: dict = {}
 
     def start(self, **popen_args) -> None:
+        """Start it (popen_args, e.g. the user to run as, are kept for a restart) and wait for its port."""
+        self.popen_args = popen_args = popen_args or self.popen_args
         with open(self.log_path, "ab") as log:
             # A session of its own: a Ctrl-C at the terminal reaches only this
             # driver, which then stops everything in order.
@@ -327,13 +330,20 @@ class Service:
 
 
 def round_order(targets: tuple[str, ...], rnd: int) -> tuple[str, ...]:
-    """The targets in the order round `rnd` (from 0) runs them: as given in the first round, then
-    shuffled (seeded by the round, so a run can be repeated), so that no target always runs right
-    after the same one (a run can leave the machine busier or quieter for the next: direct's
-    1,000 server processes exiting, say)."""
-    if rnd == 0:
-        return targets
-    return tuple(random.Random(rnd).sample(targets, len(targets)))
+    """The targets in the order round `rnd` (from 0) runs them: the rows of a Williams design, so
+    that over the rounds each target runs right after each other one about equally often (a
+    run can leave the machine busier or quieter for the next: direct's 1,000 server processes
+    exiting, say), and consecutive rounds differ; the same for every run of the bench."""
+    n = len(targets)
+    base = [0]
+    for step in range(1, n):   # 0, 1, n-1, 2, n-2, ...
+        base.append((step + 1) // 2 if step % 2 else n - step // 2)
+    rows = [[(x + r) % n for x in base] for r in range(n)]
+    if n % 2:
+        # An odd number of targets needs the rows reversed too: each right after its row (the
+        # first's last), so that the first rounds, the ones a default run has, vary most.
+        rows = [rows[0]] + [row for r in rows[1:] for row in (r, r[::-1])] + [rows[0][::-1]]
+    return tuple(targets[x] for x in rows[rnd % len(rows)])
 
 
 def restart_if_stuck(pooler: Service, result: RunResult) -> str:
@@ -1437,11 +1447,10 @@ def render(args, started, load, versions, baseline_info, results, interrupted, p
         f"{load[1]:.2f} after (other work on the machine skews the figures)",
         f"- pool size: {args.pool_size} (pgforkpool `session_pool_size`, PgBouncer `default_pool_size`, "
         "`pool_mode = transaction`)",
-        f"- rounds: {args.rounds}, interleaved {' → '.join(args.targets)} per workload"
-        + ("; later rounds in a shuffled order, so that no target always runs after the same one ("
-           + "; ".join(f"round {rnd + 1}: {' → '.join(round_order(args.targets, rnd))}"
-                       for rnd in range(1, args.rounds)) + "); "
-           if args.rounds > 1 else "; ") +
+        f"- rounds: {args.rounds}, the targets interleaved per workload, in an order that changes from round "
+        "to round so that no target always runs right after the same one ("
+        + "; ".join(f"round {rnd + 1}: {' → '.join(round_order(args.targets, rnd))}"
+                    for rnd in range(args.rounds)) + "); " +
         f"duration: {args.duration} s per run (`-T`); table cells are medians over the rounds",
         f"- data: `pgbench -i -s {args.scale}`; server with fsync, synchronous_commit and "
         "full_page_writes off",

@@ -4,6 +4,7 @@ pooler (a real process listening on a real loopback socket; no pgbench, no Postg
 import importlib.util
 import os
 import signal
+import subprocess
 import socket
 import sys
 
@@ -11,6 +12,9 @@ import psutil
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Two names of one commit: two baselines whatever the clone's depth.
+HEAD = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                      timeout=30, check=True).stdout.strip()
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +26,9 @@ def bench():
 
 
 def test_each_baseline_is_a_target_of_its_own_after_pgforkpool(bench):
-    args = bench.parse_args(["--baseline", "HEAD", "--baseline", "HEAD~1", "--only", "latency"])
-    assert args.targets == ("direct", "pgforkpool", "pgforkpool@HEAD", "pgforkpool@HEAD~1", "pgbouncer")
-    assert [target for target, _commit in args.baselines] == ["pgforkpool@HEAD", "pgforkpool@HEAD~1"]
+    args = bench.parse_args(["--baseline", "HEAD", "--baseline", HEAD, "--only", "latency"])
+    assert args.targets == ("direct", "pgforkpool", "pgforkpool@HEAD", f"pgforkpool@{HEAD}", "pgbouncer")
+    assert [target for target, _commit in args.baselines] == ["pgforkpool@HEAD", f"pgforkpool@{HEAD}"]
     assert all(len(commit) == 40 for _target, commit in args.baselines)
     assert args.duration == 5
     assert bench.parse_args(["--only", "latency"]).targets == ("direct", "pgforkpool", "pgbouncer")
@@ -46,45 +50,54 @@ def run(tps, cpu_us=None, error=""):
 
 
 def test_the_table_has_a_ratio_for_each_baseline(bench):
-    args = bench.parse_args(["--baseline", "HEAD", "--baseline", "HEAD~1", "--only", "tpcb"])
+    args = bench.parse_args(["--baseline", "HEAD", "--baseline", HEAD, "--only", "tpcb"])
     (case,) = args.cases
     results = {(case, target): [bench.RunResult(transactions=1000, **fields)] for target, fields in {
         "direct": run(2000.0), "pgforkpool": run(1000.0, 300.0), "pgforkpool@HEAD": run(800.0, 400.0),
-        "pgforkpool@HEAD~1": run(1250.0, 200.0), "pgbouncer": run(500.0, 150.0)}.items()}
+        f"pgforkpool@{HEAD}": run(1250.0, 200.0), "pgbouncer": run(500.0, 150.0)}.items()}
     table = bench.results_table(args.cases, results, args.targets, [t for t, _c in args.baselines])
     header, _rule, tps, cpu, _switches = table.splitlines()
     assert header.endswith("| pgforkpool/direct | pgforkpool/pgbouncer | pgforkpool/pgforkpool@HEAD "
-                           "| pgforkpool/pgforkpool@HEAD~1 |")
+                           f"| pgforkpool/pgforkpool@{HEAD} |")
     assert tps.endswith("| 0.50 | 2.00 | 1.25 | 0.80 |")
     assert cpu.endswith("| — | 2.00 | 0.75 | 1.50 |")
 
 
 def test_the_report_names_every_baseline_and_every_restart_once(bench):
-    args = bench.parse_args(["--baseline", "HEAD", "--baseline", "HEAD~1", "--only", "tpcb"])
+    args = bench.parse_args(["--baseline", "HEAD", "--baseline", HEAD, "--only", "tpcb"])
     (case,) = args.cases
     results = {(case, "pgforkpool@HEAD"): [bench.RunResult(error="pgbench exit -9: [bench] pgbench killed after 65 s")],
                (case, "pgforkpool"): [bench.RunResult(tps=1000.0)]}
     import datetime
     report = bench.render(args, datetime.datetime.now(datetime.timezone.utc), (0.5, 0.7), {"PgBouncer": "1.18.0"},
-                          ["pgforkpool@HEAD is commit abc", "pgforkpool@HEAD~1 is commit def"], results, "", [], "",
+                          ["pgforkpool@HEAD is commit abc", f"pgforkpool@{HEAD} is commit def"], results, "", [], "",
                           {}, os.path.join(REPO, "bench-results", "x.log"),
                           ["pgforkpool@HEAD after round 1, TPC-B: a client of the run hung"])
     assert "- baseline: pgforkpool@HEAD is commit abc" in report
-    assert "- baseline: pgforkpool@HEAD~1 is commit def" in report
+    assert f"- baseline: pgforkpool@{HEAD} is commit def" in report
     assert "## Restarts" in report and "- pgforkpool@HEAD after round 1, TPC-B: a client of the run hung" in report
     assert report.count("## Every run") == 1
-    assert "interleaved direct → pgforkpool → pgforkpool@HEAD → pgforkpool@HEAD~1 → pgbouncer" in report
-    assert f"round 2: {' → '.join(bench.round_order(args.targets, 1))}" in report
+    assert "round 1: " + " → ".join(bench.round_order(args.targets, 0)) in report
+    assert "round 2: " + " → ".join(bench.round_order(args.targets, 1)) in report
 
 
-def test_later_rounds_shuffle_the_order_so_no_target_always_follows_the_same_one(bench):
-    targets = ("direct", "pgforkpool", "pgforkpool@b", "pgbouncer")
-    orders = [bench.round_order(targets, rnd) for rnd in range(5)]
-    assert orders[0] == targets
+@pytest.mark.parametrize("count", [3, 4, 5])
+def test_over_the_rounds_each_target_runs_right_after_each_other_equally_often(bench, count):
+    targets = ("direct", "pgforkpool", "pgforkpool@a", "pgforkpool@b", "pgbouncer")[:count - 1] + ("pgbouncer",)
+    rounds = 2 * count if count % 2 else count
+    orders = [bench.round_order(targets, rnd) for rnd in range(rounds)]
     assert all(sorted(order) == sorted(targets) for order in orders)
-    assert bench.round_order(targets, 3) == orders[3]   # the same run again runs in the same orders
-    before = {order[order.index("pgforkpool") - 1] if order.index("pgforkpool") else None for order in orders}
-    assert len(before) >= 3
+    assert all(a != b for a, b in zip(orders, orders[1:]))   # no two rounds in a row alike
+    assert bench.round_order(targets, rounds) == orders[0]   # and the same again after that
+    follows = {}
+    for order in orders:
+        for before, after in zip(order, order[1:]):
+            follows[before, after] = follows.get((before, after), 0) + 1
+    assert len(follows) == count * (count - 1) and len(set(follows.values())) == 1
+    # The default run: 3 rounds of 3 targets; pgforkpool follows direct, nothing, pgbouncer.
+    if count == 3:
+        assert [o.index("pgforkpool") and o[o.index("pgforkpool") - 1] for o in orders[:3]] == \
+            ["direct", 0, "pgbouncer"]
 
 
 LISTENER = """
@@ -144,3 +157,18 @@ def test_a_pooler_that_cannot_start_again_is_reported_not_fatal(bench, tmp_path)
         service.start()   # it exits at once
     why = bench.restart_if_stuck(service, bench.RunResult(error="x"))
     assert why.startswith("it had exited; it did not start again: pooler exited at start (code 3)")
+
+
+def test_a_restart_starts_the_pooler_as_it_was_started(bench, tmp_path):
+    """PgBouncer is started as the server's user (Popen arguments): a restart keeps them."""
+    port = bench.free_port()
+    service = bench.Service("pooler", [sys.executable, "-c", LISTENER, str(port)], port, str(tmp_path),
+                            signal.SIGINT)
+    service.start(env=dict(os.environ, BENCH_MARK="as started"))
+    try:
+        first = service.proc.pid
+        assert bench.restart_if_stuck(service, bench.RunResult(error="pgbench killed after 65 s"))
+        assert service.proc.pid != first
+        assert psutil.Process(service.proc.pid).environ().get("BENCH_MARK") == "as started"
+    finally:
+        service.stop()
