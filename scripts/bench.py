@@ -254,6 +254,19 @@ def process_tree(pid: int) -> list[psutil.Process]:
         return []
 
 
+def session_members(sid: int) -> list[psutil.Process]:
+    """The processes of session `sid` (a process started with start_new_session=True and
+    whatever it forked), the leader left out."""
+    members = []
+    for p in psutil.process_iter():
+        try:
+            if p.pid != sid and os.getsid(p.pid) == sid:
+                members.append(p)
+        except (OSError, psutil.Error):
+            pass
+    return members
+
+
 def cpu_seconds(pid: int) -> dict[int, tuple[float, float, int]]:
     """(user CPU seconds, system CPU seconds, voluntary + involuntary context switches) of each
     process under pid."""
@@ -318,6 +331,9 @@ class Service:
         if self.proc is None:
             return []
         tree = process_tree(self.proc.pid)
+        # Those it left behind if it exited first (no longer its children): it was started in a
+        # session of its own, which they are still in.
+        tree += [p for p in session_members(self.proc.pid) if p.pid not in {q.pid for q in tree}]
         if self.proc.poll() is None:
             self.proc.send_signal(self.stop_signal)
             try:
@@ -326,7 +342,7 @@ class Service:
                 self.proc.kill()
                 self.proc.wait(timeout=STOP_WAIT)
         time.sleep(0.2)   # children die with their parent (PR_SET_PDEATHSIG): give them a moment
-        return kill_survivors(tree[1:])
+        return kill_survivors([p for p in tree if p.pid != self.proc.pid])
 
 
 def round_order(targets: tuple[str, ...], rnd: int) -> tuple[str, ...]:

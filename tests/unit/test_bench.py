@@ -172,3 +172,29 @@ def test_a_restart_starts_the_pooler_as_it_was_started(bench, tmp_path):
         assert psutil.Process(service.proc.pid).environ().get("BENCH_MARK") == "as started"
     finally:
         service.stop()
+
+
+FORKING_LISTENER = LISTENER.replace("while True:", """import os
+if os.fork() == 0:   # a child that outlives its parent, as a backend would without PR_SET_PDEATHSIG
+    s.close()
+    while True:
+        time.sleep(1)
+while True:""")
+
+
+def test_what_a_pooler_that_exited_left_behind_is_stopped_with_it(bench, tmp_path):
+    port = bench.free_port()
+    service = bench.Service("pooler", [sys.executable, "-c", FORKING_LISTENER, str(port)], port, str(tmp_path),
+                            signal.SIGINT)
+    service.start()
+    try:
+        first = service.proc.pid
+        (child,) = psutil.Process(first).children()
+        os.kill(first, signal.SIGKILL)
+        service.proc.wait(timeout=10)
+        assert child.is_running()   # an orphan now: no longer first's child
+        assert "it had exited" in bench.restart_if_stuck(service, bench.RunResult(error="x"))
+        child.wait(timeout=10)   # killed with the pooler it belonged to
+        assert not child.is_running()
+    finally:
+        service.stop()
