@@ -41,7 +41,6 @@ import datetime
 import os
 import platform
 import pwd
-import random
 import re
 import resource
 import select
@@ -333,7 +332,8 @@ class Service:
         tree = process_tree(self.proc.pid)
         # Those it left behind if it exited first (no longer its children): it was started in a
         # session of its own, which they are still in.
-        tree += [p for p in session_members(self.proc.pid) if p.pid not in {q.pid for q in tree}]
+        known = {p.pid for p in tree}
+        tree += [p for p in session_members(self.proc.pid) if p.pid not in known]
         if self.proc.poll() is None:
             self.proc.send_signal(self.stop_signal)
             try:

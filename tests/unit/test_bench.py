@@ -1,6 +1,7 @@
 """scripts/bench's own logic: its options, its table, its report and the restart of a stuck
 pooler (a real process listening on a real loopback socket; no pgbench, no PostgreSQL)."""
 
+import datetime
 import importlib.util
 import os
 import signal
@@ -68,7 +69,6 @@ def test_the_report_names_every_baseline_and_every_restart_once(bench):
     (case,) = args.cases
     results = {(case, "pgforkpool@HEAD"): [bench.RunResult(error="pgbench exit -9: [bench] pgbench killed after 65 s")],
                (case, "pgforkpool"): [bench.RunResult(tps=1000.0)]}
-    import datetime
     report = bench.render(args, datetime.datetime.now(datetime.timezone.utc), (0.5, 0.7), {"PgBouncer": "1.18.0"},
                           ["pgforkpool@HEAD is commit abc", f"pgforkpool@{HEAD} is commit def"], results, "", [], "",
                           {}, os.path.join(REPO, "bench-results", "x.log"),

@@ -2,11 +2,14 @@
 (a real shared-memory table; no socket, no server)."""
 
 import os
+import select
 import socket
 
 import pytest
 
 from pgforkpool.backend.pooled import PooledBackend
+from pgforkpool.backend.session import Session
+from pgforkpool.backend.stream import Stream
 from pgforkpool.shared import config, status
 
 
@@ -34,11 +37,6 @@ def make_backend(table, slot):
 def greeted_backend(table):
     """A pooled backend of pool 1 with a channel whose far end the test holds, and a greeting
     remembered for the test's startup packet: a new session is greeted without a server."""
-    import select
-
-    from pgforkpool.backend.session import Session
-    from pgforkpool.backend.stream import Stream
-
     own = backend_slot(table, os.getpid(), pool=1)
     ours, postmaster = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     backend = PooledBackend(config.defaults(), "db", "app", ours, table, own, None)
@@ -139,7 +137,7 @@ def test_cancel_keys_are_per_origin_and_a_moved_away_sessions_key_is_not_reused(
         sock.close()
 
 
-def test_a_move_sent_back_is_no_move_and_waits_first_in_line(table, monkeypatch):
+def test_a_move_sent_back_is_no_move_and_waits_first_in_line(table):
     """The postmaster sends a session back when its target filled up meanwhile: it is counted
     as no move, and it is first in line again, its wait going on from when it began."""
     from pgforkpool.backend.pooled import WAITING

@@ -259,7 +259,9 @@ class ClientProtocol:
                     self.last_text = data
                     # A simple Query destroys the unnamed statement.
                     self.unnamed = server.unnamed = None
-                    if may_touch is None:   # may_touch_state(data), inline
+                    if may_touch is None:
+                        # may_touch_state(data), inline: the call costs about 600 instructions
+                        # per transaction more on the compiled build (callgrind, 25-session replay)
                         lowered = data.translate(_LOWER)
                         may_touch = (lowered.find(b"set_config") >= 0 or lowered.find(b"temp") >= 0
                                      or lowered.find(b"advisory") >= 0)
