@@ -837,7 +837,7 @@ def cell(results: list[RunResult], measure: Measure, digits: int) -> str:
 
 def results_table(cases: list[Case], results: dict, targets: tuple[str, ...], baselines: list[str]) -> str:
     """Medians per target, then pgforkpool over direct, over PgBouncer and over each baseline."""
-    compared = ["direct", "pgbouncer", *baselines]
+    compared = [t for t in ("direct", "pgbouncer", *baselines) if t in targets]
     rows = ["| workload | " + " | ".join(f"{t} tps" for t in targets) + " | "
             + " | ".join(f"pgforkpool/{t}" for t in compared) + " |",
             "| --- |" + " ---: |" * (len(targets) + len(compared))]
@@ -1124,6 +1124,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                              "repository) as another target, pgforkpool@REV, built into the temporary "
                              "directory; the table gains the ratio pgforkpool/pgforkpool@REV. May be given "
                              "more than once (one target each)")
+    parser.add_argument("--skip", metavar="TARGETS",
+                        help="comma-separated targets not to run, of: direct, pgbouncer; e.g. "
+                             "`--baseline REV --skip direct,pgbouncer` spends the whole run on pgforkpool "
+                             "against REV (more rounds in the same time)")
     parser.add_argument("--pool-size", type=int, default=4,
                         help="pgforkpool session_pool_size and PgBouncer default_pool_size (default 4)")
     parser.add_argument("--scale", type=int, default=10, help="pgbench -i scale factor (default 10)")
@@ -1172,7 +1176,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if f"pgforkpool@{rev}" in (target for target, _commit in args.baselines):
             parser.error(f"--baseline: {rev!r} is given twice")
         args.baselines.append((f"pgforkpool@{rev}", commit))
-    args.targets = ("direct", "pgforkpool", *(target for target, _commit in args.baselines), "pgbouncer")
+    skipped = {t.strip() for t in (args.skip or "").split(",") if t.strip()}
+    if skipped - {"direct", "pgbouncer"}:
+        parser.error(f"--skip: {', '.join(sorted(skipped - {'direct', 'pgbouncer'}))} cannot be skipped "
+                     "(only direct and pgbouncer can)")
+    args.targets = tuple(t for t in ("direct", "pgforkpool", *(target for target, _commit in args.baselines),
+                                     "pgbouncer") if t not in skipped)
     workloads = WORKLOADS
     if args.only:
         wanted = [k.strip() for k in args.only.split(",") if k.strip()]
@@ -1184,6 +1193,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if unknown:
             parser.error(f"--only: unknown workload(s) {', '.join(sorted(unknown))}; known: {keys}")
         workloads = tuple(w for w in WORKLOADS if any(selects(k, w) for k in wanted))
+    if args.perf and "pgbouncer" in skipped:
+        parser.error("--perf profiles pgforkpool beside PgBouncer: it cannot be given with --skip pgbouncer")
     if args.perf and not any(w.key == args.perf_workload and w.args for w in WORKLOADS):
         parser.error(f"--perf-workload: {args.perf_workload} is not a pgbench workload; known: {keys}")
     args.cases = [Case(w, p) for w in workloads for p in ((args.protocols or w.protocols) if w.args else ("",))]
@@ -1277,14 +1288,15 @@ def main(argv: list[str]) -> int:
             cluster.psql("CHECKPOINT")
             server_version = cluster.psql("SHOW server_version")
 
-            say("starting " + ", ".join(args.targets[1:]))
+            say("starting " + ", ".join(t for t in args.targets if t != "direct"))
             services.append(start_pgforkpool(server_dir(os.path.join(workdir, "pgforkpool")), cluster,
                                              args.pool_size))
             for i, ((target, _commit), program) in enumerate(zip(args.baselines, baseline_programs)):
                 services.append(start_pgforkpool(server_dir(os.path.join(workdir, f"pgforkpool-baseline-{i + 1}")),
                                                  cluster, args.pool_size, target, program))
-            services.append(start_pgbouncer(server_dir(os.path.join(workdir, "pgbouncer")), cluster,
-                                            args.pool_size))
+            if "pgbouncer" in args.targets:
+                services.append(start_pgbouncer(server_dir(os.path.join(workdir, "pgbouncer")), cluster,
+                                                args.pool_size))
             ports = {"direct": cluster.port, **{s.name: s.port for s in services}}
 
             say("warming up each target (not recorded)")

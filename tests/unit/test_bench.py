@@ -46,6 +46,30 @@ def test_a_wrong_baseline_is_refused_before_anything_runs(bench, capsys, argv, m
     assert message in capsys.readouterr().err
 
 
+def test_skipped_targets_are_neither_run_nor_compared(bench):
+    args = bench.parse_args(["--baseline", "HEAD", "--skip", "direct, pgbouncer", "--only", "tpcb"])
+    assert args.targets == ("pgforkpool", "pgforkpool@HEAD")
+    (case,) = args.cases
+    results = {(case, "pgforkpool"): [bench.RunResult(transactions=1000, tps=1000.0, cpu_us=300.0)],
+               (case, "pgforkpool@HEAD"): [bench.RunResult(transactions=1000, tps=800.0, cpu_us=400.0)]}
+    header, _rule, tps, cpu, _switches = bench.results_table(args.cases, results, args.targets,
+                                                             ["pgforkpool@HEAD"]).splitlines()
+    assert header == ("| workload | pgforkpool tps | pgforkpool@HEAD tps | pgforkpool/pgforkpool@HEAD |")
+    assert tps.endswith("| 1,000 | 800 | 1.25 |") and cpu.endswith("| 0.75 |")
+    assert bench.parse_args(["--skip", "pgbouncer"]).targets == ("direct", "pgforkpool")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--skip", "pgforkpool"], "cannot be skipped"),
+    (["--skip", "pgbouncer", "--perf"], "cannot be given with --skip pgbouncer"),
+])
+def test_what_cannot_be_skipped_is_refused(bench, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit:
+        bench.parse_args(argv)
+    assert exit.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def run(tps, cpu_us=None, error=""):
     return {"tps": tps, "cpu_us": cpu_us, "error": error}
 
