@@ -1,13 +1,15 @@
 """Session migration (issue 8): a session waiting behind another session's transaction moves to a
 backend of its pool whose server connection is free, keeping everything it had."""
 
+import os
+import subprocess
 import threading
 import time
 
 import psycopg
 import pytest
 
-from conftest import WAIT, backend_pid, server_pid, wait_for
+from conftest import USERS, WAIT, backend_pid, server_pid, wait_for
 from pgforkpool.shared import status
 
 
@@ -359,3 +361,52 @@ def test_load_balancing_evens_out_waiting_sessions(start_pooler):
     assert sorted(server_pid(c) for c in (s1, s3)) == sorted((server_pid(h1), server_pid(h2)))
     for conn in (h1, h2, s1, s3, _s2):
         conn.close()
+
+
+def test_when_every_connection_is_held_by_a_long_transaction_the_long_sessions_gather(start_pooler, tmp_path):
+    """Two backends, each with a pgbench client looping 50 ms transactions back to back and a
+    quick client behind it: every connection is held almost all the time, no backend is ever
+    free for the quick queries, and without more they would wait out a long transaction each
+    (about 50 ms).  The long sessions end up sharing one backend, which leaves the other to the
+    quick clients: their queries are then answered without waiting for a long transaction.
+    (Not for good: a long session that waits behind a longer one still moves to a sibling that
+    is free at that moment, the quick clients' one too, and is sent back when it holds them up.)"""
+    pooler = start_pooler(session_pool_size=2, session_schedule="round-robin")
+    script = tmp_path / "long.sql"
+    script.write_text("BEGIN;\nSELECT pg_sleep(0.05);\nCOMMIT;\n")
+    env = dict(os.environ, PGPASSWORD=USERS["app"], PGCONNECT_TIMEOUT="10", PGAPPNAME="long")
+    bench = subprocess.Popen(
+        ["pgbench", "-n", "-h", "127.0.0.1", "-p", str(pooler.port), "-U", "app", "-c", "2", "-j", "1",
+         "-T", str(int(WAIT)), "-f", str(script), "app"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    quick: list = []
+    try:
+        # pgbench's two clients are on the pool's two backends (round-robin), one each.
+        wait_for(lambda: len(pooler.cluster.psql(
+            "SELECT pid FROM pg_stat_activity WHERE state = 'active' AND query LIKE 'SELECT pg_sleep%'").split()) == 2,
+            "the two long clients to run on two server connections at once")
+        quick = [pooler.connect(), pooler.connect()]
+        assert backend_pid(quick[0]) != backend_pid(quick[1])
+        for conn in quick:
+            conn.execute("SELECT 1")   # a quick transaction behind each: known to be a quick session
+
+        def median_latency() -> float:
+            elapsed = []
+            for _ in range(10):
+                for conn in quick:
+                    started = time.monotonic()
+                    assert conn.execute("SELECT 42").fetchone()[0] == 42
+                    elapsed.append(time.monotonic() - started)
+            return sorted(elapsed)[len(elapsed) // 2]
+
+        first = median_latency()
+        wait_for(lambda: median_latency() < 0.02, "the quick queries to stop waiting for long transactions",
+                 timeout=WAIT / 2)
+        assert migrations(pooler) > 0
+        print(f"quick queries: median {first * 1000:.1f} ms at first, {median_latency() * 1000:.1f} ms "
+              f"after {migrations(pooler)} moves")
+    finally:
+        bench.kill()
+        bench.communicate(timeout=WAIT)
+        for conn in quick:
+            conn.close()

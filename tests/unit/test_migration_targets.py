@@ -71,6 +71,71 @@ def test_targets_are_the_pools_free_backends_and_not_failed_full_or_foreign_ones
     assert backend._sibling_targets(now=1.5) == [101, 102]
 
 
+def test_siblings_passing_short_transactions_are_found_by_when_their_connection_changed_hands(table):
+    """Where a short session stuck behind a long transaction may go though no sibling is free: a
+    busy one whose connection changed hands less than session_migration_delay (10 ms) ago,
+    fewest sessions ready first; not one held by one owner for longer, and not an open one."""
+    now = 100.0
+    delay_ms = config.defaults().session_migration_delay * 1000
+    recent, old = int(now * 1000 - delay_ms / 2), int(now * 1000 - 3 * delay_ms)
+    own = backend_slot(table, os.getpid(), pool=1, waiting=5, owner_since_ms=old)
+    crowded = backend_slot(table, 101, pool=1, waiting=6, owner_since_ms=recent)
+    backend_slot(table, 102, pool=1, waiting=1, owner_since_ms=old)       # a long transaction
+    backend_slot(table, 103, pool=1, waiting=3, owner_since_ms=recent)
+    backend_slot(table, 104, pool=1, waiting=1, owner_since_ms=recent, paused=1)
+    backend_slot(table, 105, pool=2, waiting=1, owner_since_ms=recent)    # another pool's
+    backend = make_backend(table, own)
+    assert backend._sibling_targets(now) == []          # none is free at this instant
+    assert backend._flowing_siblings(now, []) == [103, 101]
+    assert backend._flowing_siblings(now, [103]) == [101]
+    # Its owner keeps it past the delay: no longer one.
+    table.counters(crowded)[status.OWNER_SINCE_MS] = old
+    assert backend._flowing_siblings(now, []) == [103]
+
+
+def test_a_long_session_joins_another_long_one_when_every_connection_is_held_by_one(table):
+    """The long session that just ended goes, when short ones found every sibling held by a long
+    transaction, to such a sibling with a lower pid: never to one that is free or passing short
+    transactions (those take the short ones), never to a higher pid (no two backends swap)."""
+    import time
+
+    from pgforkpool.shared import channel
+
+    backend, own, postmaster, startup = greeted_backend(table)
+    client, server_side = socket.socketpair()
+    backend._new_session(1, startup, server_side.detach())
+    (session,) = backend.sessions.values()
+    now = backend.now = time.monotonic()
+    delay_ms = backend.migration_delay * 1000
+    recent, old = int(now * 1000 - delay_ms / 2), int(now * 1000 - 3 * delay_ms)
+    backend_slot(table, 101, pool=1, waiting=0, owner_since_ms=old)      # free now
+    backend_slot(table, 102, pool=1, waiting=2, owner_since_ms=recent)   # passing short ones
+    higher = os.getpid() + 1
+    backend_slot(table, higher, pool=1, waiting=1, owner_since_ms=old)   # held long, higher pid
+    postmaster.setblocking(False)
+
+    def moved_to():
+        try:
+            msg, fd = channel.receive(postmaster)
+        except BlockingIOError:
+            return None
+        os.close(fd)
+        assert msg[:2] == ("migrate", 1)
+        return msg[2]
+
+    backend.gather_long = True
+    backend._gather(session)
+    assert moved_to() is None and not backend.gather_long and session in backend.sessions.values()
+    held = backend_slot(table, 103, pool=1, waiting=3, owner_since_ms=old)
+    backend_slot(table, 104, pool=1, waiting=2, owner_since_ms=old, paused=1)
+    backend.siblings_at = 0.0   # the sibling list is read again (once a second otherwise)
+    backend._gather(session)
+    assert moved_to() == 103
+    assert session not in backend.sessions.values() and backend.migrations == 1
+    assert table.counters(held)[status.WAITING] == 3
+    client.close()
+
+
 def test_a_backend_that_left_is_no_target_even_before_the_refresh(table):
     own = backend_slot(table, os.getpid(), pool=1)
     gone = backend_slot(table, 101, pool=1)

@@ -68,6 +68,7 @@ _WAIT_HIST: Final = status.WAIT_HIST
 _TURNS: Final = status.TURNS
 _READY_SUM: Final = status.READY_SUM
 _WAITING: Final = status.WAITING
+_OWNER_SINCE_MS: Final = status.OWNER_SINCE_MS
 _SLOT_INTS: Final = status.SLOT_SIZE // 8
 _BOUNDS_S: Final = tuple(bound / 1e6 for bound in status.HISTOGRAM_BOUNDS_US)
 _STAT_INDEXES: Final = tuple(status.FIELDS.index(name) for name in status.STAT_FIELDS)
@@ -87,6 +88,8 @@ MIGRATION_RECHECK: Final = 0.05
 # Sessions whose buffered input and prepared-statement texts are larger than this stay
 # (the state travels as one message on the postmaster's channel, channel.MAX_MESSAGE).
 MIGRATION_STATE_LIMIT: Final = 1 << 18
+# How stale the published time a connection changed hands may be (see _publish_owner_since).
+OWNER_SINCE_GRAIN: Final = 0.0025
 # ... and how long it takes the transaction of a session that has not finished one yet to be.
 UNKNOWN_XACT: Final = 1.0
 REDIAL_FIRST: Final = 0.1
@@ -167,6 +170,10 @@ class PooledBackend:
                            if table is not None else None)
         self.migration_delay = settings.session_migration_delay if settings.session_migration else 0.0
         self.migrate_at = 0.0
+        # Every sibling was held by a long transaction too while short sessions waited here:
+        # the long one here moves, when it ends, to such a sibling (see _gather).
+        self.gather_long = False
+        self.owner_published = 0.0   # when OWNER_SINCE_MS was last written
         self.siblings: list[tuple[int, int]] = []   # (offset in table_ints, pid) of the pool's other backends
         self.siblings_at = 0.0
         self.migrations = 0
@@ -517,6 +524,7 @@ class PooledBackend:
         """Move sessions that waited session_migration_delay to backends of the pool that are idle."""
         delay = self.migration_delay
         self.migrate_at = now + delay
+        self.gather_long = False
         server = self.server
         if (self.table is None or server is None or server.state is not SERVER_ACTIVE
                 or self.paused or self.shutdown_mode is not None):
@@ -544,13 +552,32 @@ class PooledBackend:
         # sibling with at least two fewer takes one too, which evens the queues out.
         balance = len(self.scheduler.queue) + 1 if self.settings.session_schedule == "load-balancing" else 0
         targets = self._sibling_targets(now, balance)
-        if not targets:
-            # Every sibling is busy too: look again less often (each look is a wake-up).
-            self.migrate_at = now + max(delay, MIGRATION_RECHECK)
         for target in targets:
             if not movable:
                 break
             self._migrate(movable.pop(0), target)
+        if movable and held >= delay:
+            # The owner here runs a long transaction.  Sessions whose own transactions are
+            # short also run at once on a sibling that is passing short ones (its connection
+            # changed hands less than session_migration_delay ago), though it is seldom free
+            # at the instant we look: without this, they wait out every long transaction
+            # here while such a sibling serves the rest of the pool.  The long ones still
+            # stay (only to a free sibling), so that they do not spread over the pool.
+            short = [session for session in movable if 0.0 < session.last_xact < delay]
+            if short:
+                flowing = self._flowing_siblings(now, targets)
+                targets = targets + flowing
+                for target in flowing:
+                    if not short:
+                        break
+                    self._migrate(short.pop(0), target)
+                # Nowhere to go: every connection of the pool is held by a long transaction.
+                # Then the long one here moves when it ends, to a sibling held by a long
+                # one too, and leaves this backend to the short ones (_gather).
+                self.gather_long = not targets
+        if not targets:
+            # Every sibling is busy too: look again less often (each look is a wake-up).
+            self.migrate_at = now + max(delay, MIGRATION_RECHECK)
 
     @staticmethod
     def _movable(session: Session) -> bool:
@@ -569,6 +596,61 @@ class PooledBackend:
         our number of sessions ready to run) those with at least two fewer ready than that."""
         ints = self.table_ints
         assert ints is not None
+        idle, lighter = [], []
+        for base, pid in self._open_siblings(now):
+            ready = ints[base + _WAITING]
+            if ready == 0:
+                idle.append(pid)
+            elif ready + 2 <= balance:
+                lighter.append((ready, pid))
+        return idle + [pid for _ready, pid in sorted(lighter)]
+
+    def _flowing_siblings(self, now: float, exclude: list[int]) -> list[int]:
+        """Pids of the pool's other backends (not in `exclude`) whose server connection changed
+        hands less than session_migration_delay ago: busy, but with short transactions; fewest
+        sessions ready to run first."""
+        ints = self.table_ints
+        assert ints is not None
+        recent_ms = int((now - self.migration_delay) * 1000.0)
+        flowing = [(ints[base + _WAITING], pid) for base, pid in self._open_siblings(now)
+                   if ints[base + _OWNER_SINCE_MS] > recent_ms and pid not in exclude]
+        return [pid for _ready, pid in sorted(flowing)]
+
+    def _publish_owner_since(self, now: float) -> None:
+        """When the connection's owner got it, for the siblings (status.OWNER_SINCE_MS).  Written
+        at most every OWNER_SINCE_GRAIN: at a few hundred transactions a second the write costs
+        more than the rest of a hand-over, and a figure up to that much older than the truth
+        still tells a connection passing short transactions from one held by a long one."""
+        self.owner_published = now
+        self.counters[_OWNER_SINCE_MS] = int(now * 1000.0)
+
+    def _gather(self, session: Session) -> None:
+        """A long transaction just ended here while short sessions found every backend of the pool
+        held by a long one: its session moves to a sibling held by a long transaction too (it
+        waits its turn there between its transactions), which leaves this backend to the short
+        ones, and the short ones of the other backends move here once it is passing them.
+        Only to a sibling with a lower pid, so that two backends never swap theirs."""
+        self.gather_long = False
+        if session.state is not IDLE and session.state is not WAITING:
+            return
+        if not self._movable(session):
+            return
+        ints = self.table_ints
+        assert ints is not None
+        now = self.now
+        long_ago_ms = int((now - self.migration_delay) * 1000.0)
+        held = [(ints[base + _WAITING], pid) for base, pid in self._open_siblings(now)
+                if pid < self.pid and ints[base + _WAITING] > 0
+                and 0 < ints[base + _OWNER_SINCE_MS] <= long_ago_ms]
+        if held:
+            self._migrate(session, min(held)[1])
+
+    def _open_siblings(self, now: float) -> list[tuple[int, int]]:
+        """(offset in the status table, pid) of the pool's other backends that may take a
+        session now: running, not draining or paused, their upstream reachable, not full.
+        The list of the pool's backends is read again once a second; their figures are live."""
+        ints = self.table_ints
+        assert ints is not None
         if now >= self.siblings_at:
             self.siblings_at = now + 1.0
             siblings = []
@@ -579,20 +661,12 @@ class PooledBackend:
                             and ints[base + status.PID] != own):
                         siblings.append((base, ints[base + status.PID]))
             self.siblings = siblings
-        idle, lighter = [], []
         max_sessions = self.settings.max_sessions
-        for base, pid in self.siblings:
-            if (not ints[base + status.IN_USE] or ints[base + status.PID] != pid
-                    or ints[base + status.DRAINING] or ints[base + status.PAUSED]
-                    or ints[base + status.SERVER_DOWN]   # its upstream connection failed
-                    or ints[base + status.SESSIONS] >= max_sessions):
-                continue
-            ready = ints[base + _WAITING]
-            if ready == 0:
-                idle.append(pid)
-            elif ready + 2 <= balance:
-                lighter.append((ready, pid))
-        return idle + [pid for _ready, pid in sorted(lighter)]
+        return [(base, pid) for base, pid in self.siblings
+                if ints[base + status.IN_USE] and ints[base + status.PID] == pid
+                and not ints[base + status.DRAINING] and not ints[base + status.PAUSED]
+                and not ints[base + status.SERVER_DOWN]   # its upstream connection failed
+                and ints[base + status.SESSIONS] < max_sessions]
 
     def _migrate(self, session: Session, target: int) -> None:
         """Hand a waiting session, with its socket and everything it holds here, to backend `target`.
@@ -738,7 +812,9 @@ class PooledBackend:
                          or server.context == session.context.settings)
                     and len(data) >= 5 and len(data) >= 1 + _length(data, 1)[0]):
                 self.scheduler.assign(server, session)
-                server.since = self.now
+                server.since = now = self.now
+                if now - self.owner_published >= OWNER_SINCE_GRAIN:
+                    self._publish_owner_since(now)
                 server.context = session.context.settings
                 self._forward(session, server, data)
                 return
@@ -1256,6 +1332,8 @@ class PooledBackend:
         settings = session.context.settings
         restoring = server.context is not settings and server.context != settings
         now = server.since = self.now
+        if now - self.owner_published >= OWNER_SINCE_GRAIN:
+            self._publish_owner_since(now)
         if session.state is WAITING:
             self.wait_times.append(now - session.since)
         self.scheduler.assign(server, session, restoring)
@@ -1294,11 +1372,14 @@ class PooledBackend:
     def _release(self, server: srv.ServerConnection) -> None:
         """The transaction is over: the server connection goes to the next waiting session."""
         session = self.scheduler.release(server)
+        gather: Session | None = None
         if server.queries:   # a transaction of the owner's, not only the pooler's own queries
             held = self.now - server.since
             self.xact_times.append(held)
             if session is not None:
                 session.last_xact = held
+                if self.gather_long and held >= self.migration_delay:
+                    gather = session
             self.queries += server.queries
             server.queries = 0
         stream = server.stream
@@ -1324,6 +1405,8 @@ class PooledBackend:
             session = scheduler.next_waiting()
             if session is not None:
                 self._activate(server, session)
+        if gather is not None and server is self.server:
+            self._gather(gather)
 
     def _next_session(self, server: srv.ServerConnection) -> None:
         session = self.scheduler.next_waiting()

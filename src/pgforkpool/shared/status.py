@@ -24,13 +24,16 @@ NAMEDATALEN = 64
 FIELDS: tuple[str, ...] = ("in_use", "pid", "kind", "draining", "sessions", "waiting", "pinned",
           "turns", "ready_sum", "started_us", "served", "transactions",
           "server_connections", "paused", "queries", "bytes_in", "bytes_out", "xact_us",
-          "wait_us", "waits", "migrations", "pool", "server_down", "reserved4")
+          "wait_us", "waits", "migrations", "pool", "server_down", "owner_since_ms")
 (IN_USE, PID, KIND, DRAINING, SESSIONS, WAITING, PINNED, TURNS, READY_SUM, STARTED_US,
  SERVED, TRANSACTIONS, SERVER_CONNECTIONS, PAUSED, QUERIES, BYTES_IN, BYTES_OUT, XACT_US,
- WAIT_US, WAITS, MIGRATIONS, POOL, SERVER_DOWN) = range(23)
+ WAIT_US, WAITS, MIGRATIONS, POOL, SERVER_DOWN, OWNER_SINCE_MS) = range(24)
 # MIGRATIONS: sessions this backend handed to another.  POOL: the postmaster's number for
 # the backend's (database, user), the same for every backend of a pool (0 for dedicated ones).
 # SERVER_DOWN: 1 while the backend's last attempt to reach the upstream failed.
+# OWNER_SINCE_MS: when the session that has the backend's server connection now got it
+# (time.monotonic() in ms, one clock for every process); stale while the connection is free
+# (WAITING is 0 then).  Siblings read it to tell short transactions from a long one.
 # Histograms of transaction and wait times: a count per bucket (not cumulative),
 # the bucket being the first upper bound, in microseconds, that the time does not exceed.
 HISTOGRAM_BOUNDS_US = (500, 1000, 5000, 10_000, 50_000, 100_000, 500_000, 1000_000, 5000_000)
