@@ -131,6 +131,9 @@ WORKLOADS = (
     Workload("large-sizes", "bytea round trips, 1 client", (), bytea_sizes=True),
 )
 LONG_TRANSACTION = "BEGIN;\nSELECT pg_sleep(0.05);\nCOMMIT;\n"
+WARM_UP = ("-S", "-c", "4", "-j", "2", "-M", "simple")   # 2 s, unrecorded: at the start and between rounds
+SETTLED = 0.85        # a round starts once a warm-up reaches this share of the target's TPS at the start
+SETTLE_LIMIT = 30.0   # seconds of warm-ups at most before a round
 PROFILED_WORKLOAD = "select-100"  # --profile samples a pgforkpool backend during this one
 
 
@@ -360,6 +363,23 @@ def round_order(targets: tuple[str, ...], rnd: int) -> tuple[str, ...]:
         # first's last), so that the first rounds, the ones a default run has, vary most.
         rows = [rows[0]] + [row for r in rows[1:] for row in (r, r[::-1])] + [rows[0][::-1]]
     return tuple(targets[x] for x in rows[rnd % len(rows)])
+
+
+def settle(warm_up, target: str, reference: dict[str, float], limit: float = SETTLE_LIMIT) -> str:
+    """Unrecorded warm-up runs through `target` (the next round's first) until one reaches
+    SETTLED of its TPS at the start, for at most `limit` seconds: the large-message workloads
+    that end a round (and a baseline hung in them and restarted) leave the machine slower for
+    several seconds, which would fall on whichever target runs first.  What it took is reported."""
+    started = time.monotonic()
+    figures = []
+    while True:
+        result = warm_up(target)
+        figures.append(result.tps or 0.0)
+        if figures[-1] >= SETTLED * reference.get(target, 0.0) or time.monotonic() - started >= limit:
+            break
+    verdict = "settled" if figures[-1] >= SETTLED * reference.get(target, 0.0) else "not settled"
+    return (f"{verdict} after {len(figures)} warm-up run(s) through {target} "
+            f"({', '.join(f'{tps:,.0f}' for tps in figures)} TPS; {reference.get(target, 0.0):,.0f} at the start)")
 
 
 def restart_if_stuck(pooler: Service, result: RunResult) -> str:
@@ -1250,6 +1270,7 @@ def main(argv: list[str]) -> int:
     services: list[Service] = []
     results: dict[tuple[Case, str], list[RunResult]] = {}
     restarts: list[str] = []
+    settles: list[str] = []
     interrupted = ""
     leftovers: list[str] = []
     profile_files: list[str] = []
@@ -1300,15 +1321,21 @@ def main(argv: list[str]) -> int:
             ports = {"direct": cluster.port, **{s.name: s.port for s in services}}
 
             say("warming up each target (not recorded)")
+            reference: dict[str, float] = {}   # each target's warm-up TPS, for the settling below
             for target in args.targets:
-                warm = run_pgbench(pgbench, ports[target], ("-S", "-c", "4", "-j", "2", "-M", "simple"),
-                                   2, pgbench_log)
+                warm = run_pgbench(pgbench, ports[target], WARM_UP, 2, pgbench_log)
                 if not warm.ok:
                     raise RuntimeError(f"warm-up through {target} failed: {warm.error}\n"
                                        f"(see {pgbench_log_path})")
+                reference[target] = warm.tps or 0.0
 
             done = 0
             for rnd in range(args.rounds):
+                if rnd:
+                    settled = settle(lambda target: run_pgbench(pgbench, ports[target], WARM_UP, 2, pgbench_log),
+                                     round_order(args.targets, rnd)[0], reference)
+                    settles.append(settled)
+                    say(f"round {rnd + 1}: {settled}")
                 for case in args.cases:
                     for target in round_order(args.targets, rnd):
                         done += 1
@@ -1398,7 +1425,7 @@ def main(argv: list[str]) -> int:
     }
     load = (load_before, os.getloadavg()[0])
     report = render(args, started, load, versions, baseline_info, results, interrupted, profile_files,
-                    profile_error, log_tails, pgbench_log_path, restarts)
+                    profile_error, log_tails, pgbench_log_path, restarts, settles)
     path = os.path.join(RESULTS_DIR, f"bench-{stamp}.md")
     with open(path, "w") as f:
         f.write(report)
@@ -1466,7 +1493,7 @@ def loop_time_section() -> str:
 
 
 def render(args, started, load, versions, baseline_info, results, interrupted, profile_files, profile_error,
-           log_tails, pgbench_log_path, restarts=()) -> str:
+           log_tails, pgbench_log_path, restarts=(), settles=()) -> str:
     header = [
         f"# pgforkpool benchmark, {started.strftime('%Y-%m-%d %H:%M UTC')}",
         "",
@@ -1534,6 +1561,11 @@ def render(args, started, load, versions, baseline_info, results, interrupted, p
             "## Every run (tps, or bytea round trips; ✗ = failed, not counted)", "",
             runs_table(args.cases, results, args.rounds, args.targets)]
     failures = failures_section(args.cases, results, args.targets)
+    if settles:
+        body += ["", "## Before each round", "",
+                 f"Unrecorded warm-ups ({' '.join(WARM_UP)}, 2 s) through the round's first target until one "
+                 f"reached {SETTLED:.0%} of its TPS at the start, for at most {SETTLE_LIMIT:.0f} s:", "",
+                 *(f"- round {i + 2}: {line}" for i, line in enumerate(settles))]
     if restarts:
         body += ["", "## Restarts", "",
                  "A pooler through which a run hung, or that exited, was stopped and started again "

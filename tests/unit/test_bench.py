@@ -88,6 +88,23 @@ def test_the_table_has_a_ratio_for_each_baseline(bench):
     assert cpu.endswith("| — | 2.00 | 0.75 | 1.50 |")
 
 
+def test_a_round_starts_once_the_machine_has_settled(bench):
+    """Warm-ups through the round's first target until one reaches 85 % of its TPS at the start;
+    a machine that does not settle costs at most the limit, and the report says which it was."""
+    figures = iter([300.0, 600.0, 900.0, 1000.0])
+    calls = []
+
+    def warm_up(target):
+        calls.append(target)
+        return bench.RunResult(tps=next(figures))
+
+    verdict = bench.settle(warm_up, "pgforkpool", {"pgforkpool": 1000.0})
+    assert calls == ["pgforkpool"] * 3
+    assert verdict.startswith("settled after 3 warm-up run(s) through pgforkpool (300, 600, 900 TPS")
+    verdict = bench.settle(lambda target: bench.RunResult(tps=10.0), "direct", {"direct": 1000.0}, limit=0.0)
+    assert verdict.startswith("not settled after 1 warm-up run(s)")
+
+
 def test_the_report_names_every_baseline_and_every_restart_once(bench):
     args = bench.parse_args(["--baseline", "HEAD", "--baseline", HEAD, "--only", "tpcb"])
     (case,) = args.cases
@@ -96,11 +113,13 @@ def test_the_report_names_every_baseline_and_every_restart_once(bench):
     report = bench.render(args, datetime.datetime.now(datetime.timezone.utc), (0.5, 0.7), {"PgBouncer": "1.18.0"},
                           ["pgforkpool@HEAD is commit abc", f"pgforkpool@{HEAD} is commit def"], results, "", [], "",
                           {}, os.path.join(REPO, "bench-results", "x.log"),
-                          ["pgforkpool@HEAD after round 1, TPC-B: a client of the run hung"])
+                          ["pgforkpool@HEAD after round 1, TPC-B: a client of the run hung"],
+                          ["settled after 2 warm-up run(s) through pgforkpool (10, 950 TPS; 1,000 at the start)"])
     assert "- baseline: pgforkpool@HEAD is commit abc" in report
     assert f"- baseline: pgforkpool@{HEAD} is commit def" in report
     assert "## Restarts" in report and "- pgforkpool@HEAD after round 1, TPC-B: a client of the run hung" in report
     assert report.count("## Every run") == 1
+    assert "## Before each round" in report and "- round 2: settled after 2 warm-up run(s)" in report
     assert "round 1: " + " → ".join(bench.round_order(args.targets, 0)) in report
     assert "round 2: " + " → ".join(bench.round_order(args.targets, 1)) in report
 

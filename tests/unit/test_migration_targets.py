@@ -126,14 +126,29 @@ def test_a_long_session_joins_another_long_one_when_every_connection_is_held_by_
     backend.gather_long = True
     backend._gather(session)
     assert moved_to() is None and not backend.gather_long and session in backend.sessions.values()
-    held = backend_slot(table, 103, pool=1, waiting=3, owner_since_ms=old)
+    backend_slot(table, 103, pool=1, waiting=3, owner_since_ms=old)
     backend_slot(table, 104, pool=1, waiting=2, owner_since_ms=old, paused=1)
+    backend_slot(table, 105, pool=1, waiting=2, owner_since_ms=0)   # lost its connection: no figure
     backend.siblings_at = 0.0   # the sibling list is read again (once a second otherwise)
+    backend.paused = True       # a paused pool moves nobody
+    backend._gather(session)
+    assert moved_to() is None
+    backend.paused = False
     backend._gather(session)
     assert moved_to() == 103
     assert session not in backend.sessions.values() and backend.migrations == 1
-    assert table.counters(held)[status.WAITING] == 3
     client.close()
+
+
+def test_the_published_figure_is_at_most_a_quarter_of_the_delay_stale(table):
+    """OWNER_SINCE_MS is written at most every 2.5 ms, or a quarter of session_migration_delay
+    when that is shorter, so that it tells short transactions from long ones at any delay."""
+    own = backend_slot(table, os.getpid(), pool=1)
+    settings = config.defaults()
+    assert make_backend(table, own).owner_grain == 0.0025
+    settings.values["session_migration_delay"] = 0.002
+    ours, _theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    assert PooledBackend(settings, "db", "app", ours, table, own, None).owner_grain == 0.0005
 
 
 def test_a_backend_that_left_is_no_target_even_before_the_refresh(table):

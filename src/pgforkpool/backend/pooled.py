@@ -88,7 +88,8 @@ MIGRATION_RECHECK: Final = 0.05
 # Sessions whose buffered input and prepared-statement texts are larger than this stay
 # (the state travels as one message on the postmaster's channel, channel.MAX_MESSAGE).
 MIGRATION_STATE_LIMIT: Final = 1 << 18
-# How stale the published time a connection changed hands may be (see _publish_owner_since).
+# How stale the published time a connection changed hands may be (see _publish_owner_since),
+# at most a quarter of session_migration_delay.
 OWNER_SINCE_GRAIN: Final = 0.0025
 # ... and how long it takes the transaction of a session that has not finished one yet to be.
 UNKNOWN_XACT: Final = 1.0
@@ -169,6 +170,7 @@ class PooledBackend:
                                                 + table.nslots * status.SLOT_SIZE].cast("q")
                            if table is not None else None)
         self.migration_delay = settings.session_migration_delay if settings.session_migration else 0.0
+        self.owner_grain = min(OWNER_SINCE_GRAIN, self.migration_delay / 4)
         self.migrate_at = 0.0
         # Every sibling was held by a long transaction too while short sessions waited here:
         # the long one here moves, when it ends, to such a sibling (see _gather).
@@ -376,6 +378,8 @@ class PooledBackend:
                 self.idle_timeout = self.settings.idle_pool_backend_timeout
                 self.migration_delay = (self.settings.session_migration_delay
                                         if self.settings.session_migration else 0.0)
+                self.owner_grain = min(OWNER_SINCE_GRAIN, self.migration_delay / 4)
+                self.gather_long = False
             elif kind == "adopt":
                 if fd is None:
                     logger.warning("a moved session was handed over without its socket")
@@ -618,7 +622,7 @@ class PooledBackend:
 
     def _publish_owner_since(self, now: float) -> None:
         """When the connection's owner got it, for the siblings (status.OWNER_SINCE_MS).  Written
-        at most every OWNER_SINCE_GRAIN: at a few hundred transactions a second the write costs
+        at most every owner_grain: at a few hundred transactions a second the write costs
         more than the rest of a hand-over, and a figure up to that much older than the truth
         still tells a connection passing short transactions from one held by a long one."""
         self.owner_published = now
@@ -631,9 +635,9 @@ class PooledBackend:
         ones, and the short ones of the other backends move here once it is passing them.
         Only to a sibling with a lower pid, so that two backends never swap theirs."""
         self.gather_long = False
-        if session.state is not IDLE and session.state is not WAITING:
-            return
-        if not self._movable(session):
+        if (self.table is None or self.paused or self.shutdown_mode is not None
+                or (session.state is not IDLE and session.state is not WAITING)
+                or not self._movable(session)):
             return
         ints = self.table_ints
         assert ints is not None
@@ -813,7 +817,7 @@ class PooledBackend:
                     and len(data) >= 5 and len(data) >= 1 + _length(data, 1)[0]):
                 self.scheduler.assign(server, session)
                 server.since = now = self.now
-                if now - self.owner_published >= OWNER_SINCE_GRAIN:
+                if now - self.owner_published >= self.owner_grain:
                     self._publish_owner_since(now)
                 server.context = session.context.settings
                 self._forward(session, server, data)
@@ -1332,7 +1336,7 @@ class PooledBackend:
         settings = session.context.settings
         restoring = server.context is not settings and server.context != settings
         now = server.since = self.now
-        if now - self.owner_published >= OWNER_SINCE_GRAIN:
+        if now - self.owner_published >= self.owner_grain and server is self.server:
             self._publish_owner_since(now)
         if session.state is WAITING:
             self.wait_times.append(now - session.since)
@@ -1378,7 +1382,7 @@ class PooledBackend:
             self.xact_times.append(held)
             if session is not None:
                 session.last_xact = held
-                if self.gather_long and held >= self.migration_delay:
+                if self.gather_long and held >= self.migration_delay > 0.0 and self.scheduler.queue:
                     gather = session
             self.queries += server.queries
             server.queries = 0
@@ -1471,6 +1475,11 @@ class PooledBackend:
     def _server_lost(self, server: srv.ServerConnection) -> None:
         """The server connection broke: fail its owner, reconnect for the others."""
         self._close_server(server)
+        if server is self.server or self.server is None:
+            # No long transaction holds it now: siblings send no long session here to wait.
+            self.gather_long = False
+            self.counters[_OWNER_SINCE_MS] = 0
+            self.owner_published = 0.0
         logger.log(log.LOG, "lost server connection to %s/%s (server process %d)",
                    self.database, self.user, server.pid)
         owner = server.owner or server.pinned

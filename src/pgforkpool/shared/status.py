@@ -32,8 +32,9 @@ FIELDS: tuple[str, ...] = ("in_use", "pid", "kind", "draining", "sessions", "wai
 # the backend's (database, user), the same for every backend of a pool (0 for dedicated ones).
 # SERVER_DOWN: 1 while the backend's last attempt to reach the upstream failed.
 # OWNER_SINCE_MS: when the session that has the backend's server connection now got it
-# (time.monotonic() in ms, one clock for every process); stale while the connection is free
-# (WAITING is 0 then).  Siblings read it to tell short transactions from a long one.
+# (time.monotonic() in ms, one clock for every process; up to a few ms stale); stale while
+# the connection is free (WAITING is 0 then), 0 after the backend lost it.  Siblings read it
+# to tell a connection passing short transactions from one held by a long transaction.
 # Histograms of transaction and wait times: a count per bucket (not cumulative),
 # the bucket being the first upper bound, in microseconds, that the time does not exceed.
 HISTOGRAM_BOUNDS_US = (500, 1000, 5000, 10_000, 50_000, 100_000, 500_000, 1000_000, 5000_000)
