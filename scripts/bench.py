@@ -371,15 +371,15 @@ def settle(warm_up, target: str, reference: dict[str, float], limit: float = SET
     that end a round (and a baseline hung in them and restarted) leave the machine slower for
     several seconds, which would fall on whichever target runs first.  What it took is reported."""
     started = time.monotonic()
+    start_tps = reference.get(target, 0.0)
     figures = []
     while True:
-        result = warm_up(target)
-        figures.append(result.tps or 0.0)
-        if figures[-1] >= SETTLED * reference.get(target, 0.0) or time.monotonic() - started >= limit:
+        figures.append(warm_up(target).tps or 0.0)
+        settled = figures[-1] >= SETTLED * start_tps
+        if settled or time.monotonic() - started >= limit:
             break
-    verdict = "settled" if figures[-1] >= SETTLED * reference.get(target, 0.0) else "not settled"
-    return (f"{verdict} after {len(figures)} warm-up run(s) through {target} "
-            f"({', '.join(f'{tps:,.0f}' for tps in figures)} TPS; {reference.get(target, 0.0):,.0f} at the start)")
+    return (f"{'settled' if settled else 'not settled'} after {len(figures)} warm-up run(s) through {target} "
+            f"({', '.join(f'{tps:,.0f}' for tps in figures)} TPS; {start_tps:,.0f} at the start)")
 
 
 def restart_if_stuck(pooler: Service, result: RunResult) -> str:
@@ -1320,10 +1320,13 @@ def main(argv: list[str]) -> int:
                                                 args.pool_size))
             ports = {"direct": cluster.port, **{s.name: s.port for s in services}}
 
+            def warm_up(target: str) -> RunResult:   # 2 s, not recorded
+                return run_pgbench(pgbench, ports[target], WARM_UP, 2, pgbench_log)
+
             say("warming up each target (not recorded)")
             reference: dict[str, float] = {}   # each target's warm-up TPS, for the settling below
             for target in args.targets:
-                warm = run_pgbench(pgbench, ports[target], WARM_UP, 2, pgbench_log)
+                warm = warm_up(target)
                 if not warm.ok:
                     raise RuntimeError(f"warm-up through {target} failed: {warm.error}\n"
                                        f"(see {pgbench_log_path})")
@@ -1332,8 +1335,7 @@ def main(argv: list[str]) -> int:
             done = 0
             for rnd in range(args.rounds):
                 if rnd:
-                    settled = settle(lambda target: run_pgbench(pgbench, ports[target], WARM_UP, 2, pgbench_log),
-                                     round_order(args.targets, rnd)[0], reference)
+                    settled = settle(warm_up, round_order(args.targets, rnd)[0], reference)
                     settles.append(settled)
                     say(f"round {rnd + 1}: {settled}")
                 for case in args.cases:

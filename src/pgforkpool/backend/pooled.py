@@ -21,6 +21,7 @@ sends through _on_server: keep them lean.
 """
 
 import functools
+import math
 import os
 import secrets
 import select
@@ -169,13 +170,9 @@ class PooledBackend:
         self.table_ints = (memoryview(table.mm)[status.HEADER_SIZE:status.HEADER_SIZE
                                                 + table.nslots * status.SLOT_SIZE].cast("q")
                            if table is not None else None)
-        self.migration_delay = settings.session_migration_delay if settings.session_migration else 0.0
-        self.owner_grain = min(OWNER_SINCE_GRAIN, self.migration_delay / 4)
         self.migrate_at = 0.0
-        # Every sibling was held by a long transaction too while short sessions waited here:
-        # the long one here moves, when it ends, to such a sibling (see _gather).
-        self.gather_long = False
         self.owner_published = 0.0   # when OWNER_SINCE_MS was last written
+        self._apply_migration_settings()
         self.siblings: list[tuple[int, int]] = []   # (offset in table_ints, pid) of the pool's other backends
         self.siblings_at = 0.0
         self.migrations = 0
@@ -376,10 +373,7 @@ class PooledBackend:
                 self.secret = msg[2]
                 self.registry.cache_size = self.settings.prepared_statement_cache_size
                 self.idle_timeout = self.settings.idle_pool_backend_timeout
-                self.migration_delay = (self.settings.session_migration_delay
-                                        if self.settings.session_migration else 0.0)
-                self.owner_grain = min(OWNER_SINCE_GRAIN, self.migration_delay / 4)
-                self.gather_long = False
+                self._apply_migration_settings()
             elif kind == "adopt":
                 if fd is None:
                     logger.warning("a moved session was handed over without its socket")
@@ -583,6 +577,17 @@ class PooledBackend:
             # Every sibling is busy too: look again less often (each look is a wake-up).
             self.migrate_at = now + max(delay, MIGRATION_RECHECK)
 
+    def _apply_migration_settings(self) -> None:
+        """session_migration and its delay, at start and on reload."""
+        settings = self.settings
+        self.migration_delay = settings.session_migration_delay if settings.session_migration else 0.0
+        # Without migration no sibling reads OWNER_SINCE_MS: it is not written at all.
+        self.owner_grain = (min(OWNER_SINCE_GRAIN, self.migration_delay / 4) if self.migration_delay
+                            else math.inf)
+        # Every sibling was held by a long transaction too while short sessions waited here:
+        # the long one here moves, when it ends, to such a sibling (see _gather).
+        self.gather_long = False
+
     @staticmethod
     def _movable(session: Session) -> bool:
         """Between transactions, sharing, greeted, and with nothing half-done on either side."""
@@ -615,10 +620,15 @@ class PooledBackend:
         sessions ready to run first."""
         ints = self.table_ints
         assert ints is not None
-        recent_ms = int((now - self.migration_delay) * 1000.0)
+        recent_ms = self._delay_ago_ms(now)
         flowing = [(ints[base + _WAITING], pid) for base, pid in self._open_siblings(now)
                    if ints[base + _OWNER_SINCE_MS] > recent_ms and pid not in exclude]
         return [pid for _ready, pid in sorted(flowing)]
+
+    def _delay_ago_ms(self, now: float) -> int:
+        """session_migration_delay before now, as OWNER_SINCE_MS counts: a sibling whose
+        connection changed hands after it passes short transactions, one before it is held long."""
+        return int((now - self.migration_delay) * 1000.0)
 
     def _publish_owner_since(self, now: float) -> None:
         """When the connection's owner got it, for the siblings (status.OWNER_SINCE_MS).  Written
@@ -642,7 +652,7 @@ class PooledBackend:
         ints = self.table_ints
         assert ints is not None
         now = self.now
-        long_ago_ms = int((now - self.migration_delay) * 1000.0)
+        long_ago_ms = self._delay_ago_ms(now)
         held = [(ints[base + _WAITING], pid) for base, pid in self._open_siblings(now)
                 if pid < self.pid and ints[base + _WAITING] > 0
                 and 0 < ints[base + _OWNER_SINCE_MS] <= long_ago_ms]
@@ -1475,7 +1485,7 @@ class PooledBackend:
     def _server_lost(self, server: srv.ServerConnection) -> None:
         """The server connection broke: fail its owner, reconnect for the others."""
         self._close_server(server)
-        if server is self.server or self.server is None:
+        if self.server is None:   # it was the shared one
             # No long transaction holds it now: siblings send no long session here to wait.
             self.gather_long = False
             self.counters[_OWNER_SINCE_MS] = 0
