@@ -847,6 +847,26 @@ def median_of(results: list[RunResult], measure: Measure) -> float | None:
     return statistics.median(values) if values else None
 
 
+def per_round(mine: list[RunResult], theirs: list[RunResult], measure: Measure) -> list[float]:
+    """pgforkpool's figure over the other target's, round by round: both ran within the same minute, so
+    what the machine did in that minute weighs on both sides of each quotient."""
+    values = []
+    for a, b in zip(mine, theirs):
+        q = quotient(measure(a), measure(b)) if a.ok and b.ok else None
+        if q is not None:
+            values.append(q)
+    return values
+
+
+def paired_ratio(values: list[float]) -> str:
+    """The median of the per-round quotients, with their range."""
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.median(values):.2f} ({min(values):.2f}–{max(values):.2f})"
+
+
 def cell(results: list[RunResult], measure: Measure, digits: int) -> str:
     value = fmt(median_of(results, measure), digits)
     failed = sum(not r.ok for r in results)
@@ -856,21 +876,22 @@ def cell(results: list[RunResult], measure: Measure, digits: int) -> str:
 
 
 def results_table(cases: list[Case], results: dict, targets: tuple[str, ...], baselines: list[str]) -> str:
-    """Medians per target, then pgforkpool over direct, over PgBouncer and over each baseline."""
+    """Medians per target, then pgforkpool over direct, over PgBouncer and over each baseline: the median of
+    the rounds' quotients (each round's two runs side by side), with their range."""
     compared = [t for t in ("direct", "pgbouncer", *baselines) if t in targets]
     rows = ["| workload | " + " | ".join(f"{t} tps" for t in targets) + " | "
             + " | ".join(f"pgforkpool/{t}" for t in compared) + " |",
             "| --- |" + " ---: |" * (len(targets) + len(compared))]
 
-    def add(label: str, cells: dict[str, str], medians: dict[str, float | None]) -> None:
+    def add(label: str, cells: dict[str, str], ratios: dict[str, list[float]]) -> None:
         rows.append(f"| {label} | " + " | ".join(cells[t] for t in targets) + " | "
-                    + " | ".join(ratio(medians["pgforkpool"], medians[t]) for t in compared) + " |")
+                    + " | ".join(paired_ratio(ratios[t]) for t in compared) + " |")
 
     def row(case: Case, label: str, measure: Measure, digits: int) -> None:
         runs = {t: results.get((case, t), []) for t in targets}
         if any(runs.values()):
             add(label, {t: cell(runs[t], measure, digits) for t in targets},
-                {t: median_of(runs[t], measure) for t in targets})
+                {t: per_round(runs["pgforkpool"], runs[t], measure) for t in compared})
 
     for case in cases:
         if case.protocol:
@@ -881,8 +902,14 @@ def results_table(cases: list[Case], results: dict, targets: tuple[str, ...], ba
             if any(results.get((base, t)) for t in targets):
                 medians = {t: quotient(median_of(results.get((case, t), []), attrgetter("tps")),
                                        median_of(results.get((base, t), []), attrgetter("tps"))) for t in targets}
+                # per round, each target's tps during over its tps alone in that round
+                relative = {t: [RunResult(tps=quotient(during.tps, alone.tps)) if during.ok and alone.ok
+                                else RunResult(error=during.error or alone.error or "no tps")
+                                for during, alone in zip(results.get((case, t), []), results.get((base, t), []))]
+                            for t in targets}
                 add(f"{case.workload.name}: tps over that of {base.workload.key} (`-M {case.protocol}`)",
-                    {t: fmt(medians[t], 2) for t in targets}, medians)
+                    {t: fmt(medians[t], 2) for t in targets},
+                    {t: per_round(relative["pgforkpool"], relative[t], attrgetter("tps")) for t in compared})
     for case in cases:
         if case.workload.latency:
             row(case, f"{case.workload.name}: latency average, ms (lower is better) (`-M {case.protocol}`)",
@@ -1508,7 +1535,9 @@ def render(args, started, load, versions, baseline_info, results, interrupted, p
         "to round so that no target always runs right after the same one ("
         + "; ".join(f"round {rnd + 1}: {' → '.join(round_order(args.targets, rnd))}"
                     for rnd in range(args.rounds)) + "); " +
-        f"duration: {args.duration} s per run (`-T`); table cells are medians over the rounds",
+        f"duration: {args.duration} s per run (`-T`); a target's cells are its medians over the rounds, a "
+        "ratio is the median over the rounds of pgforkpool's figure over the other target's in the same round "
+        "(their range in brackets)",
         f"- data: `pgbench -i -s {args.scale}`; server with fsync, synchronous_commit and "
         "full_page_writes off",
         f"- client authentication: {AUTH_METHOD} over TCP 127.0.0.1 for all {len(args.targets)} targets; "

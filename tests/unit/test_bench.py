@@ -88,6 +88,38 @@ def test_the_table_has_a_ratio_for_each_baseline(bench):
     assert cpu.endswith("| — | 2.00 | 0.75 | 1.50 |")
 
 
+def test_a_ratio_pairs_the_runs_of_each_round(bench):
+    """The ratio is the median of the rounds' quotients, each of two runs made within the same minute: a
+    slow minute of the machine weighs on both sides of its quotient instead of on one target's median."""
+    args = bench.parse_args(["--baseline", "HEAD", "--skip", "direct,pgbouncer", "--only", "tpcb",
+                             "--rounds", "3"])
+    (case,) = args.cases
+    mine = [run(1000.0, 300.0), run(500.0, 300.0), run(1100.0, 300.0)]     # the machine slow in round 2
+    theirs = [run(1050.0, 300.0), run(520.0, 300.0), run(900.0, 300.0)]
+    results = {(case, "pgforkpool"): [bench.RunResult(transactions=1000, **f) for f in mine],
+               (case, "pgforkpool@HEAD"): [bench.RunResult(transactions=1000, **f) for f in theirs]}
+    _header, _rule, tps, *_ = bench.results_table(args.cases, results, args.targets, ["pgforkpool@HEAD"]).splitlines()
+    # medians 1000 / 900 would say 1.11; round by round: 0.952, 0.962, 1.222
+    assert tps.endswith("| 1,000 | 900 | 0.96 (0.95–1.22) |")
+    # a failed run leaves its round out of the ratio
+    results[(case, "pgforkpool@HEAD")][2].error = "hung"
+    _header, _rule, tps, *_ = bench.results_table(args.cases, results, args.targets, ["pgforkpool@HEAD"]).splitlines()
+    assert tps.endswith("| 0.96 (0.95–0.96) |")
+
+
+def test_the_loss_during_round_trips_is_paired_by_round_too(bench):
+    args = bench.parse_args(["--baseline", "HEAD", "--skip", "direct,pgbouncer", "--only", "large-alone,large-during",
+                             "--rounds", "2"])
+    alone, during = args.cases
+    figures = {(alone, "pgforkpool"): [1000.0, 500.0], (during, "pgforkpool"): [700.0, 400.0],
+               (alone, "pgforkpool@HEAD"): [1000.0, 1000.0], (during, "pgforkpool@HEAD"): [800.0, 700.0]}
+    results = {key: [bench.RunResult(transactions=1000, **run(tps)) for tps in tpss] for key, tpss in figures.items()}
+    table = bench.results_table(args.cases, results, args.targets, ["pgforkpool@HEAD"])
+    (line,) = [row for row in table.splitlines() if "tps over that of large-alone" in row]
+    # 0.70 / 0.80 in round 1 and 0.80 / 0.70 in round 2
+    assert line.endswith("| 0.73 | 0.75 | 1.01 (0.87–1.14) |")
+
+
 def test_a_round_starts_once_the_machine_has_settled(bench):
     """Warm-ups through the round's first target until one reaches 85 % of its TPS at the start;
     a machine that does not settle costs at most the limit, and the report says which it was."""
