@@ -592,3 +592,20 @@ def test_loaded_secrets_serve_every_method(tmp_path):
                 expect_failure(ServerAuth(method, user, users.get(user)), ClientAuth(user, PASSWORD))
             else:
                 assert run_exchange(ServerAuth(method, user, users.get(user)), ClientAuth(user, PASSWORD))
+
+
+def test_a_plain_password_is_stretched_once_for_many_logins(monkeypatch):
+    """PBKDF2 of a plain auth_file password (half of a login's CPU) runs once per listener, not per login;
+    a wrong password still fails, and a password changed in the file (a reload) gets keys of its own."""
+    auth._plain_scram_keys.cache_clear()
+    calls = []
+    real = auth._scram_keys
+    monkeypatch.setattr(auth, "_scram_keys", lambda *a: calls.append(a) or real(*a))
+    for _ in range(3):
+        run_exchange(ServerAuth("scram-sha-256", USER, PASSWORD), ClientAuth(USER, PASSWORD))
+    assert len(calls) == 1
+    expect_failure(ServerAuth("scram-sha-256", USER, PASSWORD), ClientAuth(USER, "wrong"))
+    assert len(calls) == 1
+    run_exchange(ServerAuth("scram-sha-256", USER, "changed"), ClientAuth(USER, "changed"))
+    expect_failure(ServerAuth("scram-sha-256", USER, "changed"), ClientAuth(USER, PASSWORD))
+    assert len(calls) == 2
