@@ -109,10 +109,12 @@ def test_an_upstream_restart_under_pgbench_ends_only_the_transactions_it_cut(sta
     """pg_ctl restart -m fast while 8 pgbench clients run through 2 server connections: a
     client whose statement was on the server when it went down gets its error, as directly;
     every client that was between transactions goes on and finishes all its transactions."""
-    clients, per_client, pool_size = 8, 3000, 2
+    # Each transaction holds its connection at least 1 ms, so the run lasts at least 6 s on any
+    # host (12,000 transactions through 2 connections): the restart lands in the middle of it.
+    clients, per_client, pool_size = 8, 1500, 2
     pool = start_pooler(session_pool_size=pool_size, query_wait_timeout="60s")
     script = tmp_path / "select.sql"
-    script.write_text("SELECT count(*) FROM items;\n")
+    script.write_text("SELECT count(*), pg_sleep(0.001) FROM items;\n")
     env = dict(os.environ, PGPASSWORD=USERS["app"], PGCONNECT_TIMEOUT="10")
     bench = subprocess.Popen(
         ["pgbench", "-n", "-h", "127.0.0.1", "-p", str(pool.port), "-U", "app", "-c", str(clients),
