@@ -835,10 +835,6 @@ def quotient(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else a / b
 
 
-def ratio(a: float | None, b: float | None) -> str:
-    return fmt(quotient(a, b), 2)
-
-
 Measure = Callable[[RunResult], float | None]   # what a table row shows of a run
 
 
@@ -847,15 +843,15 @@ def median_of(results: list[RunResult], measure: Measure) -> float | None:
     return statistics.median(values) if values else None
 
 
-def per_round(mine: list[RunResult], theirs: list[RunResult], measure: Measure) -> list[float]:
-    """pgforkpool's figure over the other target's, round by round: both ran within the same minute, so
-    what the machine did in that minute weighs on both sides of each quotient."""
-    values = []
-    for a, b in zip(mine, theirs):
-        q = quotient(measure(a), measure(b)) if a.ok and b.ok else None
-        if q is not None:
-            values.append(q)
-    return values
+def by_round(results: list[RunResult], measure: Measure) -> list[float | None]:
+    """A target's figure in each round (None where its run failed)."""
+    return [measure(r) if r.ok else None for r in results]
+
+
+def per_round(mine: list[float | None], theirs: list[float | None]) -> list[float]:
+    """pgforkpool's figure over the other target's, round by round, where both have one: both ran within
+    the same minute, so what the machine did in that minute weighs on both sides of each quotient."""
+    return [q for q in map(quotient, mine, theirs) if q is not None]
 
 
 def paired_ratio(values: list[float]) -> str:
@@ -891,7 +887,8 @@ def results_table(cases: list[Case], results: dict, targets: tuple[str, ...], ba
         runs = {t: results.get((case, t), []) for t in targets}
         if any(runs.values()):
             add(label, {t: cell(runs[t], measure, digits) for t in targets},
-                {t: per_round(runs["pgforkpool"], runs[t], measure) for t in compared})
+                {t: per_round(by_round(runs["pgforkpool"], measure), by_round(runs[t], measure))
+                 for t in compared})
 
     for case in cases:
         if case.protocol:
@@ -903,13 +900,12 @@ def results_table(cases: list[Case], results: dict, targets: tuple[str, ...], ba
                 medians = {t: quotient(median_of(results.get((case, t), []), attrgetter("tps")),
                                        median_of(results.get((base, t), []), attrgetter("tps"))) for t in targets}
                 # per round, each target's tps during over its tps alone in that round
-                relative = {t: [RunResult(tps=quotient(during.tps, alone.tps)) if during.ok and alone.ok
-                                else RunResult(error=during.error or alone.error or "no tps")
-                                for during, alone in zip(results.get((case, t), []), results.get((base, t), []))]
+                relative = {t: list(map(quotient, by_round(results.get((case, t), []), attrgetter("tps")),
+                                        by_round(results.get((base, t), []), attrgetter("tps"))))
                             for t in targets}
                 add(f"{case.workload.name}: tps over that of {base.workload.key} (`-M {case.protocol}`)",
                     {t: fmt(medians[t], 2) for t in targets},
-                    {t: per_round(relative["pgforkpool"], relative[t], attrgetter("tps")) for t in compared})
+                    {t: per_round(relative["pgforkpool"], relative[t]) for t in compared})
     for case in cases:
         if case.workload.latency:
             row(case, f"{case.workload.name}: latency average, ms (lower is better) (`-M {case.protocol}`)",

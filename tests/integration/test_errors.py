@@ -6,6 +6,7 @@ of a refused login is read by RawClient, a client on a bare socket; psycopg
 checks the message a person sees.  RawClient also sends what libpq never would.
 """
 
+import signal
 import socket
 import struct
 import time
@@ -14,8 +15,10 @@ import psutil
 import psycopg
 import pytest
 
-from conftest import USERS, WAIT, server_pid
+from conftest import USERS, WAIT, server_pid, wait_for
 from pgforkpool.shared import auth, protocol
+
+RELOADED = "received SIGHUP, reloading configuration files"
 
 _int32 = struct.Struct("!i")
 DATA_ROW = ord("D")
@@ -176,6 +179,28 @@ def test_user_missing_from_auth_file_gets_the_same_refusal(start_pooler, method)
     assert_refused(pooler, "28P01", 'password authentication failed for user "nobody"',
                    user="nobody", password="guess")
     assert_serves(pooler, "alice")
+
+
+def test_a_password_changed_in_auth_file_is_the_one_asked_for_after_reload(start_pooler):
+    """A listener keeps the SCRAM keys of a plain auth_file password between logins; once the file
+    says another password and the pooler has reloaded, that one logs in and the old one is refused."""
+    pooler = start_pooler()
+    for _ in range(4):   # more logins than listeners: each has the keys kept
+        assert_serves(pooler)
+    with open(pooler.auth_file) as f:
+        before = f.read()
+    after = before.replace(f'"app" "{USERS["app"]}"', '"app" "changed-secret"')
+    assert after != before
+    with open(pooler.auth_file, "w") as f:
+        f.write(after)
+    reloads = pooler.log().count(RELOADED)
+    pooler.signal(signal.SIGHUP)
+    # The postmaster tells every listener before it logs this, and hands them connections after.
+    wait_for(lambda: pooler.log().count(RELOADED) > reloads, "the reload")
+    for _ in range(4):
+        with pooler.connect(password="changed-secret") as conn:
+            assert conn.execute("SELECT current_user").fetchone() == ("app",)
+    assert_refused(pooler, "28P01", 'password authentication failed for user "app"', password=USERS["app"])
 
 
 def test_trust_needs_no_password(start_pooler):
