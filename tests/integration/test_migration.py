@@ -410,3 +410,39 @@ def test_when_every_connection_is_held_by_a_long_transaction_the_long_sessions_g
         bench.communicate(timeout=WAIT)
         for conn in quick:
             conn.close()
+
+
+def test_a_session_behind_an_open_transaction_moves_to_a_sibling_busy_with_short_ones(pool_of_two, tmp_path):
+    """No sibling is ever free: eight pgbench clients keep the other backend's connection
+    changing hands between short transactions.  A query stuck behind a transaction left open on
+    its own backend still goes there (to a sibling passing short transactions) and is answered
+    while that transaction stays open, instead of waiting for it or for query_wait_timeout."""
+    pooler, holder, other_backend, waiter = pool_of_two
+    script = tmp_path / "short.sql"
+    script.write_text("SELECT 1 AS short;\n")
+    env = dict(os.environ, PGPASSWORD=USERS["app"], PGCONNECT_TIMEOUT="10", PGAPPNAME="short")
+    bench = subprocess.Popen(
+        ["pgbench", "-n", "-h", "127.0.0.1", "-p", str(pooler.port), "-U", "app", "-c", "8", "-j", "1",
+         "-T", str(int(WAIT)), "-f", str(script), "app"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        wait_for(lambda: int(pooler.cluster.psql(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT 1 AS short%'")) > 0,
+            "pgbench's short transactions to run")
+        holder.execute("BEGIN")
+        holder.execute("SELECT 1")   # idle in transaction: its backend's connection is held
+        # pgbench's clients on the holder's backend move away too: then all eight share one
+        # connection, which is never free but changes hands all the time.
+        before = migrations(pooler)
+        started = time.monotonic()
+        assert waiter.execute("SELECT 42").fetchone()[0] == 42
+        elapsed = time.monotonic() - started
+        assert migrations(pooler) > before
+        assert server_pid(waiter) == server_pid(other_backend)
+        assert holder.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+        print(f"the stuck query was answered in {elapsed * 1000:.1f} ms")
+        assert elapsed < WAIT / 4
+        holder.execute("COMMIT")
+    finally:
+        bench.kill()
+        bench.communicate(timeout=WAIT)

@@ -151,6 +151,54 @@ def test_the_published_figure_is_at_most_a_quarter_of_the_delay_stale(table):
     assert PooledBackend(settings, "db", "app", ours, table, own, None).owner_grain == 0.0005
 
 
+def test_only_the_shared_connections_hand_overs_are_published_and_only_with_migration_on(
+        table, tmp_path):
+    """OWNER_SINCE_MS is what siblings read to choose where a waiting session goes: the shared
+    connection's hand-over is written (at most every owner_grain); a pinned session's own
+    connection never; and with session_migration off, nobody reads it and it is never written."""
+    from pgforkpool.backend.server import ServerConnection
+
+    listener = socket.socket(socket.AF_UNIX)   # a server that never answers: none is needed
+    listener.bind(f"{tmp_path}/.s.PGSQL.5432")
+    listener.listen()
+    settings = config.defaults()
+    settings.values.update(upstream_host=str(tmp_path), upstream_port=5432)
+
+    def backend_and_connections(migration: bool):
+        settings.values["session_migration"] = migration
+        own = backend_slot(table, os.getpid(), pool=1)
+        ours, _theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        backend = PooledBackend(settings, "db", "app", ours, table, own, None)
+        shared = ServerConnection(settings, {"user": "app", "database": "db"}, None)
+        pinned = ServerConnection(settings, {"user": "app", "database": "db"}, None)
+        backend.server = shared
+        return backend, table.counters(own), shared, pinned
+
+    backend, ints, shared, pinned = backend_and_connections(migration=True)
+    backend.now = 100.0
+    backend._hand_over(pinned)
+    assert ints[status.OWNER_SINCE_MS] == 0 and pinned.since == 100.0
+    backend._hand_over(shared)
+    assert ints[status.OWNER_SINCE_MS] == 100_000 and shared.since == 100.0
+    backend.now = 100.001   # within the grain (2.5 ms): the figure stays, the owner's time moves
+    backend._hand_over(shared)
+    assert ints[status.OWNER_SINCE_MS] == 100_000 and shared.since == 100.001
+    backend.now = 100.003
+    backend._hand_over(shared)
+    assert ints[status.OWNER_SINCE_MS] == 100_003
+    for server in (shared, pinned):
+        server.close()
+
+    backend, ints, shared, pinned = backend_and_connections(migration=False)
+    for now in (200.0, 201.0, 260.0):
+        backend.now = now
+        backend._hand_over(shared)
+    assert ints[status.OWNER_SINCE_MS] == 0 and shared.since == 260.0
+    for server in (shared, pinned):
+        server.close()
+    listener.close()
+
+
 def test_a_backend_that_left_is_no_target_even_before_the_refresh(table):
     own = backend_slot(table, os.getpid(), pool=1)
     gone = backend_slot(table, 101, pool=1)

@@ -630,6 +630,13 @@ class PooledBackend:
         connection changed hands after it passes short transactions, one before it is held long."""
         return int((now - self.migration_delay) * 1000.0)
 
+    def _hand_over(self, server: srv.ServerConnection) -> None:
+        """The connection changes hands now: its owner's time starts, and the shared
+        connection's hand-over is published for the siblings (at most every owner_grain)."""
+        now = server.since = self.now
+        if server is self.server and now - self.owner_published >= self.owner_grain:
+            self._publish_owner_since(now)
+
     def _publish_owner_since(self, now: float) -> None:
         """When the connection's owner got it, for the siblings (status.OWNER_SINCE_MS).  Written
         at most every owner_grain: at a few hundred transactions a second the write costs
@@ -826,9 +833,7 @@ class PooledBackend:
                          or server.context == session.context.settings)
                     and len(data) >= 5 and len(data) >= 1 + _length(data, 1)[0]):
                 self.scheduler.assign(server, session)
-                server.since = now = self.now
-                if now - self.owner_published >= self.owner_grain:
-                    self._publish_owner_since(now)
+                self._hand_over(server)
                 server.context = session.context.settings
                 self._forward(session, server, data)
                 return
@@ -1345,9 +1350,8 @@ class PooledBackend:
         """Give the server connection to session: restore its context, pass its waiting input."""
         settings = session.context.settings
         restoring = server.context is not settings and server.context != settings
-        now = server.since = self.now
-        if now - self.owner_published >= self.owner_grain and server is self.server:
-            self._publish_owner_since(now)
+        now = self.now
+        self._hand_over(server)
         if session.state is WAITING:
             self.wait_times.append(now - session.since)
         self.scheduler.assign(server, session, restoring)
