@@ -1196,6 +1196,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help=f"the workload --perf samples (default {PROFILED_WORKLOAD})")
     parser.add_argument("--timeout", type=int,
                         help="bound on the whole run in seconds (default: twice the estimate plus 5 min)")
+    parser.add_argument("--results-dir", metavar="DIR", default=RESULTS_DIR,
+                        help="where the report, latest.md and the pgbench output go (default bench-results/)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the temporary directory (cluster, configs, logs) for inspection")
     args = parser.parse_args(argv)
@@ -1264,7 +1266,9 @@ def raise_file_limit(wanted: int = 4096) -> None:
 
 
 def main(argv: list[str]) -> int:
+    global RESULTS_DIR
     args = parse_args(argv)
+    RESULTS_DIR = os.path.abspath(args.results_dir)
     raise_file_limit()
     runs = len(args.cases) * len(args.targets) * args.rounds
     estimate = int(10 + args.scale + 3 * len(args.targets)
@@ -1457,8 +1461,9 @@ def main(argv: list[str]) -> int:
     if not interrupted:   # latest.md is always a complete run
         shutil.copyfile(path, os.path.join(RESULTS_DIR, "latest.md"))
     print(report)
-    say(f"written to {os.path.relpath(path, REPO)}" + ("" if interrupted else " and bench-results/latest.md")
-        + f"; pgbench output in {os.path.relpath(pgbench_log_path, REPO)}")
+    say(f"written to {os.path.relpath(path)}"
+        + ("" if interrupted else f" and {os.path.relpath(os.path.join(RESULTS_DIR, 'latest.md'))}")
+        + f"; pgbench output in {os.path.relpath(pgbench_log_path)}")
     # PgBouncer's and the baseline's failures are facts about them (PgBouncer 1.18
     # and a pgforkpool older than prepared-statement support both fail -M prepared):
     # reported in the table, but only direct's and the current pgforkpool's fail the run.
