@@ -576,6 +576,63 @@ def test_placeholder_removed_by_loading_its_extension_breaks_nobody(pool):
     assert "FATAL" not in pool.log()
 
 
+def test_a_placeholder_whose_prefix_another_session_reserved_is_removed_as_postgresql_does(pool):
+    """Session a sets plpgsql.tenant_x while plpgsql is not loaded on the shared server connection,
+    then session b loads plpgsql there.  PostgreSQL removes a placeholder whose prefix a library
+    reserves, with a WARNING, and the session goes on; through the pooler a's next turn on that
+    connection does the same (it used to end with FATAL): the WARNING, the placeholder gone,
+    everything else a set kept; b untouched, and told nothing of a's setting (the server's own
+    WARNING about it came during b's statement)."""
+    a, b = pool.connect(), pool.connect()
+    assert server_pid(a) == server_pid(b)
+    a.execute("SET work_mem = '7MB'")
+    a.execute("SET plpgsql.tenant_x = 'a'")
+    seen_by_b = []
+    b.add_notice_handler(lambda d: seen_by_b.append(d.message_primary))
+    b.execute("DO $$BEGIN END$$")          # loads plpgsql on the shared server process
+    # The server removed a's placeholder with a WARNING during b's statement: not b's to see.
+    assert seen_by_b == []
+    notices = []
+    a.add_notice_handler(lambda d: notices.append((d.severity_nonlocalized, d.sqlstate, d.message_primary)))
+    assert a.execute("SELECT current_setting('plpgsql.tenant_x', true), current_setting('work_mem')"
+                     ).fetchone() == (None, "7MB")
+    assert notices == [("WARNING", "42602", 'invalid configuration parameter name "plpgsql.tenant_x", removing it')]
+    assert a.execute("SHOW work_mem").fetchone() == ("7MB",)
+    assert b.execute("SELECT current_setting('work_mem')").fetchone() != ("7MB",)
+    a.execute("DO $$BEGIN END$$")
+    with pytest.raises(psycopg.errors.InvalidName):   # as in a session that loaded plpgsql itself
+        a.execute("SET plpgsql.tenant_x = 'again'")
+    assert a.execute("SELECT 1").fetchone() == (1,)
+    assert "FATAL" not in pool.log()
+    assert 'session' in pool.log() and "plpgsql.tenant_x" in pool.log()
+
+
+def test_a_restore_is_not_cut_short_by_the_previous_owners_statement_timeout(pool, cluster):
+    """Session a sets statement_timeout = '50ms'; session b, whose default_tablespace the pooler
+    must restore when b's turn comes, follows it on the one server connection.  Checking a
+    tablespace name takes a lock on pg_tablespace, held here by another connection for 200 ms:
+    the restore runs in a's settings, and a's timeout is for a's statements, not for the
+    pooler's restore of b (it used to be cancelled, and b restored only after a reset, with a
+    WARNING in the log).  Both sessions keep their settings."""
+    a, b = pool.connect(), pool.connect()
+    assert server_pid(a) == server_pid(b)
+    b.execute("SET default_tablespace = 'pg_default'")
+    a.execute("SET statement_timeout = '50ms'")   # the connection is in a's settings now
+    with direct(cluster) as locker:
+        locker.execute("BEGIN")
+        locker.execute("LOCK TABLE pg_catalog.pg_tablespace IN ACCESS EXCLUSIVE MODE")
+        call = Call(lambda: b.execute("SHOW default_tablespace").fetchall())
+        wait_for(lambda: locker.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = 'app'"
+        ).fetchone()[0] == 1, "b's restore to wait for the lock")
+        locker.execute("SELECT pg_sleep(0.2)")         # the lock outlives a's 50 ms
+        locker.execute("COMMIT")
+    assert call.get(ANSWER_BOUND, "b's query") == [("pg_default",)]
+    assert b.execute("SHOW statement_timeout").fetchone() == ("0",)
+    assert a.execute("SHOW statement_timeout").fetchone() == ("50ms",)
+    assert "restored after a reset" not in pool.log() and "WARNING" not in pool.log()
+
+
 # ================================================================ 6. a large result left unread
 
 UNREAD = {
@@ -641,6 +698,39 @@ def test_flush_with_a_body_ends_only_that_client(pool):
         messages, closed = raw.reply()
         assert "08P01" in [f.get("C") for f in errors(messages)] or closed, describe(messages)
     assert_backend_unhurt(pool, keeper, pids, "a Flush with a body")
+
+
+@pytest.mark.parametrize("then", ["completes it", "vanishes"])
+def test_a_stray_copydata_half_sent_keeps_the_connection_until_it_is_whole(pool, then):
+    """A CopyData outside COPY (PostgreSQL reads and ignores it) whose header has come and whose
+    body has not: the server is in the middle of reading it, so the connection must not go to
+    another session yet, or that session's query is read as the rest of it (found by a chaos
+    run: PostgreSQL said FATAL "invalid frontend message type" and an innocent session lost its
+    connection).  The other session's query waits until the message is whole (or, the client
+    gone, filled in), then runs on the same server process, unharmed."""
+    keeper = keeper_session(pool)
+    pids = pooler_pids(pool)
+    server = server_pid(keeper)
+    proc = psutil.Process(backend_pid(keeper))
+    with Raw(pool.port) as raw:
+        # The query makes the session the connection's owner, so the CopyData behind it is passed
+        # on as it comes (an idle session's message waits in the pooler until it is whole).
+        raw.send(query("SELECT 1") + b"d" + _i32.pack(4 + 6) + b"ab")   # 4 of its 6 bytes to come
+        messages, closed = raw.reply()
+        assert not closed and messages[-1][0] == ord("Z"), describe(messages)
+        call = Call(lambda: keeper.execute("SELECT current_setting('myapp.keep', true), 1").fetchall())
+        wait_for(lambda: " 1 waiting" in _title(proc), "the other session's query to queue", timeout=ANSWER_BOUND)
+        assert not call.done.is_set()
+        if then == "completes it":
+            raw.send(b"cdef" + SYNC)
+            messages, closed = raw.reply()
+            assert not closed and messages[-1][0] == ord("Z"), describe(messages)
+        else:
+            raw.close()
+        assert call.get(ANSWER_BOUND, "the other session's query") == [("kept", 1)]
+    assert server_pid(keeper) == server
+    assert_backend_unhurt(pool, keeper, pids, "a half-sent CopyData")
+    assert "lost server connection" not in pool.log()
 
 
 # ================================================================ 8. memory and large messages

@@ -15,7 +15,7 @@ from pgforkpool.backend.session import Session
 from pgforkpool.backend.statements import StatementRegistry
 from pgforkpool.backend.stream import Stream
 
-FACTS = ("gone", "in_transaction", "fixup", "dirty", "pin_check", "pinned", "holding_xacts")
+FACTS = ("gone", "in_transaction", "fixup", "dirty", "pin_check", "pinned", "holding_xacts", "mid_message")
 
 
 def decide(**facts) -> Decision:
@@ -46,6 +46,15 @@ def test_vanished_owner_otherwise_released():
     """A vanished owner outside a transaction without suspected state: RELEASE, whatever else was noted."""
     assert decide(gone=True) is Decision.RELEASE
     assert decide(gone=True, fixup=True, dirty=True, holding_xacts=True) is Decision.RELEASE
+
+
+def test_a_message_half_passed_on_keeps_the_owner_before_anything_is_sent():
+    """Row 3: the owner's client has sent part of a message the server is reading (a CopyData
+    outside COPY): KEEP, before FIXUP, CAPTURE or PIN_CHECK, whose queries would be read as the
+    rest of it; a vanished owner's message is filled in first (the rows above)."""
+    assert decide(mid_message=True) is Decision.KEEP
+    assert decide(mid_message=True, fixup=True, dirty=True, pin_check=True, holding_xacts=True) is Decision.KEEP
+    assert decide(mid_message=True, gone=True) is Decision.RELEASE
 
 
 def test_reset_or_discard_means_fixup():
@@ -99,11 +108,13 @@ def test_first_matching_row_wins(facts, expected):
 
 
 def test_every_combination_follows_the_table():
-    """All 128 combinations of facts give the first matching row of BACKEND.md's table."""
+    """All 256 combinations of facts give the first matching row of BACKEND.md's table (with the
+    row for a message half passed on)."""
     rows = [
         (lambda f: f["gone"] and f["in_transaction"], Decision.ROLLBACK),
         (lambda f: f["gone"] and f["pin_check"] and not f["pinned"], Decision.PIN_CHECK),
         (lambda f: f["gone"], Decision.RELEASE),
+        (lambda f: f["mid_message"], Decision.KEEP),
         (lambda f: f["fixup"], Decision.FIXUP),
         (lambda f: f["in_transaction"], Decision.KEEP),
         (lambda f: f["dirty"], Decision.CAPTURE),

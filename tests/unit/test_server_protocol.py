@@ -411,12 +411,32 @@ def test_parameter_status_of_a_server_setting_is_not_a_session_change():
     assert srv.take_notes()[0] == 0
 
 
-def test_placeholder_removed_notice_notes_settings():
-    """The 42602 warning (a placeholder setting removed) marks the settings to be read back."""
-    srv = owner_server(1)
-    data = notice("42602", 'invalid configuration parameter name "x.y", removing it') + rfq()
-    out, _ = srv.receive(data)
-    assert out == data and srv.take_notes()[0] & NOTE_SETTINGS
+def test_placeholder_removed_notice_notes_settings_and_reaches_only_the_session_that_named_it():
+    """The 42602 warning (a placeholder setting removed: a library loaded by the owner's statement
+    reserved its prefix) marks the settings to be read back, and is passed on only to a session
+    that named that setting itself: another session's placeholder, left on the server process,
+    is not for the owner to see.  Any other notice passes."""
+    import select
+    import socket
+
+    from pgforkpool.backend.session import Session
+    from pgforkpool.backend.stream import Stream
+
+    ours, peer = socket.socketpair()
+    owner = Session(Stream(ours, select.epoll()), 1, {"user": "app", "database": "db"}, StatementRegistry(16))
+    removed = notice("42602", 'invalid configuration parameter name "x.Y", removing it')
+    other = notice("01000", "something else") + notice("42602", 'a warning about "no_dot"')
+    data = removed + other + command_complete(b"DO") + rfq()
+    for names, forwarded in (({"x.y"}, data), ({"z.w"}, other + command_complete(b"DO") + rfq()),
+                             (set(), other + command_complete(b"DO") + rfq())):
+        srv = owner_server(1)
+        srv.owner = owner
+        owner.context.custom_names = names
+        out, event = srv.receive(data)
+        assert (bytes(out), event) == (forwarded, BOUNDARY)
+        assert srv.take_notes()[0] & NOTE_SETTINGS
+    ours.close()
+    peer.close()
 
 
 def test_copy_in_response_marks_copy_in():

@@ -87,3 +87,26 @@ def test_context_is_a_serializable_value():
     assert again.to_dict() == ctx.to_dict()
     assert again.startup == {"application_name": "a", "myapp.tenant": "t1"}
     assert again.custom_names == {"myapp.tenant"}
+
+
+def test_a_placeholder_a_library_reserved_is_found_in_the_refusal_and_dropped():
+    """PostgreSQL refuses to set a placeholder ("plpgsql.x") once a library reserved its prefix on
+    that server process (42602); the name is the one the refusal quotes, and only a custom setting
+    of the context is one: anything else is not this case."""
+    from pgforkpool.backend.context import quoted_setting, reserved_placeholder
+
+    assert quoted_setting('invalid configuration parameter name "Plpgsql.X", removing it') == "plpgsql.x"
+    assert quoted_setting('invalid name "work_mem"') is None and quoted_setting("nothing quoted") is None
+
+    context = session.Context({"work_mem": "7MB", "plpgsql.tenant_x": "a"}, custom_names={"plpgsql.tenant_x"})
+    refusal = 'invalid configuration parameter name "plpgsql.Tenant_X"'
+    assert reserved_placeholder("42602", refusal, context) == "plpgsql.tenant_x"
+    assert reserved_placeholder("22023", refusal, context) is None           # another error
+    assert reserved_placeholder("42602", 'invalid configuration parameter name "other.x"', context) is None
+    assert reserved_placeholder("42602", 'invalid configuration parameter name "work_mem"', context) is None
+    assert reserved_placeholder("42602", "no name quoted", context) is None
+    context.startup["plpgsql.tenant_x"] = "a"
+    context.drop("plpgsql.tenant_x")
+    assert (context.settings, context.custom_names) == ({"work_mem": "7MB"}, set())
+    assert "plpgsql.tenant_x" not in context.startup
+    assert reserved_placeholder("42602", refusal, context) is None

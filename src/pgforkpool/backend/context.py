@@ -45,6 +45,12 @@ class Context:
     def from_startup(cls, startup: dict[str, str]) -> "Context":
         return cls(startup_settings(startup))
 
+    def drop(self, name: str) -> None:
+        """Forget a custom setting, as PostgreSQL does when a library reserves its prefix."""
+        self.settings.pop(name, None)
+        self.startup.pop(name, None)
+        self.custom_names.discard(name)
+
     def to_dict(self) -> dict:
         return {"settings": dict(self.settings), "startup": dict(self.startup),
                 "custom_names": sorted(self.custom_names), "reported": dict(self.reported)}
@@ -103,6 +109,29 @@ def parse_options(options: str) -> list[tuple[str, str]]:
         pairs.append((name.replace("-", "_"), value))
         i += 1
     return pairs
+
+
+# PostgreSQL's refusal of a custom setting whose prefix a loaded library reserved (42602 invalid_name).
+_QUOTED_NAME: Final = re.compile(r'"([^"]+)"')
+
+
+def quoted_setting(text: str) -> str | None:
+    """The custom setting ("plpgsql.x", lower-case) a server message quotes first, if any."""
+    match = _QUOTED_NAME.search(text)
+    if match is None:
+        return None
+    name = match.group(1).lower()
+    return name if "." in name else None
+
+
+def reserved_placeholder(sqlstate: str, text: str, context: Context) -> str | None:
+    """The custom setting of `context` that a server's 42602 error `text` names: a placeholder
+    ("plpgsql.x") whose prefix a library loaded on that server process has reserved (PostgreSQL
+    refuses to set it, and removes it when a session loads the library).  None for anything else."""
+    if sqlstate != "42602":
+        return None
+    name = quoted_setting(text)
+    return name if name is not None and name in context.settings else None
 
 
 # Custom settings ("myapp.tenant") a statement may set: pg_settings does not

@@ -37,7 +37,7 @@ from ..shared.errors import PgError
 from . import server as srv
 from .client import MAY_PIN, MAY_SET, TERMINATE, WAITING_INPUT_LIMIT
 from .context import (PIN_CHECK_QUERY, Context, capture_query, captured_settings, custom_setting_names,
-                      fixup_query, restore_query)
+                      fixup_query, reserved_placeholder, restore_query)
 from .scheduler import Decision, Scheduler, ServerState, SessionState, boundary_decision
 from .server import (BOUNDARY, BROKEN, NOTE_DISCARDED, NOTE_PIN, NOTE_SETTINGS, NOTE_UNPIN,
                      TransactionStatus)
@@ -107,6 +107,14 @@ FIXUP: Final = "fixup"             # after RESET/DISCARD: the owner's startup va
 ROLLBACK: Final = "rollback"       # end the transaction of a client that vanished
 DEALLOCATE: Final = "deallocate"   # close statements no session holds any more
 PIN_CHECK: Final = "pin check"     # does the owner hold state that cannot be copied?
+# The restore of a session's settings runs in those of the connection's last owner, whose
+# statement_timeout of a few milliseconds would cut it short (a setting whose check takes a
+# lock, default_tablespace, waits for it): its implicit transaction lifts the timeout for
+# itself (SET LOCAL ends with it; a session value set after it in the same query stays).  So
+# does the pin check.  Not the read-back (CAPTURE) or the fix-up after RESET: they read
+# pg_settings, where the SET LOCAL would show as the session's own statement_timeout.
+UNTIMED: Final = "SET LOCAL statement_timeout = 0; "
+UNTIMED_KINDS: Final = frozenset({RESTORE, PIN_CHECK})
 
 
 class PooledBackend:
@@ -1167,6 +1175,8 @@ class PooledBackend:
     def _hidden(self, server: srv.ServerConnection, kind: str, sql: str,
                 session: Session | None = None) -> None:
         """Send a query of the pooler's own; its replies go to _hidden_done, not to a client."""
+        if kind in UNTIMED_KINDS:
+            sql = UNTIMED + sql
         self._server_send(server, server.hidden(kind, sql, session))
 
     def _server_writable(self, server: srv.ServerConnection) -> None:
@@ -1190,8 +1200,9 @@ class PooledBackend:
             notes, xacts = server.take_notes()
             flags, texts = owner.proto.take_flags()
             self._note_state(server, owner, notes, flags, texts, xacts)
+        proto = owner.proto
         if (not owner.gone and not server.held and server.status == TX_IDLE and not owner.dirty
-                and not owner.pin_check and not owner.prepared_xacts):
+                and not owner.pin_check and not owner.prepared_xacts and not proto.passthrough):
             self._release(server)   # the last row of the table, taken at once
             return
         fixup = bool(server.held) and bool(owner.context.startup) and not owner.gone
@@ -1201,7 +1212,7 @@ class PooledBackend:
         decision = boundary_decision(
             gone=owner.gone, in_transaction=server.status != TX_IDLE, fixup=fixup,
             dirty=owner.dirty, pin_check=owner.pin_check, pinned=server.pinned is not None,
-            holding_xacts=owner.prepared_xacts > 0)
+            holding_xacts=owner.prepared_xacts > 0, mid_message=proto.passthrough > 0)
         if decision is Decision.RELEASE:
             if owner.gone and owner.dirty:
                 server.context = None   # what it set was never read back
@@ -1270,7 +1281,7 @@ class PooledBackend:
                 if not self._pin(server, session):
                     return
             elif not holds_state and session.pinned is not None:
-                if server.pending or server.unsynced:
+                if server.pending or server.unsynced or session.proto.passthrough:
                     session.pin_check = True   # its next statement is running here: ask again later
                 else:
                     self._unpin(server, session)
@@ -1293,6 +1304,24 @@ class PooledBackend:
                 # session is not to blame.  Reset everything and try once more.
                 session.restore_retried = True
                 server.context = None
+                self._hidden(server, RESTORE, restore_query(None, session.context.settings), session)
+                return
+            refused = reserved_placeholder(error.sqlstate, error.text, session.context)
+            if refused is not None and not session.gone:
+                # A library loaded on this server process (by another session: plpgsql at a
+                # first DO) reserved the prefix of a placeholder this session set.  PostgreSQL
+                # removes such a placeholder, with this WARNING, when the session loads the
+                # library; the pooler does the same and serves the session.  Each round
+                # drops one setting: it ends.
+                session.context.drop(refused)
+                session.restore_retried = False   # the record of the connection was not the cause
+                prefix = refused.partition(".")[0]
+                logger.warning("%s: server process %d refused its setting %s (a library loaded there "
+                               "reserved the prefix %s); removed, as PostgreSQL removes such a placeholder",
+                               session, server.pid, refused, prefix)
+                self._client_send(session, protocol.notice_response(
+                    "WARNING", error.sqlstate, f'invalid configuration parameter name "{refused}", removing it',
+                    detail=f'"{prefix}" is now a reserved prefix.'))
                 self._hidden(server, RESTORE, restore_query(None, session.context.settings), session)
                 return
             # From a reset connection too: the settings themselves are refused.

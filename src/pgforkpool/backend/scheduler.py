@@ -48,21 +48,29 @@ class Decision(enum.Enum):
     ROLLBACK = "rollback"       # the owner vanished inside a transaction
     PIN_CHECK = "pin check"     # ask the server whether uncopyable state exists
     FIXUP = "fixup"             # RESET/DISCARD: re-apply startup values, then pass on the ReadyForQuery
-    KEEP = "keep"               # inside a transaction: the owner keeps the connection
+    KEEP = "keep"               # inside a transaction or a message: the owner keeps the connection
     CAPTURE = "capture"         # read back settings the owner may have changed
     HOLD = "hold"               # hold_prepared_transactions: nobody else runs here yet
     RELEASE = "release"         # the connection goes to the next session
 
 
 def boundary_decision(*, gone: bool, in_transaction: bool, fixup: bool, dirty: bool,
-                      pin_check: bool, pinned: bool, holding_xacts: bool) -> Decision:
-    """The decision table at a transaction boundary, first matching row wins."""
+                      pin_check: bool, pinned: bool, holding_xacts: bool,
+                      mid_message: bool = False) -> Decision:
+    """The decision table at a transaction boundary, first matching row wins.
+
+    mid_message: the owner's client has sent part of a message that is passed on as it comes
+    (a CopyData outside COPY, which nothing answers): the server is reading it, so nothing
+    else may be sent on the connection, the pooler's own queries included, until it is whole.
+    """
     if gone:
         if in_transaction:
             return Decision.ROLLBACK
         if pin_check and not pinned:
             return Decision.PIN_CHECK      # its state dies with the connection if it exists
         return Decision.RELEASE
+    if mid_message:
+        return Decision.KEEP
     if fixup:
         return Decision.FIXUP
     if in_transaction:

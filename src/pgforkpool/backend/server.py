@@ -11,7 +11,7 @@ from typing import Any, Final, TYPE_CHECKING, cast
 from ..shared import auth, protocol
 from ..shared.errors import PgError
 from .scheduler import ServerState
-from .context import REPORTED_SETTABLE
+from .context import REPORTED_SETTABLE, quoted_setting
 from .statements import STATEMENT_ENTRIES, CloseEntry, ParseEntry, Statement
 
 if TYPE_CHECKING:
@@ -285,6 +285,13 @@ class ServerProtocol:
                 elif msg_type == NOTICE:
                     if data.find(_PLACEHOLDER_REMOVED, pos + 5, end) >= 0:
                         self.notes |= NOTE_SETTINGS
+                        if self._others_placeholder(data[pos + 5:end]):
+                            # Another session's placeholder, left on this server process: its name
+                            # is not this session's to see.
+                            if pieces is None:
+                                pieces = []
+                            pieces.append(data[start:pos])
+                            start = end
                 else:   # CopyInResponse, CopyBothResponse
                     self.copy_in = True
                 pos = end
@@ -322,6 +329,16 @@ class ServerProtocol:
             self.xacts += 1
         elif tag.startswith((b"COMMIT PREPARED", b"ROLLBACK PREPARED")):
             self.xacts -= 1
+
+    def _others_placeholder(self, fields: bytes) -> bool:
+        """Whether a 42602 WARNING ("invalid configuration parameter name "plpgsql.x", removing it":
+        loading a library reserved the prefix of a placeholder on this server process) names a
+        custom setting that the session receiving this connection's output never named."""
+        receiver = self.owner or self.pinned
+        if receiver is None:
+            return False
+        name = quoted_setting(protocol.parse_error_fields(fields).get("M", ""))
+        return name is not None and name not in receiver.context.custom_names
 
     def _parameter_status(self, data: bytes, pos: int, end: int, forwarded: bool) -> None:
         name_end = data.find(b"\0", pos, end)

@@ -142,6 +142,11 @@ def error_response(severity: str, sqlstate: str, text: str,
     return message(b"E", _fields(severity, sqlstate, text, detail, hint))
 
 
+def notice_response(severity: str, sqlstate: str, text: str,
+                    detail: str | None = None, hint: str | None = None) -> bytes:
+    return message(b"N", _fields(severity, sqlstate, text, detail, hint))
+
+
 def parse_error_fields(payload: bytes) -> dict[str, str]:
     """Fields of an ErrorResponse/NoticeResponse keyed by their one-letter code."""
     fields: dict[str, str] = {}
