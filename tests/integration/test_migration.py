@@ -412,12 +412,15 @@ def test_when_every_connection_is_held_by_a_long_transaction_the_long_sessions_g
             conn.close()
 
 
-def test_a_session_behind_an_open_transaction_moves_to_a_sibling_busy_with_short_ones(pool_of_two, tmp_path):
+def test_a_session_behind_an_open_transaction_moves_to_a_sibling_busy_with_short_ones(start_pooler, tmp_path):
     """No sibling is ever free: eight pgbench clients keep the other backend's connection
     changing hands between short transactions.  A query stuck behind a transaction left open on
     its own backend still goes there (to a sibling passing short transactions) and is answered
-    while that transaction stays open, instead of waiting for it or for query_wait_timeout."""
-    pooler, holder, other_backend, waiter = pool_of_two
+    while that transaction stays open, instead of waiting for it or for query_wait_timeout.
+    (session_migration_delay 100 ms: on a loaded machine the waiter's own last transaction may
+    take more than the default 10 ms, which would make it a long session that stays.)"""
+    pooler = start_pooler(session_pool_size=2, session_schedule="round-robin", session_migration_delay="100ms")
+    holder, other_backend, waiter = same_backend_trio(pooler)
     script = tmp_path / "short.sql"
     script.write_text("SELECT 1 AS short;\n")
     env = dict(os.environ, PGPASSWORD=USERS["app"], PGCONNECT_TIMEOUT="10", PGAPPNAME="short")

@@ -33,12 +33,22 @@ def test_restore_puts_session_authorization_before_role():
     sql = session.restore_query({}, {"role": "r", "session_authorization": "s"})
     assert sql.index("'session_authorization'") < sql.index("'role'")
     # Leaving a SET ROLE session: the role is reset explicitly (RESET ALL would not).
-    assert session.restore_query({"role": "r"}, {}) == "RESET ROLE"
+    assert session.restore_query({"role": "r"}, {}) == session.LIFT_TIMEOUTS + "; RESET ROLE"
 
 
 def test_restore_from_an_unknown_context_resets_everything_first():
     sql = session.restore_query(None, {"timezone": "UTC"})
-    assert sql.startswith("RESET SESSION AUTHORIZATION; RESET ROLE; RESET ALL; ")
+    lift = session.LIFT_TIMEOUTS
+    assert sql.startswith(f"{lift}; RESET SESSION AUTHORIZATION; RESET ROLE; RESET ALL; {lift}; ")
+
+
+def test_a_restore_lifts_the_timeouts_of_the_connections_settings_for_itself():
+    """The restore runs in the settings of the connection's last owner: a statement_timeout or
+    lock_timeout of a few milliseconds there must not cut it short.  SET LOCAL lifts them for the
+    restore's own implicit transaction; a value the restore sets for the session comes after."""
+    sql = session.restore_query({"statement_timeout": "5ms"}, {"statement_timeout": "7ms"})
+    assert sql.startswith("SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0; ")
+    assert sql.index("SET LOCAL statement_timeout") < sql.index("set_config('statement_timeout', '7ms', false)")
 
 
 def test_captured_settings_lower_case_names_and_drop_defaults():

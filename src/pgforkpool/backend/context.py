@@ -181,6 +181,13 @@ def _set(name: str, value: str) -> str:
             f"{protocol.quote_literal(value)}, false)")
 
 
+# What a query of the pooler's own puts first: the timeouts of whichever session's settings the
+# connection has (a statement_timeout or lock_timeout of a few milliseconds) lifted for its own
+# implicit transaction.  SET LOCAL ends with it; a session value set after it in the same query
+# stays (checked on PostgreSQL 15).
+LIFT_TIMEOUTS: Final = "SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0"
+
+
 def restore_query(current: dict[str, str] | None, wanted: dict[str, str]) -> str:
     """One simple query that turns the server's settings `current` into `wanted`.
 
@@ -190,11 +197,13 @@ def restore_query(current: dict[str, str] | None, wanted: dict[str, str]) -> str
     set_config() takes the value exactly as SHOW prints it (lists such as
     search_path included); RESET returns a setting to the connection's default.
     current None means unknown: everything is reset first.  A multi-statement
-    query runs as one implicit transaction: if any part fails, none applies.
+    query runs as one implicit transaction: if any part fails, none applies.  It
+    runs with the timeouts lifted (LIFT_TIMEOUTS), again after RESET ALL, which
+    would bring back the defaults for the rest of it.
     """
-    parts = []
+    parts = [LIFT_TIMEOUTS]
     if current is None:
-        parts += ["RESET SESSION AUTHORIZATION", "RESET ROLE", "RESET ALL"]
+        parts += ["RESET SESSION AUTHORIZATION", "RESET ROLE", "RESET ALL", LIFT_TIMEOUTS]
         current = {}
     sets = [_set(name, value) for name, value in wanted.items()
             if name not in IDENTITY and current.get(name) != value]
@@ -216,7 +225,7 @@ def restore_query(current: dict[str, str] | None, wanted: dict[str, str]) -> str
         parts.append(f"SELECT {_set('session_authorization', auth_wanted)}")
     if role_wanted is not None and role_now != role_wanted:
         parts.append(f"SELECT {_set('role', role_wanted)}")
-    return "; ".join(parts)
+    return "; ".join(parts) if len(parts) > 1 else ""
 
 
 # Whether the connection holds state of the session that cannot be copied to another.

@@ -36,8 +36,8 @@ from ..shared import channel, log, process, protocol, status
 from ..shared.errors import PgError
 from . import server as srv
 from .client import MAY_PIN, MAY_SET, TERMINATE, WAITING_INPUT_LIMIT
-from .context import (PIN_CHECK_QUERY, Context, capture_query, captured_settings, custom_setting_names,
-                      fixup_query, reserved_placeholder, restore_query)
+from .context import (LIFT_TIMEOUTS, PIN_CHECK_QUERY, Context, capture_query, captured_settings,
+                      custom_setting_names, fixup_query, reserved_placeholder, restore_query)
 from .scheduler import Decision, Scheduler, ServerState, SessionState, boundary_decision
 from .server import (BOUNDARY, BROKEN, NOTE_DISCARDED, NOTE_PIN, NOTE_SETTINGS, NOTE_UNPIN,
                      TransactionStatus)
@@ -107,14 +107,13 @@ FIXUP: Final = "fixup"             # after RESET/DISCARD: the owner's startup va
 ROLLBACK: Final = "rollback"       # end the transaction of a client that vanished
 DEALLOCATE: Final = "deallocate"   # close statements no session holds any more
 PIN_CHECK: Final = "pin check"     # does the owner hold state that cannot be copied?
-# The restore of a session's settings runs in those of the connection's last owner, whose
-# statement_timeout of a few milliseconds would cut it short (a setting whose check takes a
-# lock, default_tablespace, waits for it): its implicit transaction lifts the timeout for
-# itself (SET LOCAL ends with it; a session value set after it in the same query stays).  So
-# does the pin check.  Not the read-back (CAPTURE) or the fix-up after RESET: they read
-# pg_settings, where the SET LOCAL would show as the session's own statement_timeout.
-UNTIMED: Final = "SET LOCAL statement_timeout = 0; "
-UNTIMED_KINDS: Final = frozenset({RESTORE, PIN_CHECK})
+# The pin check runs in the settings of the session it asks about, whose statement_timeout or
+# lock_timeout of a few milliseconds would cut it short (and an unanswered check pins): it
+# lifts them for its own implicit transaction, as the restore does (context.restore_query).
+# Not the read-back (CAPTURE) or the fix-up after RESET: they read pg_settings, where the
+# SET LOCAL would show as the session's own values.
+UNTIMED: Final = LIFT_TIMEOUTS + "; "
+UNTIMED_KINDS: Final = frozenset({PIN_CHECK})
 
 
 class PooledBackend:
@@ -541,12 +540,12 @@ class PooledBackend:
         # A session that has not finished a transaction here yet is taken for a long one
         # (UNKNOWN_XACT): it moves only away from a connection held that long.
         held = now - server.since
-        # A connection whose owner sits idle in its transaction waits on that client, for
-        # as long as it likes (an application's own open transaction, say): then any waiting
-        # session moves, whatever its history.
+        # A connection whose owner sits idle in its transaction (or in the middle of a message
+        # it streams) waits on that client, for as long as it likes (an application's own open
+        # transaction, say): then any waiting session moves, whatever its history.
         owner = server.owner
-        stalled = (owner is not None and server.status != TX_IDLE and not server.pending
-                   and not server.unsynced and owner.idle_since > 0.0
+        stalled = (owner is not None and (server.status != TX_IDLE or owner.proto.passthrough > 0)
+                   and not server.pending and not server.unsynced and owner.idle_since > 0.0
                    and now - owner.idle_since >= delay)
         movable = [session for session in self.scheduler.queue
                    if session.state is WAITING and now - session.since >= delay
@@ -1227,8 +1226,8 @@ class PooledBackend:
             self._hidden(server, CAPTURE, capture_query(owner.context.custom_names), owner)
         elif decision is Decision.FIXUP:
             self._hidden(server, FIXUP, fixup_query(owner.context.startup), owner)
-        elif decision is Decision.KEEP and server.status != TX_IDLE:
-            owner.idle_since = self.now   # idle in transaction from now
+        elif decision is Decision.KEEP and (server.status != TX_IDLE or proto.passthrough):
+            owner.idle_since = self.now   # idle in transaction (or in a message) from now
         # KEEP and HOLD: the owner keeps the connection.
 
     def _note_state(self, server, owner: Session, notes: int, flags: int, texts: list,
@@ -1298,30 +1297,29 @@ class PooledBackend:
 
     def _restored(self, server: srv.ServerConnection, session: Session, error: PgError | None) -> None:
         if error is not None:
-            if server.context is not None and not session.gone:
-                # What the pooler believes is on the connection may not be what
-                # is there (a library loaded since removed a placeholder): the
-                # session is not to blame.  Reset everything and try once more.
-                session.restore_retried = True
-                server.context = None
-                self._hidden(server, RESTORE, restore_query(None, session.context.settings), session)
-                return
             refused = reserved_placeholder(error.sqlstate, error.text, session.context)
             if refused is not None and not session.gone:
                 # A library loaded on this server process (by another session: plpgsql at a
                 # first DO) reserved the prefix of a placeholder this session set.  PostgreSQL
                 # removes such a placeholder, with this WARNING, when the session loads the
                 # library; the pooler does the same and serves the session.  Each round
-                # drops one setting: it ends.
+                # drops one setting: it ends.  (The failed restore changed nothing.)
                 session.context.drop(refused)
-                session.restore_retried = False   # the record of the connection was not the cause
                 prefix = refused.partition(".")[0]
                 logger.warning("%s: server process %d refused its setting %s (a library loaded there "
                                "reserved the prefix %s); removed, as PostgreSQL removes such a placeholder",
                                session, server.pid, refused, prefix)
-                self._client_send(session, protocol.notice_response(
+                self._client_send(session, protocol.error_response(
                     "WARNING", error.sqlstate, f'invalid configuration parameter name "{refused}", removing it',
-                    detail=f'"{prefix}" is now a reserved prefix.'))
+                    detail=f'"{prefix}" is now a reserved prefix.', kind=b"N"))
+                self._hidden(server, RESTORE, restore_query(server.context, session.context.settings), session)
+                return
+            if server.context is not None and not session.gone:
+                # What the pooler believes is on the connection may not be what
+                # is there (a library loaded since removed a placeholder): the
+                # session is not to blame.  Reset everything and try once more.
+                session.restore_retried = True
+                server.context = None
                 self._hidden(server, RESTORE, restore_query(None, session.context.settings), session)
                 return
             # From a reset connection too: the settings themselves are refused.

@@ -138,13 +138,9 @@ def _fields(severity: str, sqlstate: str, text: str, detail: str | None, hint: s
 
 
 def error_response(severity: str, sqlstate: str, text: str,
-                   detail: str | None = None, hint: str | None = None) -> bytes:
-    return message(b"E", _fields(severity, sqlstate, text, detail, hint))
-
-
-def notice_response(severity: str, sqlstate: str, text: str,
-                    detail: str | None = None, hint: str | None = None) -> bytes:
-    return message(b"N", _fields(severity, sqlstate, text, detail, hint))
+                   detail: str | None = None, hint: str | None = None, kind: bytes = b"E") -> bytes:
+    """An ErrorResponse, or with kind b"N" a NoticeResponse (the same fields)."""
+    return message(kind, _fields(severity, sqlstate, text, detail, hint))
 
 
 def parse_error_fields(payload: bytes) -> dict[str, str]:
