@@ -120,3 +120,28 @@ def test_a_placeholder_a_library_reserved_is_found_in_the_refusal_and_dropped():
     assert (context.settings, context.custom_names) == ({"work_mem": "7MB"}, set())
     assert "plpgsql.tenant_x" not in context.startup
     assert reserved_placeholder("42602", refusal, context) is None
+
+
+@pytest.mark.parametrize("statement, names", [
+    (b"SET myapp.tenant = 'a'", {"myapp.tenant"}),
+    (b'SET "myapp.tenant" = \'a\'', {"myapp.tenant"}),
+    (b'SET "MyApp"."Tenant" TO 1', {"myapp.tenant"}),            # setting names ignore case
+    (b"set local myapp . tenant = 1", {"myapp.tenant"}),
+    (b'SET SESSION "a""b.c" = 1', {'a"b.c'}),
+    (b"set local a.b.c = 1; SET other.x TO 2", {"a.b.c", "other.x"}),
+    (b"SELECT set_config('myapp.t', 'v', false)", {"myapp.t"}),
+    (b"SELECT pg_catalog.set_config( E'my.\\'q' , 'v', false)", {"my.'q"}),
+    (b"SELECT set_config('it''s.x', 'v', false)", {"it's.x"}),
+    (b"SELECT set_config($$my.dollar$$, 'v', false)", {"my.dollar"}),
+    (b"SELECT set_config($q$my.tagged$q$, 'v', false)", {"my.tagged"}),
+    (b"SELECT set_config($1, $2, false)", {session.UNKNOWN_NAME}),
+    (b"SELECT set_config(name, 'v', false) FROM t", {session.UNKNOWN_NAME}),
+    (b"SET work_mem = '1MB'; SELECT set_config('work_mem', '2MB', false)", set()),
+    (b"SET SESSION AUTHORIZATION alice", set()),
+    (b"UPDATE t SET x = 1", set()),
+])
+def test_custom_setting_names_follow_every_spelling_postgresql_accepts(statement, names):
+    """The custom settings a statement may set, as PostgreSQL names them (pg_settings and SHOW ALL
+    do not list them, so the pooler reads them back by these names); a set_config whose name is
+    not a constant is UNKNOWN_NAME."""
+    assert session.custom_setting_names(statement) == names

@@ -134,15 +134,46 @@ def reserved_placeholder(sqlstate: str, text: str, context: Context) -> str | No
     return name if name is not None and name in context.settings else None
 
 
-# Custom settings ("myapp.tenant") a statement may set: pg_settings does not
-# list them, so their names are taken from the statement text.
-_CUSTOM_NAME: Final = re.compile(
-    rb"""(?:\bset\s+(?:session\s+|local\s+)?|set_config\s*\(\s*')"""
-    rb"""([a-z_][a-z0-9_$]*\.[a-z_][a-z0-9_$.]*)""", re.IGNORECASE)
+# Custom settings ("myapp.tenant") a statement may set: pg_settings does not list them (nor does
+# SHOW ALL), so their names are taken from the statement text.  PostgreSQL's spellings: SET [SESSION
+# | LOCAL] name, where name is identifiers, quoted or not, joined by dots with any spaces around
+# them ("MyApp"."Tenant" is myapp.tenant: setting names ignore case); set_config('name', ...)
+# with the name a string constant ('...', E'...', $$...$$).
+_IDENT: Final = rb'(?:[a-z_][a-z0-9_$]*|"(?:[^"]|"")+")'
+_SET_NAME: Final = re.compile(
+    rb"\bset\s+(?:session\s+|local\s+)?(" + _IDENT + rb"(?:\s*\.\s*" + _IDENT + rb")*)", re.IGNORECASE)
+_SET_CONFIG: Final = re.compile(
+    rb"\bset_config\s*\(\s*(?:(e)?'((?:[^'\\]|''|\\.)*)'|\$([a-z_][a-z0-9_]*|)\$(.*?)\$\3\$|(.))",
+    re.IGNORECASE | re.DOTALL)
+_PART: Final = re.compile(rb'"((?:[^"]|"")+)"|([^\s."]+)')
+# In custom_setting_names' answer: a set_config whose name is not a constant ($1, a column):
+# which setting it changes cannot be known from the text.
+UNKNOWN_NAME: Final = "?"
 
 
 def custom_setting_names(statement: bytes) -> set[str]:
-    return {m.group(1).decode("ascii").lower() for m in _CUSTOM_NAME.finditer(statement)}
+    names = set()
+    for match in _SET_NAME.finditer(statement):
+        parts = [(quoted.replace(b'""', b'"') if quoted else plain)
+                 for quoted, plain in _PART.findall(match.group(1))]
+        name = b".".join(parts).decode("utf-8", "replace").lower()
+        if "." in name:
+            names.add(name)
+    for match in _SET_CONFIG.finditer(statement):
+        escaped, literal, _tag, dollar, other = match.groups()
+        if other is not None:
+            names.add(UNKNOWN_NAME)
+            continue
+        if literal is not None:
+            value = literal.replace(b"''", b"'")
+            if escaped:
+                value = re.sub(rb"\\(.)", rb"\1", value)
+        else:
+            value = dollar
+        name = value.decode("utf-8", "replace").lower()
+        if "." in name:
+            names.add(name)
+    return names
 
 
 def capture_query(custom_names) -> str:

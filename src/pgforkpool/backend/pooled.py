@@ -36,8 +36,9 @@ from ..shared import channel, log, process, protocol, status
 from ..shared.errors import PgError
 from . import server as srv
 from .client import MAY_PIN, MAY_SET, TERMINATE, WAITING_INPUT_LIMIT
-from .context import (LIFT_TIMEOUTS, PIN_CHECK_QUERY, Context, capture_query, captured_settings,
-                      custom_setting_names, fixup_query, reserved_placeholder, restore_query)
+from .context import (LIFT_TIMEOUTS, PIN_CHECK_QUERY, UNKNOWN_NAME, Context, capture_query,
+                      captured_settings, custom_setting_names, fixup_query, reserved_placeholder,
+                      restore_query)
 from .scheduler import Decision, Scheduler, ServerState, SessionState, boundary_decision
 from .server import (BOUNDARY, BROKEN, NOTE_DISCARDED, NOTE_PIN, NOTE_SETTINGS, NOTE_UNPIN,
                      TransactionStatus)
@@ -1240,6 +1241,12 @@ class PooledBackend:
                 names |= custom_setting_names(owner.proto.last_text)
             for text in texts:
                 names |= custom_setting_names(text)
+            if UNKNOWN_NAME in names:
+                # set_config with a name that is not a constant: which custom setting it
+                # changed cannot be read back by name, so the connection's settings are
+                # unknown after this session's turn (the next restore resets everything).
+                names.discard(UNKNOWN_NAME)
+                owner.unknown_settings = True
         if notes & NOTE_PIN or flags & MAY_PIN or (owner.pinned is not None and notes & NOTE_UNPIN):
             owner.pin_check = True
         if notes & NOTE_DISCARDED:
@@ -1261,6 +1268,9 @@ class PooledBackend:
             if error is None:
                 session.context.settings = captured_settings(hidden.rows, self.user)
                 server.context = session.context.settings
+                if session.unknown_settings:
+                    session.unknown_settings = False
+                    server.context = None   # a custom setting of unknown name may be there
                 session.capture_failures = 0
             else:
                 logger.warning("%s: could not read back its settings: %s", session, error.text)

@@ -18,7 +18,7 @@ class Session:
     __slots__ = ("stream", "fd", "conn_id", "key", "state", "context", "proto", "database", "user",
                  "address", "greeted", "gone", "paused", "dirty", "pin_check", "pinned",
                  "prepared_xacts", "capture_failures", "restore_retried", "since", "connected",
-                 "idle_since", "origin_pid", "last_xact",
+                 "idle_since", "origin_pid", "last_xact", "unknown_settings",
                  "__weakref__")
 
     def __init__(self, stream: Stream, conn_id: int, startup: dict[str, str],
@@ -46,6 +46,9 @@ class Session:
         self.pinned: ServerConnection | None = None
         self.prepared_xacts = 0      # prepared transactions (2PC) not yet committed or rolled back
         self.capture_failures = 0
+        # It ran set_config with a name that is not a constant: a custom setting the pooler
+        # cannot name may be on the connection after its turn (see PooledBackend._note_state).
+        self.unknown_settings = False
         self.restore_retried = False  # its restore failed once and was tried on a fresh connection
         self.since = 0.0             # monotonic time it began to wait for a connection (Scheduler.wait)
         self.connected = time.time()
