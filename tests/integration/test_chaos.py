@@ -10,6 +10,7 @@ CopyData half sent let the connection go to another session (a FATAL on the serv
 next one), a placeholder another session's plpgsql load reserved ended its session with FATAL,
 and the server's WARNING about that placeholder reached the session that loaded plpgsql."""
 
+import contextlib
 import os
 import random
 import socket
@@ -92,11 +93,8 @@ def set_and_reset(c, rng):
 def transaction_with_error(c, rng):
     with c.conn.transaction():
         c.conn.execute("SELECT 1")
-        try:
-            with c.conn.transaction():
-                c.conn.execute("SELECT 1/0")
-        except psycopg.errors.DivisionByZero:
-            pass
+        with contextlib.suppress(psycopg.errors.DivisionByZero), c.conn.transaction():
+            c.conn.execute("SELECT 1/0")
         c.conn.execute("SELECT 2")
 
 
@@ -105,10 +103,8 @@ def rollback_setting(c, rng):
     c.conn.execute(rng.choice(["SET myapp.tenant = 'intruder'",
                                "SELECT set_config('myapp.tenant', 'intruder', false)"]))
     if rng.random() < 0.3:
-        try:
+        with contextlib.suppress(psycopg.errors.DivisionByZero):
             c.conn.execute("SELECT 1/0")
-        except psycopg.errors.DivisionByZero:
-            pass
     c.conn.execute("ROLLBACK")
 
 
@@ -144,13 +140,10 @@ def listen_notify(c, rng):
 
 
 def pipeline_with_error(c, rng):
-    try:
-        with c.conn.pipeline():
-            c.conn.execute("SELECT 1")
-            c.conn.execute("SELECT 1/0")
-            c.conn.execute("SELECT 2")
-    except psycopg.errors.DivisionByZero:
-        pass
+    with contextlib.suppress(psycopg.errors.DivisionByZero), c.conn.pipeline():
+        c.conn.execute("SELECT 1")
+        c.conn.execute("SELECT 1/0")
+        c.conn.execute("SELECT 2")
 
 
 def pipeline_prepared(c, rng):
@@ -209,10 +202,8 @@ def idle_in_transaction(c, rng):
 
 def statement_timeout(c, rng):
     c.conn.execute("SET statement_timeout = '20ms'")
-    try:
+    with contextlib.suppress(psycopg.errors.QueryCanceled):
         c.conn.execute("SELECT pg_sleep(0.1)")
-    except psycopg.errors.QueryCanceled:
-        pass
     c.conn.execute("RESET statement_timeout")
 
 

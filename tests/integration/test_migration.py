@@ -28,6 +28,18 @@ def same_backend_trio(pooler):
     return first, second, third
 
 
+def pgbench_loop(pooler, tmp_path, name: str, script: str, clients: int) -> subprocess.Popen:
+    """pgbench running `script` in a loop through the pooler for WAIT seconds at most, its clients
+    named `name` (application_name); the caller kills it."""
+    path = tmp_path / f"{name}.sql"
+    path.write_text(script)
+    env = dict(os.environ, PGPASSWORD=USERS["app"], PGCONNECT_TIMEOUT="10", PGAPPNAME=name)
+    return subprocess.Popen(
+        ["pgbench", "-n", "-h", "127.0.0.1", "-p", str(pooler.port), "-U", "app", "-c", str(clients), "-j", "1",
+         "-T", str(int(WAIT)), "-f", str(path), "app"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
 @pytest.fixture
 def pool_of_two(start_pooler):
     pooler = start_pooler(session_pool_size=2, session_schedule="round-robin")
@@ -372,13 +384,7 @@ def test_when_every_connection_is_held_by_a_long_transaction_the_long_sessions_g
     (Not for good: a long session that waits behind a longer one still moves to a sibling that
     is free at that moment, the quick clients' one too, and is sent back when it holds them up.)"""
     pooler = start_pooler(session_pool_size=2, session_schedule="round-robin")
-    script = tmp_path / "long.sql"
-    script.write_text("BEGIN;\nSELECT pg_sleep(0.05);\nCOMMIT;\n")
-    env = dict(os.environ, PGPASSWORD=USERS["app"], PGCONNECT_TIMEOUT="10", PGAPPNAME="long")
-    bench = subprocess.Popen(
-        ["pgbench", "-n", "-h", "127.0.0.1", "-p", str(pooler.port), "-U", "app", "-c", "2", "-j", "1",
-         "-T", str(int(WAIT)), "-f", str(script), "app"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    bench = pgbench_loop(pooler, tmp_path, "long", "BEGIN;\nSELECT pg_sleep(0.05);\nCOMMIT;\n", clients=2)
     quick: list = []
     try:
         # pgbench's two clients are on the pool's two backends (round-robin), one each.
@@ -421,13 +427,7 @@ def test_a_session_behind_an_open_transaction_moves_to_a_sibling_busy_with_short
     take more than the default 10 ms, which would make it a long session that stays.)"""
     pooler = start_pooler(session_pool_size=2, session_schedule="round-robin", session_migration_delay="100ms")
     holder, other_backend, waiter = same_backend_trio(pooler)
-    script = tmp_path / "short.sql"
-    script.write_text("SELECT 1 AS short;\n")
-    env = dict(os.environ, PGPASSWORD=USERS["app"], PGCONNECT_TIMEOUT="10", PGAPPNAME="short")
-    bench = subprocess.Popen(
-        ["pgbench", "-n", "-h", "127.0.0.1", "-p", str(pooler.port), "-U", "app", "-c", "8", "-j", "1",
-         "-T", str(int(WAIT)), "-f", str(script), "app"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    bench = pgbench_loop(pooler, tmp_path, "short", "SELECT 1 AS short;\n", clients=8)
     try:
         wait_for(lambda: int(pooler.cluster.psql(
             "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT 1 AS short%'")) > 0,

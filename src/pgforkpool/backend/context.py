@@ -259,8 +259,10 @@ def restore_query(current: dict[str, str] | None, wanted: dict[str, str]) -> str
     return "; ".join(parts) if len(parts) > 1 else ""
 
 
-# Whether the connection holds state of the session that cannot be copied to another.
+# Whether the connection holds state of the session that cannot be copied to another.  It runs
+# in that session's settings, with its timeouts lifted (an unanswered check pins).
 PIN_CHECK_QUERY: Final = (
+    LIFT_TIMEOUTS + "; "
     "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_class "
     "WHERE relnamespace = pg_catalog.pg_my_temp_schema()) "
     "OR EXISTS (SELECT 1 FROM pg_catalog.pg_locks "

@@ -36,7 +36,7 @@ from ..shared import channel, log, process, protocol, status
 from ..shared.errors import PgError
 from . import server as srv
 from .client import MAY_PIN, MAY_SET, TERMINATE, WAITING_INPUT_LIMIT
-from .context import (LIFT_TIMEOUTS, PIN_CHECK_QUERY, UNKNOWN_NAME, Context, capture_query,
+from .context import (PIN_CHECK_QUERY, UNKNOWN_NAME, Context, capture_query,
                       captured_settings, custom_setting_names, fixup_query, reserved_placeholder,
                       restore_query)
 from .scheduler import Decision, Scheduler, ServerState, SessionState, boundary_decision
@@ -108,13 +108,6 @@ FIXUP: Final = "fixup"             # after RESET/DISCARD: the owner's startup va
 ROLLBACK: Final = "rollback"       # end the transaction of a client that vanished
 DEALLOCATE: Final = "deallocate"   # close statements no session holds any more
 PIN_CHECK: Final = "pin check"     # does the owner hold state that cannot be copied?
-# The pin check runs in the settings of the session it asks about, whose statement_timeout or
-# lock_timeout of a few milliseconds would cut it short (and an unanswered check pins): it
-# lifts them for its own implicit transaction, as the restore does (context.restore_query).
-# Not the read-back (CAPTURE) or the fix-up after RESET: they read pg_settings, where the
-# SET LOCAL would show as the session's own values.
-UNTIMED: Final = LIFT_TIMEOUTS + "; "
-UNTIMED_KINDS: Final = frozenset({PIN_CHECK})
 
 
 class PooledBackend:
@@ -1175,8 +1168,6 @@ class PooledBackend:
     def _hidden(self, server: srv.ServerConnection, kind: str, sql: str,
                 session: Session | None = None) -> None:
         """Send a query of the pooler's own; its replies go to _hidden_done, not to a client."""
-        if kind in UNTIMED_KINDS:
-            sql = UNTIMED + sql
         self._server_send(server, server.hidden(kind, sql, session))
 
     def _server_writable(self, server: srv.ServerConnection) -> None:
