@@ -1,4 +1,4 @@
-# Shared set-up for scripts/run, scripts/test and scripts/bench (sourced, not run).
+# Shared set-up for scripts/run, scripts/test, scripts/bench and scripts/instructions (sourced, not run).
 # Installs what is missing on a Debian machine, then the project into a virtual
 # environment made from the system Python, readable by the `postgres` user that
 # the pooler and PostgreSQL switch to when started as root.
@@ -19,6 +19,10 @@ install_system_packages() {
     /usr/bin/python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
     [ -f "/usr/include/python3.$(/usr/bin/python3 -c 'import sys; print(sys.version_info[1])')/Python.h" ] || missing+=(python3-dev)
     if [ "${WANT_PGBOUNCER:-0}" = 1 ] && ! [ -x /usr/sbin/pgbouncer ]; then missing+=(pgbouncer); fi
+    # valgrind: for scripts/instructions (and its test, which is skipped without it)
+    if [ "${WANT_VALGRIND:-0}" = 1 ] && [ "$(id -u)" -eq 0 ] && ! command -v valgrind >/dev/null; then
+        missing+=(valgrind)
+    fi
     [ ${#missing[@]} -eq 0 ] && return 0
     if [ "$(id -u)" -ne 0 ]; then
         echo "Missing Debian packages: ${missing[*]}" >&2

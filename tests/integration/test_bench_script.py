@@ -4,10 +4,12 @@ is in tests/unit/test_bench.py)."""
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 
 import psutil
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -36,6 +38,33 @@ def test_a_quick_run_reports_tps_and_cpu_and_leaves_nothing_behind(tmp_path):
     assert re.search(r"pgforkpool 0\.\d+\.\d+, (compiled|pure)", run.stdout)
 
     # Its PostgreSQL and pooler are gone, and so is its working directory.
+    workdir = re.search(r"working in (\S+)", run.stderr).group(1)
+    assert not os.path.exists(workdir)
+    left = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if any(workdir in arg for arg in proc.info["cmdline"] or []):
+            left.append(proc.info)
+    assert not left
+
+
+@pytest.mark.timeout(700)
+@pytest.mark.skipif(shutil.which("valgrind") is None,
+                    reason="valgrind is not installed (scripts/test installs it when run as root)")
+def test_instructions_counts_a_pooled_backend_under_callgrind_and_leaves_nothing_behind(tmp_path):
+    """scripts/instructions, one case, few transactions: a count per transaction that a pooled
+    backend could run (tens of thousands of instructions; the start-up, logins and shut-down,
+    tens of millions, are subtracted out), the same in the report file and on stdout."""
+    results = tmp_path / "results"
+    run = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "instructions.py"), "--cases", "1:prepared",
+         "--transactions", "250", "--results-dir", str(results), "--timeout", "600"],
+        capture_output=True, text=True, timeout=660, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (report,) = results.glob("instructions-*.md")
+    assert report.read_text() == run.stdout[:-1]   # print()'s newline
+    row = next(line for line in run.stdout.splitlines() if line.startswith("| 1, `-M prepared`"))
+    per_transaction = float(row.strip("|").split("|")[1].replace(",", ""))
+    assert 5_000 < per_transaction < 500_000, row
     workdir = re.search(r"working in (\S+)", run.stderr).group(1)
     assert not os.path.exists(workdir)
     left = []
