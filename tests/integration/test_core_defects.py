@@ -772,6 +772,113 @@ def test_a_stray_copydata_half_sent_keeps_the_connection_until_it_is_whole(pool,
     assert "lost server connection" not in pool.log()
 
 
+@pytest.mark.parametrize("where", ["outside a transaction", "in a transaction"])
+def test_a_client_stopped_in_the_middle_of_a_message_is_ended_after_the_idle_timeout(start_pooler, cluster, where):
+    """A client that sent the first bytes of a query and then nothing holds the shared server
+    connection (the server is reading that message).  With idle_in_transaction_session_timeout
+    set, it is ended once nothing has come for that long: 25P03 in a transaction, as PostgreSQL
+    ends a backend waiting there for the rest of a message, 57P05 outside one.  Its transaction
+    is rolled back, the session queued behind it is served on the same server process, and no
+    process of the pooler changes."""
+    pool = start_pooler(session_pool_size=1, auth_method="trust", idle_in_transaction_session_timeout="1s")
+    keeper = keeper_session(pool)
+    pids = pooler_pids(pool)
+    server = server_pid(keeper)
+    proc = psutil.Process(backend_pid(keeper))
+    first = ("BEGIN; INSERT INTO items VALUES (535353, 'rolled back')" if where == "in a transaction"
+             else "SELECT 1")
+    with Raw(pool.port) as raw:
+        # The first query makes the session the connection's owner; the second comes in part.
+        stopped = time.monotonic()
+        raw.send(query(first) + b"Q" + _i32.pack(4 + 100) + b"SELECT 'half")
+        messages, closed = raw.reply()
+        assert not closed and messages[-1][0] == ord("Z"), describe(messages)
+        call = Call(lambda: keeper.execute("SELECT current_setting('myapp.keep', true), 1").fetchall())
+        wait_for(lambda: " 1 waiting" in _title(proc), "the other session's query to queue", timeout=ANSWER_BOUND)
+        # The check runs once a second: the timeout fires between 1 and 2 s after the last byte.
+        assert call.get(1.0 + 1.0 + ANSWER_BOUND, "the other session's query") == [("kept", 1)]
+        assert call.done_at - stopped >= 1.0, "the client was ended before its timeout"
+        ended = errors(raw.until_closed())
+    expected = "25P03" if where == "in a transaction" else "57P05"
+    assert [(f.get("V"), f.get("C")) for f in ended] == [("FATAL", expected)], ended
+    assert "idle_in_transaction_session_timeout" in ended[0].get("D", "")
+    assert cluster.psql("SELECT count(*) FROM items WHERE id = 535353", database="app") == "0"
+    assert server_pid(keeper) == server   # the message was filled in and refused: the connection lives
+    assert_backend_unhurt(pool, keeper, pids, "a client stopped in the middle of a message")
+    assert "stopped in the middle of a message" in pool.log()
+
+
+def _raw_backend_pid(raw: Raw) -> int:
+    """The pooler process serving a raw client: the pid of its BackendKeyData."""
+    return _i32.unpack_from([p for t, p in raw.greeting if t == ord("K")][0])[0]
+
+
+@pytest.mark.parametrize("message", ["Query", "CopyData"])
+def test_a_session_queued_behind_a_client_stopped_mid_message_moves_to_a_free_sibling(start_pooler, message):
+    """The connection a client holds while it stopped in the middle of a message waits on that
+    client (no timeout is set): a session queued behind it moves to the pool's other backend,
+    whose connection is free, in less than a second (a newcomer behind a running statement
+    would wait that long before moving; behind a stalled client it moves after
+    session_migration_delay), and is served there, while the stopped client still holds the
+    first connection; that client is answered once it sends the rest."""
+    pool = start_pooler(session_pool_size=2, auth_method="trust", session_schedule="round-robin")
+    keeper = pool.connect()
+    sibling = pool.connect()
+    assert backend_pid(sibling) != backend_pid(keeper)
+    # The keeper runs nothing before it is queued: a session with no transaction of its own yet
+    # moves away from a running statement only after 1 s, from a stalled client at once.
+    with Raw(pool.port) as raw:
+        assert _raw_backend_pid(raw) == backend_pid(keeper)   # round-robin: the third on the first
+        text = b"SELECT 'half" + b"x" * 86 + b"'\0"
+        if message == "Query":
+            head, rest = query("SELECT 1") + b"Q" + _i32.pack(4 + len(text)) + text[:12], text[12:]
+        else:   # a CopyData outside COPY: PostgreSQL reads it and says nothing
+            head, rest = query("SELECT 1") + b"d" + _i32.pack(4 + 6) + b"ab", b"cdef" + SYNC
+        raw.send(head)
+        messages, closed = raw.reply()
+        assert not closed and messages[-1][0] == ord("Z"), describe(messages)
+        assert answered_within(keeper, "SELECT 1", bound=0.9) == [(1,)]
+        assert server_pid(keeper) == server_pid(sibling)   # it moved
+        raw.send(rest)
+        messages, closed = raw.reply()
+        assert not closed and messages[-1][0] == ord("Z"), describe(messages)
+        if message == "Query":
+            assert data_rows(messages) == [["half" + "x" * 86]]
+        else:
+            assert not errors(messages), describe(messages)
+        messages, closed = raw.query("SELECT 2")
+        assert not closed and data_rows(messages) == [["2"]], describe(messages)
+    assert "lost server connection" not in pool.log()
+
+
+@pytest.mark.parametrize("timeout", ["statement_timeout", "lock_timeout"])
+def test_the_pin_check_is_not_cut_short_by_the_sessions_own_timeout(pool, cluster, timeout):
+    """After a statement that may leave state on the server (here an advisory-lock function),
+    the pooler asks the server whether the session holds any, in the session's settings.  Its
+    reading of pg_class waits for a lock another connection holds for 200 ms, longer than the
+    session's own 50 ms statement_timeout (or lock_timeout), which is for the session's
+    statements, not the pooler's question: the check waits and finds nothing, so the session is
+    not pinned and still shares the server connection (an unanswered check would pin it)."""
+    a, b = pool.connect(), pool.connect()
+    shared = server_pid(a)
+    assert server_pid(b) == shared
+    a.execute(f"SET {timeout} = '50ms'")
+    unlock = "SELECT count(*) FROM (SELECT pg_advisory_unlock_all()) AS done"
+    a.execute(unlock)   # once first, so that its own planning finds what it needs cached
+    with direct(cluster) as locker:
+        locker.execute("BEGIN")
+        locker.execute("LOCK TABLE pg_catalog.pg_class IN ACCESS EXCLUSIVE MODE")
+        assert answered_within(a, unlock) == [(1,)]   # needs no lock on pg_class; the check after it does
+        wait_for(lambda: locker.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = 'app'"
+        ).fetchone()[0] >= 1, "the pin check to wait for the lock on pg_class")
+        locker.execute("SELECT pg_sleep(0.2)")         # the lock outlives the session's 50 ms
+        locker.execute("COMMIT")
+    assert server_pid(b) == shared
+    assert server_pid(a) == shared, "the session was pinned to a server connection of its own"
+    assert a.execute(f"SHOW {timeout}").fetchone() == ("50ms",)
+
+
 # ================================================================ 8. memory and large messages
 
 def _stream_query(port: int, size: int) -> list:

@@ -326,18 +326,45 @@ class PooledBackend:
                 self._enqueue(session)
 
     def _expire_idle_transactions(self, now: float) -> None:
-        """idle_in_transaction_session_timeout: end such a session, as PostgreSQL does."""
+        """idle_in_transaction_session_timeout: end such a session, as PostgreSQL does.
+
+        A client that stopped in the middle of a message it streams holds the
+        connection the same way, in a transaction or not (PostgreSQL, reading
+        that message, would only block itself): it is ended too once nothing
+        of the message has come for that long.
+        """
         timeout = self.settings.idle_in_transaction_session_timeout
         for session in list(self.sessions.values()):
             server = session.pinned or self.server
-            if (server is None or server.owner is not session or server.status == TX_IDLE
-                    or server.pending or server.unsynced or not session.idle_since
+            if (server is None or server.owner is not session or not session.idle_since
                     or now - session.idle_since < timeout):
                 continue
-            logger.log(log.LOG, "%s: terminating connection due to idle-in-transaction timeout",
-                       session)
-            self._client_send(session, PgError(
-                "25P03", "terminating connection due to idle-in-transaction timeout").packet())
+            in_transaction = server.status != TX_IDLE
+            if session.proto.passthrough:
+                if not in_transaction and session.pinned is not None:
+                    continue   # its own connection, outside a transaction: it blocks only itself
+                if session.paused or server.stream.outbuf:
+                    # Not the client's doing: the server is not reading (a COPY waiting for a
+                    # lock, a statement ahead of the message), so the pooler stopped reading it.
+                    session.idle_since = now
+                    continue
+                error = (PgError("25P03", "terminating connection due to idle-in-transaction timeout")
+                         if in_transaction else
+                         PgError("57P05", "terminating connection due to idle-session timeout"))
+                error.detail = ("The rest of a message did not come within "
+                                "idle_in_transaction_session_timeout "
+                                f"({self.settings.setting_text('idle_in_transaction_session_timeout')}) "
+                                "while the session held a server connection of the pool.")
+                logger.log(log.LOG, "%s: terminating connection: stopped in the middle of a message "
+                           "for %.1f s while holding server connection %d", session,
+                           now - session.idle_since, server.pid)
+            elif not in_transaction or server.pending or server.unsynced:
+                continue
+            else:
+                error = PgError("25P03", "terminating connection due to idle-in-transaction timeout")
+                logger.log(log.LOG, "%s: terminating connection due to idle-in-transaction timeout",
+                           session)
+            self._client_send(session, error.packet())
             self._client_gone(session)   # its transaction is rolled back before anyone else's turn
 
     def _update_title(self) -> None:
@@ -538,9 +565,9 @@ class PooledBackend:
         # it streams) waits on that client, for as long as it likes (an application's own open
         # transaction, say): then any waiting session moves, whatever its history.
         owner = server.owner
-        stalled = (owner is not None and (server.status != TX_IDLE or owner.proto.passthrough > 0)
-                   and not server.pending and not server.unsynced and owner.idle_since > 0.0
-                   and now - owner.idle_since >= delay)
+        stalled = (owner is not None and owner.idle_since > 0.0 and now - owner.idle_since >= delay
+                   and (owner.proto.passthrough > 0
+                        or (server.status != TX_IDLE and not server.pending and not server.unsynced)))
         movable = [session for session in self.scheduler.queue
                    if session.state is WAITING and now - session.since >= delay
                    and (stalled or (session.last_xact or UNKNOWN_XACT) < held)
@@ -854,7 +881,11 @@ class PooledBackend:
 
     def _forward(self, session: Session, server: srv.ServerConnection, data: bytes) -> None:
         """Pass what the owner sent to the server."""
-        out, outcome = session.proto.receive(data, server)
+        proto = session.proto
+        streaming = proto.passthrough
+        out, outcome = proto.receive(data, server)
+        if streaming or proto.passthrough:
+            session.idle_since = self.now   # a piece of a streamed message: idle from now on
         if out:
             stream = server.stream
             stream.send(out)

@@ -52,7 +52,7 @@ class Session:
         self.restore_retried = False  # its restore failed once and was tried on a fresh connection
         self.since = 0.0             # monotonic time it began to wait for a connection (Scheduler.wait)
         self.connected = time.time()
-        self.idle_since = 0.0        # monotonic time its transaction last went idle (KEEP at a boundary)
+        self.idle_since = 0.0        # monotonic time its transaction went idle (KEEP at a boundary), or the last piece of a message it streams came
         # The pid its client was told in BackendKeyData: the backend it began on, set there
         # and kept when it moves (with `key`, what the client's CancelRequest names).
         self.origin_pid = 0

@@ -82,7 +82,9 @@ PARAMETERS: dict[str, Param] = {p.name: p for p in (
           min=0, max=2147483, unit="s"),
     Param("idle_in_transaction_session_timeout", "duration", 0.0, "reload",
           "A session idle inside a transaction this long is ended (FATAL 25P03), its transaction "
-          "rolled back, so that the server connection serves the others; 0 disables.",
+          "rolled back, so that the server connection serves the others; so is one that holds "
+          "the shared server connection stopped in the middle of a message (57P05 outside a "
+          "transaction); 0 disables.",
           min=0, max=2147483, unit="s"),
     Param("prepared_statement_cache_size", "int", 256, "reload",
           "Prepared statements no session holds any more that a pooled backend keeps on its "
