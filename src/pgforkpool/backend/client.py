@@ -25,6 +25,7 @@ import struct
 from typing import Final
 
 from ..shared import protocol
+from .server import ServerProtocol
 from .statements import (MISSING, CloseEntry, ParseEntry, ProtocolViolation, Statement, StatementRegistry,
                          parse_key, parse_message, with_statement_name)
 
@@ -138,7 +139,7 @@ class ClientProtocol:
         buf += data
         if len(buf) < 5:
             return False
-        length = _length(buf, 1)[0]
+        length = (buf[1] << 24) | (buf[2] << 16) | (buf[3] << 8) | buf[4]   # (see receive)
         if not 4 <= length <= LIMITS[buf[0]]:
             return ProtocolViolation(_bad_header(buf[0], length))
         return len(buf) > length or len(buf) >= WAITING_INPUT_LIMIT
@@ -178,7 +179,7 @@ class ClientProtocol:
 
     # ------------------------------------------------------------ owning a server
 
-    def receive(self, data: bytes, server):
+    def receive(self, data: bytes, server: ServerProtocol):
         """Bytes for the server from what the client sent, and an outcome.
 
         The outcome is None, TERMINATE (the client said goodbye: the bytes
@@ -212,7 +213,9 @@ class ClientProtocol:
         outcome: str | ProtocolViolation | None = None
         while n - pos >= 5:
             msg_type = data[pos]
-            length = _length(data, pos + 1)[0]
+            # The length word, read byte by byte: native integer operations when compiled,
+            # where struct's unpack_from makes a tuple and an int object per message.
+            length = (data[pos + 1] << 24) | (data[pos + 2] << 16) | (data[pos + 3] << 8) | data[pos + 4]
             if not 4 <= length <= LIMITS[msg_type]:
                 outcome = ProtocolViolation(_bad_header(msg_type, length))
                 break
@@ -273,7 +276,8 @@ class ClientProtocol:
                     break
                 pending.append(None)
                 server.unsynced = False
-            elif msg_type in EXTENDED:
+            elif msg_type == B or msg_type == E or msg_type == P or msg_type == D or msg_type == C:
+                # (EXTENDED, compared one by one: a set lookup boxes msg_type when compiled)
                 server.unsynced = True
                 resume = end
                 if msg_type == P:
@@ -300,7 +304,7 @@ class ClientProtocol:
                     pieces.append(data[emit:pos])
                     pieces.append(replaced)
                     emit = resume
-            elif msg_type in EMPTY_BODY:   # Flush, CopyDone, Terminate
+            elif msg_type == H or msg_type == X or msg_type == COPY_DONE:   # EMPTY_BODY but Sync
                 if length != 4:
                     outcome = ProtocolViolation("invalid message format")
                     break
@@ -355,7 +359,7 @@ class ClientProtocol:
 
     # ------------------------------------------------------------ statements
 
-    def _parse(self, server, data: bytes, pos: int, end: int, may_touch: bool):
+    def _parse(self, server: ServerProtocol, data: bytes, pos: int, end: int, may_touch: bool):
         """A Parse for the server (None: as it is), or a ProtocolViolation."""
         named = parse_key(data, pos + 5, end)
         if named.__class__ is ProtocolViolation:
@@ -391,7 +395,7 @@ class ClientProtocol:
         server.pending.append(ParseEntry(False, server, statement, self, name, True))
         return parse_message(statement.name, key)
 
-    def ensure_prepared(self, server, statement: Statement) -> bytes:
+    def ensure_prepared(self, server: ServerProtocol, statement: Statement) -> bytes:
         """A Parse to send first if this server connection lacks the statement."""
         if statement.name in server.prepared:
             return b""
@@ -399,7 +403,7 @@ class ClientProtocol:
         server.pending.append(ParseEntry(True, server, statement, prepared_here=True))
         return parse_message(statement.name, statement.key)
 
-    def _ensure_unnamed(self, server) -> bytes:
+    def _ensure_unnamed(self, server: ServerProtocol) -> bytes:
         """A Parse of the session's unnamed statement, if the connection's is another one."""
         statement = self.unnamed
         if server.unnamed is statement or statement is None:
@@ -408,7 +412,7 @@ class ClientProtocol:
         server.pending.append(ParseEntry(True, server, statement, self, None))
         return parse_message(b"", statement.key)
 
-    def _bind(self, server, data, pos: int, name_start: int, name_end: int, length: int):
+    def _bind(self, server: ServerProtocol, data: bytes, pos: int, name_start: int, name_end: int, length: int):
         """The start of a Bind up to its statement name, renamed (None: as it is)."""
         name = data[name_start:name_end]
         if not name:
@@ -440,14 +444,14 @@ class ClientProtocol:
             self.texts.append(statement.key)
 
     @staticmethod
-    def _renamed(msg_type: int, data, pos: int, name_start: int, name_end: int, length: int,
+    def _renamed(msg_type: int, data: bytes, pos: int, name_start: int, name_end: int, length: int,
                  new_name: bytes, prefix: bytes) -> bytes:
         """The message's header up to and including its (new) statement name."""
         new_length = length - (name_end - name_start) + len(new_name)
         return (prefix + _header(bytes((msg_type,)), new_length) + bytes(data[pos + 5:name_start])
                 + new_name + b"\0")
 
-    def _describe_or_close(self, server, msg_type: int, data: bytes, pos: int, end: int):
+    def _describe_or_close(self, server: ServerProtocol, msg_type: int, data: bytes, pos: int, end: int):
         body = pos + 5
         if end - body < 2 or data[end - 1] != 0:
             return ProtocolViolation("invalid Describe message" if msg_type == D

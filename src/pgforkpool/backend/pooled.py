@@ -27,7 +27,6 @@ import secrets
 import select
 import signal
 import socket
-import struct
 import time
 from bisect import bisect_right
 from typing import Callable, Final
@@ -75,7 +74,6 @@ _SLOT_INTS: Final = status.SLOT_SIZE // 8
 _BOUNDS_S: Final = tuple(bound / 1e6 for bound in status.HISTOGRAM_BOUNDS_US)
 _STAT_INDEXES: Final = tuple(status.FIELDS.index(name) for name in status.STAT_FIELDS)
 
-_length = struct.Struct("!I").unpack_from
 COPY_FAIL: Final = protocol.message(b"f", protocol.cstring("client disconnected"))
 # Ends a half-sent pipeline of a vanished client with an error, so that the
 # Sync after it rolls its implicit transaction back instead of committing it.
@@ -859,7 +857,8 @@ class PooledBackend:
                     and session.pinned is None and not self.registry.evicted
                     and (server.context is session.context.settings
                          or server.context == session.context.settings)
-                    and len(data) >= 5 and len(data) >= 1 + _length(data, 1)[0]):
+                    and len(data) >= 5
+                    and len(data) > ((data[1] << 24) | (data[2] << 16) | (data[3] << 8) | data[4])):
                 self.scheduler.assign(server, session)
                 self._hand_over(server)
                 server.context = session.context.settings
