@@ -18,7 +18,7 @@ With one client every transaction is the same sequence of events, and the count
 repeats to within a few instructions.  With several clients on one backend they queue
 for its server connection (25 is what select-only with 100 clients puts on each of 4
 backends), and how many events one wake-up finds depends on timing: such counts
-repeat to within about 1 %.
+repeat to within about 2 %.
 
 Run it through scripts/instructions, which sets up the environment first.
 """

@@ -57,11 +57,6 @@ for _t in (Q, F, P, B, COPY_DATA):
 for _t in (X, C, D, E, H, S, COPY_DONE, COPY_FAIL):
     LIMITS[_t] = SMALL_MESSAGE_LIMIT
 del _t
-# Messages whose body must be empty.
-EMPTY_BODY: Final = frozenset({S, H, X, COPY_DONE})
-# Extended-query messages that leave work on the server until the next Sync.
-# (Flush does not: psycopg ends a pipeline with Sync then Flush.)
-EXTENDED: Final = frozenset({P, B, D, E, C})
 _STATEMENT: Final = ord("S")
 _PORTAL: Final = ord("P")
 
@@ -277,7 +272,9 @@ class ClientProtocol:
                 pending.append(None)
                 server.unsynced = False
             elif msg_type == B or msg_type == E or msg_type == P or msg_type == D or msg_type == C:
-                # (EXTENDED, compared one by one: a set lookup boxes msg_type when compiled)
+                # Extended-query messages leave work on the server until the next Sync (Flush
+                # does not: psycopg ends a pipeline with Sync then Flush).  Compared one by one:
+                # a set lookup would box msg_type when compiled.
                 server.unsynced = True
                 resume = end
                 if msg_type == P:
@@ -304,7 +301,7 @@ class ClientProtocol:
                     pieces.append(data[emit:pos])
                     pieces.append(replaced)
                     emit = resume
-            elif msg_type == H or msg_type == X or msg_type == COPY_DONE:   # EMPTY_BODY but Sync
+            elif msg_type == H or msg_type == X or msg_type == COPY_DONE:   # bodies must be empty (Sync's too, above)
                 if length != 4:
                     outcome = ProtocolViolation("invalid message format")
                     break
