@@ -402,6 +402,15 @@ def restart_if_stuck(pooler: Service, result: RunResult) -> str:
 def start_pgforkpool(workdir: str, cluster: Cluster, pool_size: int, name: str = "pgforkpool",
                      program: str = PGFORKPOOL) -> Service:
     """The pgforkpool at `program` (the current one, or the --baseline one) with the same configuration."""
+    conf, port = write_pgforkpool_config(workdir, cluster, pool_size)
+    service = Service(name, [program, "start", conf], port, workdir, signal.SIGINT)
+    service.start()
+    return service
+
+
+def write_pgforkpool_config(workdir: str, cluster: Cluster, pool_size: int) -> tuple[str, int]:
+    """The configuration every pgforkpool of a run gets (its own port and files in workdir);
+    returns its path and the port."""
     port = free_port()
     auth_file = os.path.join(workdir, "users.txt")
     write_private(auth_file, f'"{USER}" "{PASSWORD}"\n')
@@ -421,9 +430,7 @@ def start_pgforkpool(workdir: str, cluster: Cluster, pool_size: int, name: str =
     conf = os.path.join(workdir, "pgforkpool.conf")
     with open(conf, "w") as f:
         f.writelines(f"{name} = '{value}'\n" for name, value in settings.items())
-    service = Service(name, [program, "start", conf], port, workdir, signal.SIGINT)
-    service.start()
-    return service
+    return conf, port
 
 
 def start_pgbouncer(workdir: str, cluster: Cluster, pool_size: int) -> Service:

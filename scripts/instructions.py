@@ -39,9 +39,9 @@ import psycopg
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402
-from bench import (AUTH_METHOD, DATABASE, PASSWORD, USER, Cluster, build_baseline,  # noqa: E402
-                   client_env, free_port, kill_survivors, postgres_tree, resolve_revision,
-                   server_dir, session_members, tail, write_private)
+from bench import (DATABASE, PASSWORD, USER, Cluster, build_baseline, client_env,  # noqa: E402
+                   free_port, kill_survivors, postgres_tree, resolve_revision, say, server_dir,
+                   session_members, tail, write_pgforkpool_config)
 
 VALGRIND = shutil.which("valgrind") or "/usr/bin/valgrind"
 START_WAIT = 180.0       # seconds a pooler under callgrind gets to listen (its imports run 50x slower)
@@ -50,31 +50,9 @@ DEFAULT_CASES = ("1:simple", "1:prepared", "25:simple", "25:prepared")
 DEFAULT_TRANSACTIONS = 4000   # in all, for the larger of the two runs; the smaller has a fifth
 
 
-def say(message: str) -> None:
-    bench.say(message)
-
-
 def start_under_callgrind(program: str, workdir: str, cluster: Cluster, out_dir: str) -> tuple[subprocess.Popen, int, str]:
     """The pooler at `program`, pool size 1, every process under callgrind; (process, port, log)."""
-    port = free_port()
-    auth_file = os.path.join(workdir, "users.txt")
-    write_private(auth_file, f'"{USER}" "{PASSWORD}"\n')
-    settings = {
-        "listen_addresses": "127.0.0.1",
-        "port": port,
-        "unix_socket_directories": workdir,
-        "upstream_host": cluster.socket_dir,
-        "upstream_port": cluster.port,
-        "session_pool_size": 1,
-        "auth_method": AUTH_METHOD,
-        "auth_file": auth_file,
-        "pid_file": os.path.join(workdir, "pgforkpool.pid"),
-    }
-    if os.geteuid() == 0:
-        settings["user"] = bench.SERVER_USER
-    conf = os.path.join(workdir, "pgforkpool.conf")
-    with open(conf, "w") as f:
-        f.writelines(f"{name} = '{value}'\n" for name, value in settings.items())
+    conf, port = write_pgforkpool_config(workdir, cluster, 1)
     log_path = os.path.join(workdir, "pgforkpool.log")
     # (As root the postmaster's own file, opened before it switches user, cannot be written at
     # its exit: valgrind says so in the log; only the pooled backend's file is read.)
@@ -219,7 +197,7 @@ def render(args: argparse.Namespace, started: datetime.datetime,
     names = [t for t, _ in args.targets]
     lines = [f"# Instructions per select-only transaction in a pooled backend, {started:%Y-%m-%d %H:%M} UTC",
              "",
-             f"- valgrind callgrind, pool of one backend, scram-sha-256 over TCP 127.0.0.1; pgbench -S -t, "
+             f"- valgrind callgrind, pool of one backend, {bench.AUTH_METHOD} over TCP 127.0.0.1; pgbench -S -t, "
              f"two runs of {args.transactions // 5:,} and {args.transactions:,} transactions in all, "
              "the difference of the backend's totals over the difference of the transactions",
              f"- git {bench.command_output(['git', 'describe', '--always', '--dirty'])}"

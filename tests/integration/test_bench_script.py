@@ -14,6 +14,17 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def assert_nothing_left(stderr: str) -> None:
+    """The run's working directory (it names it on stderr) is gone, and no process uses it."""
+    workdir = re.search(r"working in (\S+)", stderr).group(1)
+    assert not os.path.exists(workdir)
+    left = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if any(workdir in arg for arg in proc.info["cmdline"] or []):
+            left.append(proc.info)
+    assert not left
+
+
 def test_a_quick_run_reports_tps_and_cpu_and_leaves_nothing_behind(tmp_path):
     results = tmp_path / "results"
     run = subprocess.run(
@@ -38,13 +49,7 @@ def test_a_quick_run_reports_tps_and_cpu_and_leaves_nothing_behind(tmp_path):
     assert re.search(r"pgforkpool 0\.\d+\.\d+, (compiled|pure)", run.stdout)
 
     # Its PostgreSQL and pooler are gone, and so is its working directory.
-    workdir = re.search(r"working in (\S+)", run.stderr).group(1)
-    assert not os.path.exists(workdir)
-    left = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        if any(workdir in arg for arg in proc.info["cmdline"] or []):
-            left.append(proc.info)
-    assert not left
+    assert_nothing_left(run.stderr)
 
 
 @pytest.mark.timeout(700)
@@ -65,10 +70,4 @@ def test_instructions_counts_a_pooled_backend_under_callgrind_and_leaves_nothing
     row = next(line for line in run.stdout.splitlines() if line.startswith("| 1, `-M prepared`"))
     per_transaction = float(row.strip("|").split("|")[1].replace(",", ""))
     assert 5_000 < per_transaction < 500_000, row
-    workdir = re.search(r"working in (\S+)", run.stderr).group(1)
-    assert not os.path.exists(workdir)
-    left = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        if any(workdir in arg for arg in proc.info["cmdline"] or []):
-            left.append(proc.info)
-    assert not left
+    assert_nothing_left(run.stderr)

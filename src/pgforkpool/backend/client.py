@@ -27,9 +27,8 @@ from typing import Final
 from ..shared import protocol
 from .server import ServerProtocol
 from .statements import (MISSING, CloseEntry, ParseEntry, ProtocolViolation, Statement, StatementRegistry,
-                         parse_key, parse_message, with_statement_name)
+                         length_word, parse_key, parse_message, with_statement_name)
 
-_length = struct.Struct("!I").unpack_from
 _header = struct.Struct("!cI").pack
 
 # PostgreSQL's PQ_SMALL_MESSAGE_LIMIT and PQ_LARGE_MESSAGE_LIMIT (MaxAllocSize - 1).
@@ -134,7 +133,7 @@ class ClientProtocol:
         buf += data
         if len(buf) < 5:
             return False
-        length = (buf[1] << 24) | (buf[2] << 16) | (buf[3] << 8) | buf[4]   # (see receive)
+        length = (buf[1] << 24) | (buf[2] << 16) | (buf[3] << 8) | buf[4]   # length_word, of a bytearray
         if not 4 <= length <= LIMITS[buf[0]]:
             return ProtocolViolation(_bad_header(buf[0], length))
         return len(buf) > length or len(buf) >= WAITING_INPUT_LIMIT
@@ -154,7 +153,7 @@ class ClientProtocol:
         pos, n = 0, len(buf)
         while n - pos >= 5:
             msg_type = buf[pos]
-            end = pos + 1 + _length(buf, pos + 1)[0]
+            end = pos + 1 + ((buf[pos + 1] << 24) | (buf[pos + 2] << 16) | (buf[pos + 3] << 8) | buf[pos + 4])
             if end > n or end < pos + 5:
                 return False
             if msg_type == Q or msg_type == F or msg_type == S:
@@ -208,9 +207,7 @@ class ClientProtocol:
         outcome: str | ProtocolViolation | None = None
         while n - pos >= 5:
             msg_type = data[pos]
-            # The length word, read byte by byte: native integer operations when compiled,
-            # where struct's unpack_from makes a tuple and an int object per message.
-            length = (data[pos + 1] << 24) | (data[pos + 2] << 16) | (data[pos + 3] << 8) | data[pos + 4]
+            length = length_word(data, pos + 1)
             if not 4 <= length <= LIMITS[msg_type]:
                 outcome = ProtocolViolation(_bad_header(msg_type, length))
                 break
@@ -318,7 +315,7 @@ class ClientProtocol:
             if n - pos < 5:
                 self.need = 5
             else:
-                self.need = 1 + _length(data, pos + 1)[0]
+                self.need = 1 + length_word(data, pos + 1)
                 if data[pos] == B:   # its header is enough to start streaming it
                     self.need = min(self.need, 5 + BIND_HEADER_LIMIT)
         if pieces is None:

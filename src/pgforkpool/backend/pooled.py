@@ -42,7 +42,7 @@ from .scheduler import Decision, Scheduler, ServerState, SessionState, boundary_
 from .server import (BOUNDARY, BROKEN, NOTE_DISCARDED, NOTE_PIN, NOTE_SETTINGS, NOTE_UNPIN,
                      TransactionStatus)
 from .session import Session
-from .statements import ProtocolViolation, Statement, StatementRegistry
+from .statements import ProtocolViolation, Statement, StatementRegistry, length_word
 from .stream import EPOLLIN, EPOLLOUT, HIGH_WATER, LOW_WATER, READABLE, RECV_SIZE, Stream, release_memory
 
 logger = log.get("backend")
@@ -857,8 +857,7 @@ class PooledBackend:
                     and session.pinned is None and not self.registry.evicted
                     and (server.context is session.context.settings
                          or server.context == session.context.settings)
-                    and len(data) >= 5
-                    and len(data) > ((data[1] << 24) | (data[2] << 16) | (data[3] << 8) | data[4])):
+                    and len(data) >= 5 and len(data) > length_word(data, 1)):
                 self.scheduler.assign(server, session)
                 self._hand_over(server)
                 server.context = session.context.settings

@@ -12,7 +12,7 @@ from ..shared import auth, protocol
 from ..shared.errors import PgError
 from .scheduler import ServerState
 from .context import REPORTED_SETTABLE, quoted_setting
-from .statements import STATEMENT_ENTRIES, CloseEntry, ParseEntry, Statement
+from .statements import STATEMENT_ENTRIES, CloseEntry, ParseEntry, Statement, length_word
 
 if TYPE_CHECKING:
     from .session import Session
@@ -57,7 +57,6 @@ NOTE_PIN: Final = 4            # state that cannot be copied may exist now
 NOTE_UNPIN: Final = 8          # such state may be gone now
 NOTE_DISCARDED: Final = 16     # the server holds no prepared statement any more
 
-_length = struct.Struct("!I").unpack_from
 Z: Final = protocol.READY_FOR_QUERY
 PS: Final = protocol.PARAMETER_STATUS
 ERR: Final = protocol.ERROR_RESPONSE
@@ -184,8 +183,7 @@ class ServerProtocol:
             hidden = head.__class__ is HiddenQuery
             while n - pos >= 5:
                 msg_type = data[pos]
-                # Byte by byte: native when compiled (client.py's framing says why).
-                length = (data[pos + 1] << 24) | (data[pos + 2] << 16) | (data[pos + 3] << 8) | data[pos + 4]
+                length = length_word(data, pos + 1)
                 if length < 4:
                     return b"", BROKEN
                 end = pos + 1 + length
@@ -298,7 +296,7 @@ class ServerProtocol:
                 pos = end
             if pos < n:
                 self.inbuf = bytearray(data[pos:])
-                self.need = 5 if n - pos < 5 else 1 + _length(data, pos + 1)[0]
+                self.need = 5 if n - pos < 5 else 1 + length_word(data, pos + 1)
             if pieces is None:
                 out = data if start == 0 and pos == n else data[start:pos]
             else:
