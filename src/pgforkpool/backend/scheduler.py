@@ -7,7 +7,11 @@ method here; the pooled backend's event loop applies the I/O that follows.
 import collections
 import enum
 import time
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:   # typed, so that their attributes are native accesses when compiled
+    from .server import ServerProtocol
+    from .session import Session
 
 
 class SessionState(enum.Enum):
@@ -93,7 +97,7 @@ class Scheduler:
     def waiting(self) -> int:
         return len(self.queue)
 
-    def wait(self, session) -> None:
+    def wait(self, session: "Session") -> None:
         """The session has input to run, or is yet to be greeted, and no connection: it queues."""
         if session.state is not _STARTING:
             session.state = _WAITING
@@ -106,7 +110,7 @@ class Scheduler:
         self.queue.remove(session)
         self.queue.appendleft(session)
 
-    def next_waiting(self):
+    def next_waiting(self) -> "Session | None":
         """The first session still waiting, taken from the queue (None if there is none)."""
         queue = self.queue
         while queue:
@@ -128,7 +132,7 @@ class Scheduler:
         session.state = _IDLE
 
     @staticmethod
-    def assign(server, session, restoring: bool = False) -> None:
+    def assign(server: "ServerProtocol", session: "Session", restoring: bool = False) -> None:
         server.owner = session
         server.state = _SERVER_ACTIVE
         server.reported = session.context.reported
@@ -145,7 +149,7 @@ class Scheduler:
         session.state = _ACTIVE
 
     @staticmethod
-    def release(server):
+    def release(server: "ServerProtocol") -> "Session | None":
         """The owner's turn is over; returns the former owner."""
         session = server.owner
         server.owner = None

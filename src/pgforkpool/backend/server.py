@@ -27,7 +27,11 @@ class TransactionStatus(enum.IntEnum):
     FAILED = protocol.TRANS_FAILED
 
 
-_STATUSES: Final = frozenset(TransactionStatus)
+# The status bytes as plain ints, compared one by one in receive() (a set lookup, or an
+# IntEnum member, costs a boxed comparison per ReadyForQuery when compiled).
+_IDLE: Final = protocol.TRANS_IDLE
+_IN_BLOCK: Final = protocol.TRANS_INBLOCK
+_FAILED: Final = protocol.TRANS_FAILED
 
 
 class HiddenQuery:
@@ -73,6 +77,9 @@ COPY_BOTH: Final = protocol.COPY_BOTH_RESPONSE
 COPY_DATA: Final = ord("d")
 # Server messages the owner's stream is watched for; everything else passes untouched.
 NOTED: Final = frozenset({Z, PS, ERR, CC, NOTICE, COPY_IN, COPY_BOTH, PARSE_COMPLETE, CLOSE_COMPLETE})
+# The same as a table indexed by the type byte: one list index per message (native when
+# compiled) instead of a set lookup that boxes the byte.
+_NOTED_BY_TYPE: Final = [t in NOTED for t in range(256)]
 # Messages that may be large and are passed on as they arrive.
 STREAMED: Final = frozenset({DATA_ROW, COPY_DATA, ROW_DESCRIPTION, FUNCTION_CALL_RESPONSE})
 # Longest message a server may send that is kept whole (errors, notices, tags).
@@ -82,10 +89,11 @@ MAX_KEPT_MESSAGE: Final = 1 << 26
 _TAG_PREFIXES: Final = (b"SET\0", b"RESET\0", b"DISCARD", b"DEALLOCATE", b"LISTEN", b"UNLISTEN",
                         b"DECLARE", b"PREPARE", b"CREATE TABLE", b"DROP TABLE", b"CLOSE CURSOR",
                         b"LOAD", b"COMMIT PREPARED", b"ROLLBACK PREPARED")
-# The same by first letter: most tags (SELECT, INSERT, UPDATE, BEGIN, COMMIT) are
-# dismissed by one dictionary lookup and at most a short prefix test.
-_TAG_PREFIXES_BY_FIRST: Final[dict[int, tuple[bytes, ...]]] = {
-    first: tuple(p for p in _TAG_PREFIXES if p[0] == first) for first in {p[0] for p in _TAG_PREFIXES}}
+# The same by their first three letters (every prefix has three): most tags (SELECT,
+# INSERT, UPDATE, BEGIN) are dismissed by one dictionary lookup, without a prefix test.
+_TAG_PREFIXES_BY_START: Final[dict[int, tuple[bytes, ...]]] = {
+    key: tuple(p for p in _TAG_PREFIXES if (p[0] << 16 | p[1] << 8 | p[2]) == key)
+    for key in {p[0] << 16 | p[1] << 8 | p[2] for p in _TAG_PREFIXES}}
 _TAG_NOTES: Final = (
     ((b"SET\0", b"RESET\0", b"DISCARD", b"LOAD"), NOTE_SETTINGS),
     ((b"RESET\0", b"DISCARD"), NOTE_RESET),
@@ -205,7 +213,7 @@ class ServerProtocol:
                     if msg_type == Z:
                         pending.popleft()
                         status = data[pos + 5]
-                        if status not in _STATUSES:
+                        if status != _IDLE and status != _IN_BLOCK and status != _FAILED:
                             return b"", BROKEN
                         self.status = status
                         pos = end
@@ -220,11 +228,11 @@ class ServerProtocol:
                     elif length > MAX_KEPT_MESSAGE:
                         return b"", BROKEN
                     break
-                if msg_type not in NOTED:
+                if not _NOTED_BY_TYPE[msg_type]:
                     pos = end   # rows, descriptions, notifications: only forwarded
                     continue
                 if msg_type == Z:
-                    if head.__class__ in STATEMENT_ENTRIES:   # what an error skipped
+                    if head.__class__ is ParseEntry or head.__class__ is CloseEntry:   # what an error skipped
                         self._skipped()
                     if pending:
                         pending.popleft()
@@ -233,11 +241,11 @@ class ServerProtocol:
                         self.error_names.clear()
                     self.copy_in = False
                     status = data[pos + 5]
-                    if status not in _STATUSES:
+                    if status != _IDLE and status != _IN_BLOCK and status != _FAILED:
                         return b"", BROKEN
                     self.status = status
                     if not pending and not self.unsynced:
-                        if self.notes & NOTE_RESET and self.status != TransactionStatus.FAILED:
+                        if self.notes & NOTE_RESET and self.status != _FAILED:
                             # Held until the startup values are back (the caller decides).
                             if pos > start:
                                 if pieces is None:
@@ -251,7 +259,9 @@ class ServerProtocol:
                     head = pending[0] if pending else None
                     hidden = head.__class__ is HiddenQuery
                 elif msg_type == CC:
-                    prefixes = _TAG_PREFIXES_BY_FIRST.get(data[pos + 5]) if end > pos + 5 else None
+                    prefixes = (_TAG_PREFIXES_BY_START.get(data[pos + 5] << 16 | data[pos + 6] << 8
+                                                           | data[pos + 7])
+                                if end > pos + 8 else None)
                     if prefixes is not None and data.startswith(prefixes, pos + 5):
                         self._command_tag(data[pos + 5:end])
                 elif msg_type == PARSE_COMPLETE:
@@ -270,7 +280,7 @@ class ServerProtocol:
                         pending.popleft().completed()
                         head = pending[0] if pending else None
                 elif msg_type == ERR:
-                    if head.__class__ in STATEMENT_ENTRIES:   # failed, or skipped until the Sync
+                    if head.__class__ is ParseEntry or head.__class__ is CloseEntry:   # failed, or skipped until the Sync
                         head = self._skipped()
                         hidden = head.__class__ is HiddenQuery
                     if self.error_names:
