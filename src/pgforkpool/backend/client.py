@@ -173,7 +173,7 @@ class ClientProtocol:
 
     # ------------------------------------------------------------ owning a server
 
-    def receive(self, data: bytes, server: ServerProtocol):
+    def receive(self, data: bytes, server: ServerProtocol) -> "tuple[bytes, str | ProtocolViolation | None]":
         """Bytes for the server from what the client sent, and an outcome.
 
         The outcome is None, TERMINATE (the client said goodbye: the bytes
@@ -290,7 +290,7 @@ class ClientProtocol:
                 else:
                     replaced = self._describe_or_close(server, msg_type, data, pos, end)
                 if replaced is not None:
-                    if replaced.__class__ is ProtocolViolation:
+                    if type(replaced) is ProtocolViolation:
                         outcome = replaced
                         break
                     if pieces is None:
@@ -356,7 +356,7 @@ class ClientProtocol:
     def _parse(self, server: ServerProtocol, data: bytes, pos: int, end: int, may_touch: bool):
         """A Parse for the server (None: as it is), or a ProtocolViolation."""
         named = parse_key(data, pos + 5, end)
-        if named.__class__ is ProtocolViolation:
+        if type(named) is ProtocolViolation:
             return named
         name, key = named
         flags = text_flags(key) if may_touch else 0

@@ -783,7 +783,7 @@ class PooledBackend:
             return
         proto.buf += state["buf"]
         ready = proto.ready()
-        if ready.__class__ is ProtocolViolation:
+        if type(ready) is ProtocolViolation:
             self._protocol_violation(session, ready.text)
         elif ready:
             self._enqueue(session)
@@ -868,7 +868,7 @@ class PooledBackend:
                 self._forward(session, server, data)
                 return
         ready = proto.buffer(data)
-        if ready.__class__ is ProtocolViolation:
+        if type(ready) is ProtocolViolation:
             self._protocol_violation(session, ready.text)
             return
         if len(proto.buf) >= WAITING_INPUT_LIMIT and not session.paused:
@@ -895,10 +895,10 @@ class PooledBackend:
                 session.paused = True
                 session.stream.pause_reading()
         if outcome is not None:
-            if outcome is TERMINATE:
-                self._client_gone(session)
-            else:
+            if type(outcome) is ProtocolViolation:
                 self._protocol_violation(session, outcome.text)
+            else:   # TERMINATE
+                self._client_gone(session)
             return
         if (not server.pending and not server.unsynced and server.status == TX_IDLE
                 and server.owner is session and len(session.proto.buf) < WAITING_INPUT_LIMIT):
@@ -1468,7 +1468,7 @@ class PooledBackend:
         if (session is not None and session.proto.buf and session.state is IDLE
                 and len(session.proto.buf) >= 5):
             ready = session.proto.ready()
-            if ready.__class__ is ProtocolViolation:
+            if type(ready) is ProtocolViolation:
                 self._protocol_violation(session, ready.text)
             elif ready:
                 if server.pinned is not None and server.pinned is session:
@@ -1524,7 +1524,7 @@ class PooledBackend:
         """Its state is gone: the session returns to the shared connection."""
         self._close_pinned(session)
         ready = session.proto.ready()
-        if ready and ready.__class__ is not ProtocolViolation:
+        if ready and type(ready) is not ProtocolViolation:
             self._enqueue(session)
 
     def _close_pinned(self, session: Session) -> None:

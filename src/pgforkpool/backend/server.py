@@ -165,7 +165,7 @@ class ServerProtocol:
         self.unnamed = None
         return protocol.query(sql)
 
-    def receive(self, data: bytes):
+    def receive(self, data: bytes) -> tuple[bytes, Any]:
         first = b""
         if self.passthrough:
             k = self.passthrough if self.passthrough < len(data) else len(data)
@@ -188,7 +188,7 @@ class ServerProtocol:
             pieces = None
             event = None
             head = pending[0] if pending else None
-            hidden = head.__class__ is HiddenQuery
+            hidden = type(head) is HiddenQuery
             while n - pos >= 5:
                 msg_type = data[pos]
                 length = length_word(data, pos + 1)
@@ -232,7 +232,7 @@ class ServerProtocol:
                     pos = end   # rows, descriptions, notifications: only forwarded
                     continue
                 if msg_type == Z:
-                    if head.__class__ is ParseEntry or head.__class__ is CloseEntry:   # what an error skipped
+                    if type(head) is ParseEntry or type(head) is CloseEntry:   # what an error skipped
                         self._skipped()
                     if pending:
                         pending.popleft()
@@ -257,7 +257,7 @@ class ServerProtocol:
                         event = BOUNDARY
                         break
                     head = pending[0] if pending else None
-                    hidden = head.__class__ is HiddenQuery
+                    hidden = type(head) is HiddenQuery
                 elif msg_type == CC:
                     prefixes = (_TAG_PREFIXES_BY_START.get(data[pos + 5] << 16 | data[pos + 6] << 8
                                                            | data[pos + 7])
@@ -265,7 +265,7 @@ class ServerProtocol:
                     if prefixes is not None and data.startswith(prefixes, pos + 5):
                         self._command_tag(data[pos + 5:end])
                 elif msg_type == PARSE_COMPLETE:
-                    if head.__class__ is ParseEntry:
+                    if type(head) is ParseEntry:
                         pending.popleft()
                         if head.hidden:
                             # The pooler's own Parse (a statement this connection lacked).
@@ -276,13 +276,13 @@ class ServerProtocol:
                             start = end
                         head = pending[0] if pending else None
                 elif msg_type == CLOSE_COMPLETE:
-                    if head.__class__ is CloseEntry:
+                    if type(head) is CloseEntry:
                         pending.popleft().completed()
                         head = pending[0] if pending else None
                 elif msg_type == ERR:
-                    if head.__class__ is ParseEntry or head.__class__ is CloseEntry:   # failed, or skipped until the Sync
+                    if type(head) is ParseEntry or type(head) is CloseEntry:   # failed, or skipped until the Sync
                         head = self._skipped()
-                        hidden = head.__class__ is HiddenQuery
+                        hidden = type(head) is HiddenQuery
                     if self.error_names:
                         if pieces is None:
                             pieces = []
@@ -320,7 +320,7 @@ class ServerProtocol:
         """Parses and Closes an error failed or made the server skip: undone, the latest first."""
         pending = self.pending
         undone = []
-        while pending and pending[0].__class__ in STATEMENT_ENTRIES:
+        while pending and type(pending[0]) in STATEMENT_ENTRIES:
             undone.append(pending.popleft())
         for entry in reversed(undone):
             entry.failed()
