@@ -5,7 +5,7 @@ import struct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pgforkpool.backend.client import TERMINATE, ClientProtocol
+from pgforkpool.backend.client import TERMINATE, ClientProtocol, may_touch_state, mentions_state_words, nul_at
 from pgforkpool.backend.server import BOUNDARY, BROKEN, HiddenQuery, ServerProtocol
 from pgforkpool.backend.statements import ProtocolViolation, StatementRegistry
 
@@ -660,3 +660,50 @@ def test_shared_connection_answers_as_the_sessions_own_connection(trips, cache_s
     for ran, expected_ran, got, expected, _parsed in run_shared(trips, cache_size):
         assert summary(got) == summary(expected)
         assert ran == expected_ran
+
+
+# ================================================================ the byte loops of the compiled hot path
+
+_WORDS = [b"set_config", b"temp", b"advisory"]
+
+
+def _cased(word: bytes, mask: int) -> bytes:
+    return bytes(c - 32 if mask >> i & 1 and 97 <= c <= 122 else c for i, c in enumerate(word))
+
+
+@st.composite
+def texts_with_words(draw):
+    """Arbitrary bytes with the state words, in any case and cut anywhere, spliced in."""
+    parts = []
+    for _ in range(draw(st.integers(0, 4))):
+        parts.append(draw(st.binary(max_size=12)))
+        word = _cased(draw(st.sampled_from(_WORDS)), draw(st.integers(0, 1023)))
+        parts.append(word[:draw(st.integers(1, len(word)))])
+    parts.append(draw(st.binary(max_size=12)))
+    return b"".join(parts)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(texts_with_words(), st.data())
+def test_mentions_state_words_agrees_with_may_touch_state(text, data):
+    """The byte loop that spots set_config/temp/advisory in a short Query (compiled build) says
+    exactly what the lower-cased searches say, for any slice of any text: missing one would let
+    a session's setting reach the next session on the connection."""
+    start = data.draw(st.integers(0, len(text)))
+    end = data.draw(st.integers(start, len(text)))
+    assert mentions_state_words(text, start, end) == may_touch_state(text[start:end])
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.binary(max_size=200).map(lambda b: b.replace(b"\0", b"x")), st.lists(st.integers(0, 199), max_size=3),
+       st.data())
+def test_nul_at_agrees_with_find(text, nuls, data):
+    """nul_at (byte by byte over a name's first bytes, then find) finds the NUL find() finds."""
+    text = bytearray(text)
+    for i in nuls:
+        if i < len(text):
+            text[i] = 0
+    text = bytes(text)
+    start = data.draw(st.integers(0, len(text)))
+    end = data.draw(st.integers(start, len(text)))
+    assert nul_at(text, start, end) == text.find(b"\0", start, end)
