@@ -374,7 +374,9 @@ def test_malformed_message_ends_only_that_client(pool, case):
 STORM_PER_TYPE = 2000
 STORM_TYPES = [b"P", b"B", b"D", b"E", b"C", b"S", b"H", b"F", b"d", b"c", b"f", b"Q", b"X", b"?"]
 STORM_ROLE = "core_storm"
-STORM_DEADLINE = 75.0
+# A bound against a hang, not a speed check: the pure-Python build sends the 28,000 messages
+# in about 55 s on the development machine, and a busy host has made that more than 75.
+STORM_DEADLINE = 120.0
 KNOWN_TYPES = set(b"PBDECSHFdcfQX")
 
 
@@ -474,7 +476,7 @@ def _lasts(counts: dict) -> str:
                      for data, framed in (c["last"] for c in counts["all"] if c.get("last")))
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(200)
 def test_storm_of_malformed_messages_leaves_the_backend_serving(start_pooler, cluster):
     """After thousands of malformed messages of every type, the backend's other sessions and processes are as before."""
     ensure_role(cluster, STORM_ROLE, settings={"statement_timeout": "2s"})

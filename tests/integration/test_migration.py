@@ -364,13 +364,19 @@ def test_load_balancing_evens_out_waiting_sessions(start_pooler):
         thread.start()
     # h1's backend has 3 ready (h1 and two waiting), h2's has 1: one waiting session moves.
     wait_for(lambda: migrations(pooler) >= 1, "a waiting session to move to the lighter backend")
+    assert migrations(pooler) == 1   # 2 and 2 afterwards: nothing more to even out
     h1.execute("COMMIT")
     h2.execute("COMMIT")
     for thread in threads:
         thread.join(WAIT)
     assert results == [7, 7]
-    assert migrations(pooler) == 1   # 2 and 2 afterwards: nothing more to even out
-    assert sorted(server_pid(c) for c in (s1, s3)) == sorted((server_pid(h1), server_pid(h2)))
+    # Between the two COMMITs one backend may have nothing ready while the other still has its
+    # holder in a transaction and the moved session waiting: the policy may then move that one
+    # back (a second move, by the same rule). With one move, the two ran on the two servers.
+    moved = migrations(pooler)
+    assert moved in (1, 2), moved
+    if moved == 1:
+        assert sorted(server_pid(c) for c in (s1, s3)) == sorted((server_pid(h1), server_pid(h2)))
     for conn in (h1, h2, s1, s3, _s2):
         conn.close()
 
