@@ -305,13 +305,9 @@ class ClientProtocol:
                     self.unnamed = server.unnamed = None
                     if COMPILED and length <= SHORT_TEXT:
                         touch = mentions_state_words(data, pos + 5, end)
-                    else:
+                    else:   # a long text, or uncompiled: C-speed searches, once for all of data
                         if may_touch is None:
-                            # may_touch_state(data), inline: the call costs about 600 instructions
-                            # per transaction more on the compiled build (callgrind, 25-session replay)
-                            lowered = data.translate(_LOWER)
-                            may_touch = (lowered.find(b"set_config") >= 0 or lowered.find(b"temp") >= 0
-                                         or lowered.find(b"advisory") >= 0)
+                            may_touch = may_touch_state(data)
                         touch = may_touch
                     if touch:
                         self._flag_text(data[pos + 5:end])
