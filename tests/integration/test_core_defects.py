@@ -810,6 +810,54 @@ def test_a_client_stopped_in_the_middle_of_a_message_is_ended_after_the_idle_tim
     assert "stopped in the middle of a message" in pool.log()
 
 
+@pytest.mark.parametrize("where", ["outside a transaction", "in a transaction"])
+def test_time_the_server_spends_not_reading_does_not_count_as_a_stopped_client(start_pooler, cluster, where):
+    """The mid-message timeout is for a client that stopped sending, not for one the pooler
+    stopped reading because the server does not read: a COPY waiting for a lock another
+    connection holds takes none of its data, the pooler's buffer towards the server fills and it
+    pauses the client in the middle of a 4 MB CopyData.  That client is not ended, however long
+    past idle_in_transaction_session_timeout the lock is held, and once the lock is released its
+    COPY takes every row."""
+    pool = start_pooler(session_pool_size=1, auth_method="trust", idle_in_transaction_session_timeout="1s")
+    first_id = 20_000_000
+    rows = b"".join(b"%d\t%s\n" % (first_id + i, b"x" * 90) for i in range(42_000))   # about 4 MB
+    copy_data = b"d" + _i32.pack(4 + len(rows)) + rows
+    cut = 3 * MB   # sent before the lock is released: more than the server side's buffers take
+    with direct(cluster) as blocker, Raw(pool.port) as raw:
+        if where == "in a transaction":
+            messages, closed = raw.query("BEGIN")
+            assert not closed and not errors(messages), describe(messages)
+        blocker.execute("BEGIN")
+        blocker.execute("LOCK TABLE items IN SHARE MODE")   # COPY FROM needs ROW EXCLUSIVE
+        raw.send(query("COPY items FROM STDIN"))
+        sender = Call(raw.sock.sendall, copy_data[:cut])   # blocks while nobody reads: a thread
+        wait_for(lambda: cluster.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                      "AND query = 'COPY items FROM STDIN'", database="app") == "1",
+                 "the COPY to wait for the lock", timeout=ANSWER_BOUND)
+        # What is asserted is that nothing happens: no signal marks it, so the wait is the span in
+        # which the timeout (1 s, checked once a second) would have ended the client, and more.
+        time.sleep(3.5)
+        raw.sock.setblocking(False)
+        try:
+            early = raw.sock.recv(1 << 16)
+        except BlockingIOError:
+            early = None   # nothing came: not ended
+        raw.sock.settimeout(raw.timeout)
+        assert early is None, f"the client was answered or closed while the server was not reading: {early!r}"
+        blocker.execute("ROLLBACK")
+        sender.get(RAW_TIMEOUT, "sending the first 3 MB")
+        raw.send(copy_data[cut:] + message(b"c"))
+        messages, closed = raw.reply()
+        assert not closed and not errors(messages), describe(messages)
+        tags = [p.rstrip(b"\0").decode() for t, p in messages if t == ord("C")]
+        assert tags == ["COPY 42000"], describe(messages)
+        messages, closed = raw.query(f"SELECT count(*) FROM items WHERE id >= {first_id}")
+        assert not closed and data_rows(messages) == [["42000"]], describe(messages)
+        if where == "outside a transaction":
+            raw.query(f"DELETE FROM items WHERE id >= {first_id}")
+    assert "stopped in the middle of a message" not in pool.log()
+
+
 def _raw_backend_pid(raw: Raw) -> int:
     """The pooler process serving a raw client: the pid of its BackendKeyData."""
     return _i32.unpack_from([p for t, p in raw.greeting if t == ord("K")][0])[0]
