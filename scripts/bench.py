@@ -166,6 +166,7 @@ class RunResult:
     switches: float | None = None     # the pooler's context switches (all its processes) per transaction
     p99_ms: float | None = None       # 99th percentile of the measured clients' transaction latency
     round_trips: dict[int, list[float]] = field(default_factory=dict)   # bytea: seconds of each, by MB
+    cpu_ms_per_mb: float | None = None   # bytea sizes: the pooler's CPU per MB of the timed round trips (each way)
     error: str = ""               # why the run does not count; empty when it does
 
     @property
@@ -938,6 +939,8 @@ def results_table(cases: list[Case], results: dict, targets: tuple[str, ...], ba
             small, large = GROWTH_SIZES_MB
             row(case, f"{case.workload.name}: time per MB at {large} MB over at {small} MB (1.00 is linear)",
                 attrgetter("growth"), 2)
+            row(case, f"{case.workload.name}: pooler CPU per MB each way, all sizes, ms (lower is better)",
+                attrgetter("cpu_ms_per_mb"), 3)
     return "\n".join(rows)
 
 
@@ -1382,6 +1385,12 @@ def main(argv: list[str]) -> int:
                             user, system, switches = cpu_used(before, cpu_seconds(pooler.proc.pid))
                             r.cpu_us = (user + system) * 1e6 / r.transactions
                             r.switches = switches / r.transactions
+                        elif pooler and case.workload.bytea_sizes and r.round_trips:
+                            # The login and the untimed 1 MB round trip are in it too: a few ms in
+                            # about 400 MB.
+                            user, system, _switches = cpu_used(before, cpu_seconds(pooler.proc.pid))
+                            moved = sum(mb * len(trips) for mb, trips in r.round_trips.items())
+                            r.cpu_ms_per_mb = (user + system) * 1e3 / moved
                         exited = pooler is not None and pooler.proc.poll() is not None
                         if exited:
                             r.error = "; ".join(filter(None, (

@@ -120,6 +120,18 @@ def test_the_loss_during_round_trips_is_paired_by_round_too(bench):
     assert line.endswith("| 0.73 | 0.75 | 1.01 (0.87–1.14) |")
 
 
+def test_the_round_trips_report_the_poolers_cpu_per_mb(bench):
+    args = bench.parse_args(["--skip", "direct", "--only", "large-sizes", "--rounds", "2"])
+    (case,) = args.cases
+    trips = {1: [0.005] * 5, 4: [0.02] * 5}
+    results = {(case, "pgforkpool"): [bench.RunResult(round_trips=trips, cpu_ms_per_mb=cpu) for cpu in (1.5, 1.4)],
+               (case, "pgbouncer"): [bench.RunResult(round_trips=trips, cpu_ms_per_mb=cpu) for cpu in (3.0, 3.5)]}
+    table = bench.results_table(args.cases, results, args.targets, [])
+    (line,) = [row for row in table.splitlines() if "pooler CPU per MB" in row]
+    # medians 1.45 and 3.25; round by round 0.50 and 0.40
+    assert line.endswith("| 1.450 | 3.250 | 0.45 (0.40–0.50) |")
+
+
 def test_a_round_starts_once_the_machine_has_settled(bench):
     """Warm-ups through the round's first target until one reaches 85 % of its TPS at the start;
     a machine that does not settle costs at most the limit, and the report says which it was."""
