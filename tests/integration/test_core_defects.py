@@ -291,6 +291,27 @@ def test_prepared_set_config_stays_in_its_session(pool, how):
     assert server_pid(a) == server_pid(b)
 
 
+def test_a_prepared_set_bound_in_a_later_round_trip_stays_in_its_session(pool):
+    """SET myapp.tenant prepared in one round trip (libpq's PQprepare) and run in a later one
+    (PQexecPrepared) with another statement between: the SET tag came with no statement text in
+    sight, the name was never read back, and the value stayed on the server connection for the
+    next session, while the session itself lost it at its next switch.  (A session that moved to
+    another backend between the two is the same case: its statements go with it.)"""
+    a, b = pool.connect(), pool.connect()
+    assert server_pid(a) == server_pid(b)
+    a.pgconn.prepare(b"set_tenant", b"SET myapp.tenant = 'A'")
+    a.execute("SELECT 1")
+    result = a.pgconn.exec_prepared(b"set_tenant", [])
+    assert result.status == psycopg.pq.ExecStatus.COMMAND_OK, result.error_message
+    assert result.command_status == b"SET"
+    seen = b.execute("SELECT current_setting('myapp.tenant', true)").fetchone()[0]
+    assert seen in (None, ""), f"another session read {seen!r}"
+    b.execute("SET myapp.tenant = 'B'")
+    assert a.execute("SELECT current_setting('myapp.tenant', true)").fetchone()[0] == "A"
+    assert b.execute("SELECT current_setting('myapp.tenant', true)").fetchone()[0] == "B"
+    assert server_pid(a) == server_pid(b)
+
+
 SPELLINGS = {   # every way PostgreSQL accepts to name a custom setting, and the name it means
     'SET "myapp.q1" = \'v1\'': "myapp.q1",
     'SET "MyApp"."Q2" TO \'v2\'': "myapp.q2",

@@ -25,6 +25,7 @@ import struct
 from typing import Final
 
 from ..shared import protocol
+from .context import custom_setting_names
 from .server import ServerProtocol
 from .statements import (MISSING, CloseEntry, ParseEntry, ProtocolViolation, Statement, StatementRegistry,
                          length_word, parse_key, parse_message, with_statement_name)
@@ -556,12 +557,35 @@ class ClientProtocol:
         self.scanning = False
         return b"\x01" * remaining
 
+    def statement_setting_names(self) -> set:
+        """The custom settings a SET in any of the session's prepared statements names.
+
+        The server's SET tag may come from a Bind of a statement parsed in an earlier
+        round trip, or on another backend before the session moved here, so the text
+        of the latest Query or Parse is not enough; the server does not say which
+        statement it ran.  Asked only when a SET tag came; each text is read once.
+        """
+        names: set = set()
+        for statement in self.statements.values():
+            names |= _setting_names(statement)
+        if self.unnamed is not None:
+            names |= _setting_names(self.unnamed)
+        return names
+
     def release_statements(self) -> None:
         """The session ends, or the server discarded its statements (DISCARD ALL, DEALLOCATE ALL)."""
         for statement in self.statements.values():
             self.registry.release(statement)
         self.statements.clear()
         self.unnamed = None
+
+
+def _setting_names(statement: Statement) -> frozenset:
+    names = statement.settings
+    if names is None:
+        text = statement.key[:statement.key.find(b"\0")] if b"\0" in statement.key else statement.key
+        names = statement.settings = frozenset(custom_setting_names(text))
+    return names
 
 
 def _bad_header(msg_type: int, length: int) -> str:

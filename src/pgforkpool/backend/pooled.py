@@ -1263,6 +1263,7 @@ class PooledBackend:
             names = owner.context.custom_names
             if notes & NOTE_SETTINGS:
                 names |= custom_setting_names(owner.proto.last_text)
+                names |= owner.proto.statement_setting_names()
             for text in texts:
                 names |= custom_setting_names(text)
             if UNKNOWN_NAME in names:

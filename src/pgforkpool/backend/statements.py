@@ -51,13 +51,14 @@ class ProtocolViolation:
 
 
 class Statement:
-    __slots__ = ("name", "key", "refs", "flags")
+    __slots__ = ("name", "key", "refs", "flags", "settings")
 
     def __init__(self, name: bytes, key: bytes, flags: int = 0):
         self.name = name      # server-side name (b"" for a session's unnamed statement)
         self.key = key        # query text NUL parameter types: the Parse payload after the name
         self.refs = 0         # sessions that hold it under a name of theirs
         self.flags = flags    # client.text_flags of its text
+        self.settings: frozenset | None = None   # custom setting names its text sets, once asked
 
 
 class ParseEntry:
