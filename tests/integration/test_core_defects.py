@@ -761,6 +761,38 @@ def test_flush_with_a_body_ends_only_that_client(pool):
     assert_backend_unhurt(pool, keeper, pids, "a Flush with a body")
 
 
+@pytest.mark.parametrize("sync_in_copy", [False, True])
+def test_libpq_extended_copy_from_stdin_leaves_the_backend_serving(pool, cluster, sync_in_copy):
+    """COPY FROM STDIN as libpq's PQexecParams sends it (Parse, Bind, Describe, Execute, Sync; the
+    rows, CopyDone, Sync), and with a Sync among the rows: PostgreSQL ignores a Sync in copy-in mode
+    and answers the whole with one ReadyForQuery. The pooler awaited a ReadyForQuery for every Sync,
+    so the connection never reached a boundary: every other session of the backend waited until
+    query_wait_timeout, and went on waiting after the client left."""
+    keeper = keeper_session(pool)
+    pids = pooler_pids(pool)
+    with Raw(pool.port) as raw:
+        raw.send(message(b"P", b"\0COPY items FROM STDIN\0\0\0") + message(b"B", b"\0\0\0\0\0\0\0\0")
+                 + message(b"D", b"P\0") + message(b"E", b"\0\0\0\0\0") + SYNC)
+        kinds = []
+        while not kinds or kinds[-1] not in (ord("G"), ord("E"), ord("Z")):
+            item = raw.read()
+            assert item is not None, "the connection closed"
+            kinds.append(item[0])
+        assert kinds[-1] == ord("G"), f"message types {bytes(kinds)!r}"
+        rows = message(b"d", b"30000001\tone\n") + (SYNC if sync_in_copy else b"")
+        raw.send(rows + message(b"d", b"30000002\ttwo\n") + message(b"c") + SYNC)
+        messages, closed = raw.reply()
+        assert not closed and not errors(messages), describe(messages)
+        assert [p for t, p in messages if t == ord("C")] == [b"COPY 2\0"]
+        assert [t for t, _p in messages].count(ord("Z")) == 1
+        assert answered_within(keeper, "SELECT count(*) FROM items WHERE id > 30000000") == [(2,)]
+        messages, closed = raw.query("SELECT 'again'")
+        assert not closed and data_rows(messages) == [["again"]]
+    assert_backend_unhurt(pool, keeper, pids, "an extended-protocol COPY FROM STDIN")
+    with direct(cluster) as conn:
+        conn.execute("DELETE FROM items WHERE id > 30000000")
+
+
 @pytest.mark.parametrize("then", ["completes it", "vanishes"])
 def test_a_stray_copydata_half_sent_keeps_the_connection_until_it_is_whole(pool, then):
     """A CopyData outside COPY (PostgreSQL reads and ignores it) whose header has come and whose

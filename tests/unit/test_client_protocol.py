@@ -797,3 +797,57 @@ def test_drop_request_waits_for_the_sync_of_an_unfinished_pipeline():
     assert bytes(proto.buf) == parse
     proto.buffer(msg(b"S"))
     assert proto.drop_request() is True and not proto.buf
+
+
+# ---------------------------------------------------------------- Sync in copy-in mode
+
+COPY_IN_RESPONSE = msg(b"G", b"\0\0\0")
+EXTENDED_COPY = parse(b"", b"COPY t FROM STDIN") + bind() + describe(b"P") + execute() + SYNC
+EXTENDED_COPY_REPLIES = msg(b"1") + msg(b"2") + msg(b"n") + COPY_IN_RESPONSE
+
+
+def test_libpq_extended_copy_reaches_its_boundary():
+    """libpq's PQexecParams of a COPY FROM STDIN sends Parse, Bind, Describe, Execute and Sync, then
+    the rows, CopyDone and Sync. PostgreSQL ignores the first Sync (it arrives in copy-in mode), and
+    one ReadyForQuery ends it all: that one is the boundary (the first Sync's reply was awaited
+    forever, and the connection never went to anyone else)."""
+    _reg, proto, srv = fresh()
+    out, outcomes = feed(proto, srv, [EXTENDED_COPY])
+    assert out == EXTENDED_COPY and not outcomes
+    assert srv.receive(EXTENDED_COPY_REPLIES)[1] is None
+    assert srv.copy_in and srv.unsynced and pending_shape(srv) == []
+    out, outcomes = feed(proto, srv, [msg(b"d", b"1\n") + msg(b"c") + SYNC])
+    assert not outcomes and pending_shape(srv) == [None] and not srv.copy_in and not srv.unsynced
+    assert srv.receive(command_complete(b"COPY 1") + rfq())[1] is BOUNDARY
+
+
+def test_extended_copy_sent_without_waiting_reaches_its_boundary():
+    """The same, all sent before the server's first reply: still one ReadyForQuery, the boundary."""
+    _reg, proto, srv = fresh()
+    feed(proto, srv, [EXTENDED_COPY + msg(b"d", b"1\n") + msg(b"c") + SYNC])
+    assert pending_shape(srv) == [("parse", False, b"", None), None, None]
+    assert srv.receive(EXTENDED_COPY_REPLIES)[1] is None
+    assert pending_shape(srv) == [None] and not srv.copy_in and not srv.unsynced
+    assert srv.receive(command_complete(b"COPY 1") + rfq())[1] is BOUNDARY
+
+
+def test_a_sync_in_the_middle_of_copy_data_gets_no_reply():
+    """Sync and Flush sent in copy-in mode are ignored by PostgreSQL, after a simple Query too."""
+    _reg, proto, srv = fresh()
+    feed(proto, srv, [query(b"COPY t FROM STDIN")])
+    srv.receive(COPY_IN_RESPONSE)
+    feed(proto, srv, [msg(b"d", b"1\n") + SYNC + FLUSH + msg(b"d", b"2\n") + msg(b"c")])
+    assert pending_shape(srv) == [None] and not srv.unsynced
+    assert srv.receive(command_complete(b"COPY 2") + rfq())[1] is BOUNDARY
+
+
+def test_an_extended_query_that_is_not_a_copy_keeps_its_sync():
+    """Counting the Syncs after an Execute costs a normal extended query nothing: its Sync is answered."""
+    _reg, proto, srv = fresh()
+    feed(proto, srv, [parse(b"", b"SELECT 1") + bind() + execute() + SYNC])
+    assert pending_shape(srv) == [("parse", False, b"", None), None]
+    assert srv.receive(msg(b"1") + msg(b"2") + msg(b"D", b"\0\0") + command_complete(b"SELECT 1")
+                       + rfq())[1] is BOUNDARY
+    feed(proto, srv, [query(b"COPY t FROM STDIN")])      # then a simple-query COPY: nothing dropped
+    srv.receive(COPY_IN_RESPONSE)
+    assert pending_shape(srv) == [None] and not srv.unsynced

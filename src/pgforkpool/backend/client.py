@@ -269,6 +269,9 @@ class ClientProtocol:
                         outcome = ProtocolViolation(MIXED_PIPELINE)
                         break
                     pending.append(None)
+                    if server.copy_via_execute or server.copies_ended:
+                        server.copy_via_execute = False
+                        server.copy_syncs = server.copies_ended = 0
                     self.unnamed = server.unnamed = None
                     self.scanning = True
                     self.tail = b""
@@ -300,6 +303,9 @@ class ClientProtocol:
                     outcome = ProtocolViolation(MIXED_PIPELINE)
                     break
                 pending.append(None)
+                if server.copy_via_execute or server.copies_ended:
+                    server.copy_via_execute = False
+                    server.copy_syncs = server.copies_ended = 0
                 if msg_type == Q:
                     self.last_text = data
                     # A simple Query destroys the unnamed statement.
@@ -316,8 +322,16 @@ class ClientProtocol:
                 if length != 4:
                     outcome = ProtocolViolation("invalid message format")
                     break
+                if server.copy_in:
+                    pos = end   # PostgreSQL ignores Sync (and Flush) in copy-in mode: no reply comes
+                    continue
                 pending.append(None)
                 server.unsynced = False
+                if server.copy_via_execute:
+                    if server.copies_ended:
+                        server.synced_after_copy = True
+                    else:
+                        server.copy_syncs += 1   # ignored if that Execute turns out to be a COPY FROM STDIN
             elif msg_type == B or msg_type == E or msg_type == P or msg_type == D or msg_type == C:
                 # Extended-query messages leave work on the server until the next Sync (Flush
                 # does not: psycopg ends a pipeline with Sync then Flush).  Compared one by one:
@@ -337,6 +351,12 @@ class ClientProtocol:
                 elif msg_type == E or (msg_type == D and length > 5 and data[pos + 5] == _PORTAL
                                        and data[end - 1] == 0):
                     replaced = None   # Execute, Describe of a portal: nothing to rename
+                    if msg_type == E:
+                        # Whether it starts a COPY FROM STDIN only the server's reply says
+                        # (ServerProtocol.copy_started): the Syncs that follow until its
+                        # CopyDone are counted meanwhile.
+                        server.copy_via_execute = True
+                        server.copy_syncs = server.copies_ended = 0
                 else:
                     replaced = self._describe_or_close(server, msg_type, data, pos, end)
                 if replaced is not None:
@@ -356,9 +376,9 @@ class ClientProtocol:
                     outcome = TERMINATE
                     break
                 if msg_type == COPY_DONE:
-                    server.copy_in = False
+                    self._copy_ended(server)
             elif msg_type == COPY_FAIL:
-                server.copy_in = False
+                self._copy_ended(server)
             pos = end
         if outcome is None and pos < n:
             self.buf = bytearray(data[pos:])
@@ -376,6 +396,16 @@ class ClientProtocol:
         if head:
             out = head + out
         return out, outcome
+
+    @staticmethod
+    def _copy_ended(server: ServerProtocol) -> None:
+        """A CopyDone or CopyFail: the end of the copy-in the server is in, or of one it has
+        not said it began yet (a client that does not wait for CopyInResponse)."""
+        if server.copy_in:
+            server.copy_in = False
+        else:
+            server.copies_ended += 1
+            server.synced_after_copy = False
 
     def _stream(self, end: int, n: int) -> int:
         """The message ending at end has arrived up to n: send that much, the rest as it comes."""

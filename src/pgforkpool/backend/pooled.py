@@ -1575,7 +1575,7 @@ class PooledBackend:
         server = None if session is None else (session.pinned or self.server)
         # Only while this session's own work runs on the server.
         if (session is not None and server is not None and server.owner is session
-                and server.pending and server.pending[0] is None):
+                and ((server.pending and server.pending[0] is None) or server.copy_in)):
             self._send_cancel(server)
 
     def _send_cancel(self, server: srv.ServerConnection) -> None:

@@ -120,6 +120,7 @@ class ServerProtocol:
     """
 
     __slots__ = ("state", "owner", "pinned", "pending", "unsynced", "status", "copy_in",
+                 "copy_via_execute", "copy_syncs", "copies_ended", "synced_after_copy",
                  "prepared", "unnamed", "error_names", "params", "context", "reported", "notes",
                  "xacts", "held", "inbuf", "need", "passthrough", "cancels", "sock", "fd",
                  "pid", "key", "deadline", "stream", "since", "queries", "_reader", "_auth", "_startup",
@@ -137,6 +138,12 @@ class ServerProtocol:
         self.unsynced = False               # extended-protocol messages sent since the last Sync
         self.status: int = TransactionStatus.IDLE
         self.copy_in = False                # COPY FROM STDIN in progress
+        # Kept by the client side's framing for copy_started (PostgreSQL ignores Sync in
+        # copy-in mode, so a Sync sent between a COPY's Execute and its CopyDone has no reply):
+        self.copy_via_execute = False       # the latest Execute or Query sent was an Execute
+        self.copy_syncs = 0                 # Syncs sent since that Execute, before a CopyDone/CopyFail
+        self.copies_ended = 0               # CopyDone/CopyFail sent before the server said the copy began
+        self.synced_after_copy = False      # a Sync was sent after such a CopyDone/CopyFail
         self.prepared: set[bytes] = set()   # server names of statements prepared here
         self.unnamed: Statement | None = None   # the statements.Statement that is the unnamed one here
         self.error_names: dict[bytes, bytes] = {}   # server name -> client's, until the next ReadyForQuery
@@ -302,7 +309,9 @@ class ServerProtocol:
                             pieces.append(data[start:pos])
                             start = end
                 else:   # CopyInResponse, CopyBothResponse
-                    self.copy_in = True
+                    self.copy_started()
+                    head = pending[0] if pending else None
+                    hidden = type(head) is HiddenQuery
                 pos = end
             if pos < n:
                 self.inbuf = bytearray(data[pos:])
@@ -315,6 +324,37 @@ class ServerProtocol:
         except (ValueError, IndexError, struct.error):
             return b"", BROKEN
         return (first + out if first else out), event
+
+    def copy_started(self) -> None:
+        """The server entered copy-in mode.
+
+        After an Execute (libpq's PQexecParams of a COPY, say: Parse, Bind, Describe,
+        Execute, Sync, then the rows, CopyDone, Sync), the Syncs the client sent before
+        its CopyDone are ignored by the server and get no ReadyForQuery: their
+        expected replies are taken off the queue, and a Sync is owed after the copy
+        (until the client sends one, the server is not at a boundary).
+        """
+        if self.copy_via_execute and self.copy_syncs:
+            drop = self.copy_syncs
+            kept: list = []
+            pending = self.pending
+            while pending and drop:
+                entry = pending.popleft()
+                if entry is None:
+                    drop -= 1
+                else:
+                    kept.append(entry)
+            pending.extendleft(reversed(kept))
+            self.copy_syncs = 0
+        if self.copies_ended:
+            # The client ended the copy before it heard of it.
+            self.copies_ended -= 1
+            if self.copy_via_execute:
+                self.unsynced = not self.synced_after_copy
+        else:
+            self.copy_in = True
+            if self.copy_via_execute:
+                self.unsynced = True
 
     def _skipped(self):
         """Parses and Closes an error failed or made the server skip: undone, the latest first."""
