@@ -42,6 +42,23 @@ def test_temp_table_pins_and_stays_private(two):
     assert server_pid(a) == server_pid(b)
 
 
+@pytest.mark.parametrize("create, use", [
+    ("CREATE FUNCTION pg_temp.answer() RETURNS int LANGUAGE sql AS 'SELECT 42'", "SELECT pg_temp.answer()"),
+    ("CREATE DOMAIN pg_temp.small AS int CHECK (VALUE < 10)", "SELECT 5::pg_temp.small"),
+])
+def test_temp_function_or_type_pins_and_stays_private(two, create, use):
+    """A function or a type in pg_temp is the session's own like a temporary table: it pinned
+    nothing (the check looked at pg_class only), and the next session on the connection could
+    call it, where PostgreSQL says its schema does not exist."""
+    pooler, a, b = two
+    a.execute(create)
+    assert a.execute(use).fetchone()[0] in (42, 5)
+    with pytest.raises(psycopg.errors.Error):
+        b.execute(use)
+    assert server_pid(a) != server_pid(b)
+    assert pinned_count(pooler) == 1
+
+
 def test_session_advisory_lock_pins(two):
     pooler, a, b = two
     a.execute("SELECT pg_advisory_lock(4242)")
