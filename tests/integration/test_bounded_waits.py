@@ -49,6 +49,44 @@ def test_no_timeout_by_default_for_a_short_wait(start_pooler):
     assert result == [(2,)]
 
 
+def test_a_cancel_of_a_waiting_statement_keeps_it_from_running(start_pooler, cluster):
+    """Cancelling a statement that waits for a server connection answers 57014 at once, and the
+    statement never runs, as in PostgreSQL (the cancel was dropped, and the statement ran when
+    the connection came free: an INSERT the user had cancelled was committed)."""
+    pool = start_pooler(session_pool_size=1)
+    owner = psycopg.connect(host=cluster.socket_dir, port=cluster.port, user="postgres", dbname="app",
+                            autocommit=True)
+    owner.execute("CREATE TABLE IF NOT EXISTS cancelled_inserts (x int)")
+    owner.execute("GRANT ALL ON cancelled_inserts TO PUBLIC")
+    holder = pool.connect(autocommit=False)
+    waiter = pool.connect()
+    holder.execute("SELECT 1")   # a transaction holds the backend's one server connection
+    outcome = []
+
+    def insert():
+        try:
+            waiter.execute("INSERT INTO cancelled_inserts VALUES (1)")
+            outcome.append("ran")
+        except psycopg.Error as exc:
+            outcome.append(exc.sqlstate)
+
+    t = threading.Thread(target=insert)
+    t.start()
+    try:
+        wait_for(lambda: "1 waiting" in _backend_title(pool), "the INSERT to queue")
+        waiter.cancel()
+        t.join(timeout=WAIT)
+        assert outcome == ["57014"], outcome   # answered while the holder still holds the connection
+    finally:
+        holder.commit()
+        t.join(timeout=WAIT)
+    assert waiter.execute("SELECT count(*) FROM cancelled_inserts").fetchone() == (0,)
+    assert waiter.execute("SELECT 2").fetchone() == (2,)   # the session goes on
+    assert "canceled while waiting for a server connection" in pool.log()
+    owner.execute("DROP TABLE cancelled_inserts")
+    owner.close()
+
+
 def _backend_title(pool):
     import psutil
     for child in pool.children():

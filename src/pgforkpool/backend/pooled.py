@@ -320,12 +320,18 @@ class PooledBackend:
                             severity="ERROR",
                             hint="The pool was busy: its server connections were held by other "
                                  "sessions' transactions. The session is still usable.")
-            self._client_send(session, error.packet() + protocol.ready_for_query(b"I"))
-            if session.paused:
-                session.paused = False
-                session.stream.resume_reading()
-            if session.proto.ready() is True:   # it had sent more: that waits its turn afresh
-                self._enqueue(session)
+            self._answer_dropped(session, error)
+
+    def _answer_dropped(self, session: Session, error: PgError) -> None:
+        """A waiting session's request was dropped unrun (and the session taken out of the
+        queue): the client gets the error and ReadyForQuery, as PostgreSQL answers a failed
+        request; what it sent after that request waits its turn afresh."""
+        self._client_send(session, error.packet() + protocol.ready_for_query(b"I"))
+        if session.paused:
+            session.paused = False
+            session.stream.resume_reading()
+        if session.proto.ready() is True:
+            self._enqueue(session)
 
     def _expire_idle_transactions(self, now: float) -> None:
         """idle_in_transaction_session_timeout: end such a session, as PostgreSQL does.
@@ -1572,6 +1578,15 @@ class PooledBackend:
     def _cancel(self, pid: int, key: int) -> None:
         """A CancelRequest for the session its client knows as (pid, key)."""
         session = self.by_key.get((pid, key))
+        if (session is not None and session.state is WAITING and session.pinned is None
+                and session.proto.drop_request()):
+            # Its statement has not started: it never will, as if cancelled at once (otherwise
+            # the cancel would be lost and the statement run later, when the client has been
+            # told nothing and may have gone on).
+            self.scheduler.timed_out(session)
+            logger.log(log.LOG, "%s: canceled while waiting for a server connection", session)
+            self._answer_dropped(session, PgError("query_canceled", "canceling statement due to user request"))
+            return
         server = None if session is None else (session.pinned or self.server)
         # Only while this session's own work runs on the server.
         if (session is not None and server is not None and server.owner is session
