@@ -337,6 +337,22 @@ def test_custom_settings_however_spelled_stay_in_their_session(pool):
         assert a.execute("SELECT current_setting(%s, true)", (name,)).fetchone()[0] == f"v{i}", name
 
 
+def test_a_setting_beyond_ascii_in_another_client_encoding_survives_the_switch(pool):
+    """A LATIN1 client's custom setting with an accented value: read back in the connection's
+    encoding and restored as Unicode escapes, it is the session's own after another session's turn
+    (it was read as UTF-8, and the session was ended with FATAL at its next switch)."""
+    a = pool.connect(client_encoding="LATIN1")
+    b = pool.connect()   # UTF8
+    assert server_pid(a) == server_pid(b)
+    a.execute("SET myapp.word = 'né'")
+    b.execute("SET myapp.word = 'über'")
+    assert b.execute("SHOW myapp.word").fetchone()[0] == "über"
+    assert a.execute("SHOW myapp.word").fetchone()[0] == "né"
+    assert b.execute("SHOW myapp.word").fetchone()[0] == "über"
+    assert a.execute("SHOW client_encoding").fetchone()[0] == "LATIN1"
+    assert b.execute("SHOW client_encoding").fetchone()[0] == "UTF8"
+
+
 def test_a_setting_named_by_a_parameter_does_not_reach_the_next_session(pool):
     """set_config($1, $2, false): which setting it changes is not in the text.  The next
     session must not read it; the session that set it loses it at its next switch (README,

@@ -63,6 +63,8 @@ def test_negotiate_protocol_version():
 
 @pytest.mark.parametrize("value,literal", [
     ("plain", "'plain'"), ("it's", "'it''s'"), ("back\\slash", "E'back\\\\slash'"),
+    # beyond ASCII: Unicode escapes, so that the text means the same in every client encoding
+    ("né", "E'n\\u00e9'"), ("l'été\\", "E'l''\\u00e9t\\u00e9\\\\'"), ("😀", "E'\\U0001f600'"),
 ])
 def test_quote_literal(value, literal):
     assert protocol.quote_literal(value) == literal
@@ -70,3 +72,12 @@ def test_quote_literal(value, literal):
 
 def test_quote_ident():
     assert protocol.quote_ident('a"b') == '"a""b"'
+
+
+@pytest.mark.parametrize("encoding, codec", [
+    ("UTF8", "utf-8"), ("LATIN1", "latin-1"), ("latin1", "latin-1"), ("WIN1252", "cp1252"),
+    ("EUC_JP", "euc_jp"), ("MULE_INTERNAL", "utf-8"), (None, "utf-8"),
+])
+def test_python_codec_of_a_client_encoding(encoding, codec):
+    assert protocol.python_codec(encoding) == codec
+    "é".encode(protocol.python_codec(encoding), "replace")   # a codec Python has

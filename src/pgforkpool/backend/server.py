@@ -406,7 +406,7 @@ class ServerProtocol:
     def _hidden_message(self, hidden: HiddenQuery, msg_type: int, data: bytes,
                         pos: int, end: int) -> None:
         if msg_type == DATA_ROW:
-            hidden.rows.append(text_row(data, pos, end))
+            hidden.rows.append(text_row(data, pos, end, protocol.python_codec(self.params.get("client_encoding"))))
         elif msg_type == ERR and hidden.error is None:
             hidden.error = PgError.from_fields(protocol.parse_error_fields(data[pos:end]))
         elif msg_type == PS:
@@ -432,8 +432,8 @@ class ServerProtocol:
         return notes, xacts
 
 
-def text_row(data: bytes, pos: int, end: int) -> tuple:
-    """The text values of a DataRow payload data[pos:end]."""
+def text_row(data: bytes, pos: int, end: int, codec: str = "utf-8") -> tuple:
+    """The text values of a DataRow payload data[pos:end], in the connection's client encoding."""
     count = _int16(data, pos)[0]
     pos += 2
     values: list[str | None] = []
@@ -445,7 +445,7 @@ def text_row(data: bytes, pos: int, end: int) -> tuple:
         else:
             if pos + size > end:
                 raise ValueError("DataRow overruns its message")
-            values.append(data[pos:pos + size].decode("utf-8", "replace"))
+            values.append(data[pos:pos + size].decode(codec, "replace"))
             pos += size
     return tuple(values)
 

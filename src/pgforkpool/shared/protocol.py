@@ -172,10 +172,51 @@ def sasl_initial_response(mechanism: str, data: bytes) -> bytes:
 
 
 def quote_literal(value: str) -> str:
-    """An SQL string literal for value, as PostgreSQL's quote_literal() writes it."""
-    if "\\" in value:
-        return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
-    return "'" + value.replace("'", "''") + "'"
+    """An SQL string literal for value, as PostgreSQL's quote_literal() writes it, in ASCII.
+
+    A character beyond ASCII is written as a Unicode escape (E'\\u00e9'): the text of
+    a hidden query is then the same in every client encoding, whichever session left
+    its encoding on the server connection (PostgreSQL 13 and later accept such escapes
+    in any server encoding that has the character).
+    """
+    if value.isascii():
+        if "\\" in value:
+            return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+        return "'" + value.replace("'", "''") + "'"
+    parts = []
+    for char in value:
+        code = ord(char)
+        if code < 0x80:
+            parts.append("\\\\" if char == "\\" else "''" if char == "'" else char)
+        elif code < 0x10000:
+            parts.append(f"\\u{code:04x}")
+        else:
+            parts.append(f"\\U{code:08x}")
+    return "E'" + "".join(parts) + "'"
+
+
+# PostgreSQL's client encodings and Python's codecs for them (to read what a hidden query
+# returns in the encoding the server connection has now); the rest are read as UTF-8.
+_CODECS = {
+    "UTF8": "utf-8", "SQL_ASCII": "utf-8", "LATIN1": "latin-1", "LATIN2": "iso8859-2",
+    "LATIN3": "iso8859-3", "LATIN4": "iso8859-4", "LATIN5": "iso8859-9", "LATIN6": "iso8859-10",
+    "LATIN7": "iso8859-13", "LATIN8": "iso8859-14", "LATIN9": "iso8859-15", "LATIN10": "iso8859-16",
+    "ISO_8859_5": "iso8859-5", "ISO_8859_6": "iso8859-6", "ISO_8859_7": "iso8859-7",
+    "ISO_8859_8": "iso8859-8", "WIN866": "cp866", "WIN874": "cp874", "WIN1250": "cp1250",
+    "WIN1251": "cp1251", "WIN1252": "cp1252", "WIN1253": "cp1253", "WIN1254": "cp1254",
+    "WIN1255": "cp1255", "WIN1256": "cp1256", "WIN1257": "cp1257", "WIN1258": "cp1258",
+    "KOI8R": "koi8-r", "KOI8U": "koi8-u", "EUC_JP": "euc_jp", "EUC_KR": "euc_kr",
+    "EUC_CN": "gb2312", "EUC_JIS_2004": "euc_jis_2004", "SJIS": "shift_jis",
+    "SHIFT_JIS_2004": "shift_jis_2004", "BIG5": "big5", "GBK": "gbk", "GB18030": "gb18030",
+    "UHC": "cp949", "JOHAB": "johab",
+}
+
+
+def python_codec(client_encoding: str | None) -> str:
+    """The Python codec for a PostgreSQL client_encoding (as ParameterStatus reports it)."""
+    if not client_encoding:
+        return "utf-8"
+    return _CODECS.get(client_encoding.upper().replace("-", "_"), "utf-8")
 
 
 def quote_ident(name: str) -> str:
