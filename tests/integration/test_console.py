@@ -117,6 +117,21 @@ def test_unknown_commands_get_an_error_and_the_console_goes_on(pool):
         assert admin.execute("SELECT pg_backend_load_average(12345)").fetchone() == (None,)
 
 
+def test_pause_of_a_database_no_pool_serves_is_an_error_and_comments_are_ignored(pool):
+    """PAUSE and RESUME of a database without a pool (a typo, say) said OK and did nothing; they
+    are an error now. A command after or around SQL comments is understood, as psql sends them."""
+    with pool.connect() as client, console(pool) as admin:
+        client.execute("SELECT 1")   # the app/app pool exists
+        for command in ("PAUSE no_such_db", "RESUME no_such_db", 'PAUSE "App"'):
+            with pytest.raises(psycopg.errors.UndefinedObject) as info:
+                admin.execute(command)
+            assert "no pool serves database" in str(info.value), command
+        assert rows(admin, "-- the version\nSHOW VERSION")
+        assert rows(admin, "/* outer /* nested */ still */ SHOW VERSION -- trailing")
+        assert rows(admin, "SHOW /* between */ POOLS")
+        assert client.execute("SELECT 2").fetchone() == (2,)   # nothing was paused
+
+
 def test_load_average_of_a_busy_backend_exceeds_an_idle_ones(pool):
     idle = pool.connect(dbname="other")
     idle.execute("SELECT 1")

@@ -498,6 +498,10 @@ class Console:
 
     def _pause(self, verb: str, database: str | None) -> bytes:
         answers = self._ask(verb.lower(), database, PAUSE_TIMEOUT if verb == "PAUSE" else ASK_TIMEOUT)
+        if database is not None and not answers:
+            # No backend serves it: nothing was paused or resumed, which an OK would hide.
+            raise ConsoleError("42704", f'no pool serves database "{database}"',
+                               hint="SHOW POOLS lists the pools; a database has one from its first client on.")
         if verb == "PAUSE" and any(not a for a in answers):
             raise ConsoleError("57014", "PAUSE did not complete: a transaction is still running",
                                hint="RESUME, or wait for the running transactions and PAUSE again.")
@@ -541,9 +545,14 @@ def _identifier(text: str) -> str:
 
 
 def _split(text: str) -> list[str]:
-    """Statements of a simple query, split at semicolons outside quotes."""
-    parts, current, quote = [], [], None
-    for ch in text:
+    """Statements of a simple query, split at semicolons outside quotes, comments
+    (-- to the end of the line, /* */ nested as PostgreSQL nests them) left out."""
+    parts: list[str] = []
+    current: list[str] = []
+    quote = None
+    i, n = 0, len(text)
+    while i < n:
+        ch = text[i]
         if quote:
             current.append(ch)
             if ch == quote:
@@ -551,11 +560,28 @@ def _split(text: str) -> list[str]:
         elif ch in "'\"":
             quote = ch
             current.append(ch)
+        elif ch == "-" and text.startswith("--", i):
+            end = text.find("\n", i)
+            i = n if end < 0 else end
+            current.append(" ")
+            continue
+        elif ch == "/" and text.startswith("/*", i):
+            depth, i = 1, i + 2
+            while i < n and depth:
+                if text.startswith("/*", i):
+                    depth, i = depth + 1, i + 2
+                elif text.startswith("*/", i):
+                    depth, i = depth - 1, i + 2
+                else:
+                    i += 1
+            current.append(" ")
+            continue
         elif ch == ";":
             parts.append("".join(current))
             current = []
         else:
             current.append(ch)
+        i += 1
     parts.append("".join(current))
     return parts
 
