@@ -156,3 +156,23 @@ def test_startup_timezone_survives_other_sessions_settings(start_pooler):
             assert show(a, "timezone") == "Asia/Tokyo"
             assert a.info.parameter_status("TimeZone") == "Asia/Tokyo"
             assert show(b, "timezone") == "Europe/Paris"
+
+
+def test_what_a_do_block_does_is_the_sessions_own(two):
+    """A DO block's statements send no tags of their own: a setting or a role it SETs through
+    EXECUTE stayed on the shared connection for the next session, and a LISTEN or a temporary
+    table it made did not pin its session. After DO (and CALL) the pooler reads the settings back
+    and asks whether to pin, as after SET and CREATE TEMP TABLE."""
+    pooler, a, b = two
+    assert server_pid(a) == server_pid(b)
+    default_path = show(b, "search_path")
+    a.execute("DO $$BEGIN EXECUTE 'SET search_path = pg_catalog'; END$$")
+    for _ in range(2):
+        assert show(b, "search_path") == default_path
+        assert show(a, "search_path") == "pg_catalog"
+    a.execute("DO $$BEGIN EXECUTE 'LISTEN do_channel'; END$$")
+    assert b.execute("SELECT count(*) FROM pg_listening_channels()").fetchone()[0] == 0
+    assert server_pid(a) != server_pid(b)   # pinned with its LISTEN
+    b.execute("NOTIFY do_channel, 'hello'")
+    a.execute("SELECT 1")
+    assert [n.payload for n in a.notifies(timeout=5, stop_after=1)] == ["hello"]

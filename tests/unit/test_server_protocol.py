@@ -378,8 +378,10 @@ def test_discard_all_forgets_prepared_statements():
     (b"DROP TABLE", NOTE_UNPIN), (b"DEALLOCATE", NOTE_UNPIN), (b"LOAD", NOTE_SETTINGS),
     (b"CLOSE CURSOR", NOTE_UNPIN), (b"COMMIT PREPARED", 0),
     (b"SELECT 1", 0), (b"INSERT 0 1", 0), (b"SETTINGS", 0), (b"COMMIT", 0),
-    # Shorter than the three letters tags are told apart by: nothing, and no IndexError.
-    (b"DO", 0), (b"SE", 0), (b"", 0)])
+    # DO and CALL run statements that send no tags: read back and ask, in case
+    (b"DO", NOTE_SETTINGS | NOTE_PIN), (b"CALL", NOTE_SETTINGS | NOTE_PIN), (b"DOT", 0), (b"CALLS", 0),
+    # Shorter than the three bytes tags are told apart by: nothing, and no IndexError.
+    (b"D", 0), (b"SE", 0), (b"", 0)])
 def test_command_tags_note_session_state(tag, note):
     """Command tags that change session state set their NOTE_*; others set none."""
     srv = owner_server(1)

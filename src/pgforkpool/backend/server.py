@@ -88,16 +88,18 @@ MAX_KEPT_MESSAGE: Final = 1 << 26
 # Command tags that say something about session state.
 _TAG_PREFIXES: Final = (b"SET\0", b"RESET\0", b"DISCARD", b"DEALLOCATE", b"LISTEN", b"UNLISTEN",
                         b"DECLARE", b"PREPARE", b"CREATE TABLE", b"DROP TABLE", b"CLOSE CURSOR",
-                        b"LOAD", b"COMMIT PREPARED", b"ROLLBACK PREPARED")
-# The same by their first three letters (every prefix has three): most tags (SELECT,
+                        b"LOAD", b"COMMIT PREPARED", b"ROLLBACK PREPARED", b"DO\0", b"CALL\0")
+# The same by their first three bytes (every prefix has three, "DO\0" with its NUL): most tags (SELECT,
 # INSERT, UPDATE, BEGIN) are dismissed by one dictionary lookup, without a prefix test.
 _TAG_PREFIXES_BY_START: Final[dict[int, tuple[bytes, ...]]] = {
     key: tuple(p for p in _TAG_PREFIXES if (p[0] << 16 | p[1] << 8 | p[2]) == key)
     for key in {p[0] << 16 | p[1] << 8 | p[2] for p in _TAG_PREFIXES}}
 _TAG_NOTES: Final = (
-    ((b"SET\0", b"RESET\0", b"DISCARD", b"LOAD"), NOTE_SETTINGS),
+    # DO and CALL run code whose statements send no tags of their own (EXECUTE 'SET …',
+    # CREATE TEMP TABLE, LISTEN, advisory locks): read back and ask, as after those.
+    ((b"SET\0", b"RESET\0", b"DISCARD", b"LOAD", b"DO\0", b"CALL\0"), NOTE_SETTINGS),
     ((b"RESET\0", b"DISCARD"), NOTE_RESET),
-    ((b"LISTEN", b"DECLARE CURSOR", b"PREPARE\0", b"CREATE TABLE"), NOTE_PIN),
+    ((b"LISTEN", b"DECLARE CURSOR", b"PREPARE\0", b"CREATE TABLE", b"DO\0", b"CALL\0"), NOTE_PIN),
     ((b"DISCARD", b"DROP TABLE", b"UNLISTEN", b"CLOSE CURSOR", b"DEALLOCATE"), NOTE_UNPIN),
     ((b"DISCARD ALL\0", b"DEALLOCATE ALL\0"), NOTE_DISCARDED),
 )
@@ -268,7 +270,7 @@ class ServerProtocol:
                 elif msg_type == CC:
                     prefixes = (_TAG_PREFIXES_BY_START.get(data[pos + 5] << 16 | data[pos + 6] << 8
                                                            | data[pos + 7])
-                                if end > pos + 8 else None)
+                                if end > pos + 7 else None)
                     if prefixes is not None and data.startswith(prefixes, pos + 5):
                         self._command_tag(data[pos + 5:end])
                 elif msg_type == PARSE_COMPLETE:
