@@ -809,6 +809,20 @@ def test_libpq_extended_copy_from_stdin_leaves_the_backend_serving(pool, cluster
         conn.execute("DELETE FROM items WHERE id > 30000000")
 
 
+@pytest.mark.parametrize("sent", ["Execute, Sync", "Execute, CopyDone"])
+def test_a_client_gone_before_its_copy_began_leaves_the_backend_serving(pool, sent):
+    """A client sends a COPY FROM STDIN by Execute and leaves at once, before the server's
+    CopyInResponse: the server then waits for rows nobody will send (or for a Sync after the
+    CopyDone). The pooler fails the COPY (and syncs) itself, and the backend serves the others."""
+    keeper = keeper_session(pool)
+    pids = pooler_pids(pool)
+    tail = SYNC if sent == "Execute, Sync" else message(b"c")
+    with Raw(pool.port) as raw:
+        raw.send(message(b"P", b"\0COPY items FROM STDIN\0\0\0") + message(b"B", b"\0\0\0\0\0\0\0\0")
+                 + message(b"E", b"\0\0\0\0\0") + tail)
+    assert_backend_unhurt(pool, keeper, pids, f"a client gone before its COPY began ({sent})")
+
+
 @pytest.mark.parametrize("then", ["completes it", "vanishes"])
 def test_a_stray_copydata_half_sent_keeps_the_connection_until_it_is_whole(pool, then):
     """A CopyData outside COPY (PostgreSQL reads and ignores it) whose header has come and whose

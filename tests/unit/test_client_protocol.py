@@ -851,3 +851,51 @@ def test_an_extended_query_that_is_not_a_copy_keeps_its_sync():
     feed(proto, srv, [query(b"COPY t FROM STDIN")])      # then a simple-query COPY: nothing dropped
     srv.receive(COPY_IN_RESPONSE)
     assert pending_shape(srv) == [None] and not srv.unsynced
+
+
+def test_a_sync_after_a_failing_row_is_not_sent_so_no_reply_goes_astray():
+    """A Sync sent in copy-in mode right after a bad row: PostgreSQL reads the row first, fails the
+    COPY and then answers the Sync, a ReadyForQuery nobody awaits, which would have answered the next
+    session on the connection. The Sync is not sent at all: ignored or answered, no reply comes."""
+    _reg, proto, srv = fresh()
+    feed(proto, srv, [query(b"COPY t FROM STDIN")])
+    srv.receive(COPY_IN_RESPONSE)
+    out, outcomes = feed(proto, srv, [msg(b"d", b"x\n") + SYNC])
+    assert out == msg(b"d", b"x\n") and not outcomes
+    out, event = srv.receive(error("22P02", "invalid input syntax") + rfq())
+    assert event is BOUNDARY and not srv.inbuf and not srv.pending
+
+
+def test_libpq_order_with_a_failing_row_and_a_sync_among_the_rows():
+    _reg, proto, srv = fresh()
+    feed(proto, srv, [EXTENDED_COPY])
+    srv.receive(EXTENDED_COPY_REPLIES)
+    out, outcomes = feed(proto, srv, [msg(b"d", b"x\n") + SYNC + msg(b"c") + SYNC])
+    assert out == msg(b"d", b"x\n") + msg(b"c") + SYNC and not outcomes
+    assert pending_shape(srv) == [None]
+    assert srv.receive(error("22P02", "invalid input syntax") + rfq())[1] is BOUNDARY and not srv.inbuf
+
+
+def test_a_sync_among_rows_sent_before_the_copy_began_is_refused():
+    """Rows, then a Sync, all sent before the server said the Execute is a COPY: whether the server
+    ignores that Sync (copy-in) or answers it (the COPY failed on a row before it) cannot be told,
+    so the client is refused (08P01) instead of the replies getting out of step."""
+    _reg, proto, srv = fresh()
+    _out, outcomes = feed(proto, srv, [parse(b"", b"COPY t FROM STDIN") + bind() + execute()
+                                       + msg(b"d", b"x\n") + SYNC])
+    assert len(outcomes) == 1 and isinstance(outcomes[0], ProtocolViolation)
+
+
+def test_the_clean_up_sync_of_a_client_gone_before_the_copy_began_is_counted():
+    """A client sent Parse, Bind, Execute (a COPY) and CopyDone and left before CopyInResponse; the
+    clean-up synced the pipeline (as pooled._client_gone does). The connection reaches its boundary."""
+    _reg, proto, srv = fresh()
+    feed(proto, srv, [parse(b"", b"COPY t FROM STDIN") + bind() + execute() + msg(b"c")])
+    assert srv.unsynced
+    srv.pending.append(None)            # pooled._client_gone's ABORT_PIPELINE + Sync
+    srv.unsynced = False
+    srv.synced_after_copy = True
+    assert srv.receive(msg(b"1") + msg(b"2") + COPY_IN_RESPONSE)[1] is None
+    assert not srv.unsynced and not srv.copy_in
+    assert srv.receive(command_complete(b"COPY 0") + error("08P01", "unexpected message")
+                       + rfq())[1] is BOUNDARY

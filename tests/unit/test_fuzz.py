@@ -78,21 +78,39 @@ frontend_message = st.one_of(
 
 
 def synced(stream: list) -> list:
-    """The stream with a Sync before each Query or FunctionCall that follows unsynced extended messages.
+    """The stream with a Sync before each Query or FunctionCall that follows unsynced extended messages,
+    and a CopyDone before a Sync that follows CopyData sent after an Execute (no server reply between).
 
-    PostgreSQL accepts that mix; the pooler refuses it (client.MIXED_PIPELINE),
-    so valid streams for the pooler do not have it.
+    PostgreSQL accepts both; the pooler refuses them (client.MIXED_PIPELINE, and "Sync between
+    CopyData messages": whether the server ignores that Sync in copy-in mode or answers it after a
+    failed row cannot be told), so valid streams for the pooler do not have them.
     """
     out, unsynced = [], False
+    executed = early = ended = False
     for message in stream:
         kind = message[:1]
-        if kind in (b"Q", b"F") and unsynced:
-            out.append(SYNC)
-            unsynced = False
+        if kind in (b"Q", b"F"):
+            if unsynced:
+                if executed and early and not ended:
+                    out.append(COPY_DONE)
+                out.append(SYNC)
+                unsynced = False
+            executed = early = ended = False
         elif kind in (b"P", b"B", b"D", b"E", b"C"):
             unsynced = True
+            if kind == b"E":
+                executed, early, ended = True, False, False
         elif kind == b"S":
             unsynced = False
+            if executed and early and not ended:
+                out.append(COPY_DONE)
+                ended = True
+        elif kind == b"d":
+            if executed and not ended:
+                early = True
+        elif kind in (b"c", b"f"):
+            if executed:
+                ended = True
         out.append(message)
     return out
 

@@ -270,7 +270,7 @@ class ClientProtocol:
                         break
                     pending.append(None)
                     if server.copy_via_execute or server.copies_ended:
-                        server.copy_via_execute = False
+                        server.copy_via_execute = server.copy_data_early = False
                         server.copy_syncs = server.copies_ended = 0
                     self.unnamed = server.unnamed = None
                     self.scanning = True
@@ -279,6 +279,8 @@ class ClientProtocol:
                     self._scan(data[pos + 5:n])
                     pos = n
                 elif msg_type == COPY_DATA:
+                    if server.copy_via_execute and not server.copy_in and not server.copies_ended:
+                        server.copy_data_early = True
                     pos = self._stream(end, n)
                 elif msg_type == B:
                     # A large Bind: its statement name renamed in its header, the rest streamed.
@@ -304,7 +306,7 @@ class ClientProtocol:
                     break
                 pending.append(None)
                 if server.copy_via_execute or server.copies_ended:
-                    server.copy_via_execute = False
+                    server.copy_via_execute = server.copy_data_early = False
                     server.copy_syncs = server.copies_ended = 0
                 if msg_type == Q:
                     self.last_text = data
@@ -323,15 +325,27 @@ class ClientProtocol:
                     outcome = ProtocolViolation("invalid message format")
                     break
                 if server.copy_in:
-                    pos = end   # PostgreSQL ignores Sync (and Flush) in copy-in mode: no reply comes
+                    # PostgreSQL ignores a Sync in copy-in mode, but answers it once the COPY
+                    # has failed (a bad row read before it): not sent, so that no reply comes
+                    # that nobody awaits.
+                    if pieces is None:
+                        pieces = []
+                    pieces.append(data[emit:pos])
+                    emit = end
+                    pos = end
                     continue
-                pending.append(None)
-                server.unsynced = False
                 if server.copy_via_execute:
                     if server.copies_ended:
                         server.synced_after_copy = True
+                    elif server.copy_data_early:
+                        # Whether the server reads it in copy-in mode (ignored) or after the
+                        # COPY failed on a row (answered) cannot be told: libpq never sends it.
+                        outcome = ProtocolViolation("Sync between CopyData messages")
+                        break
                     else:
                         server.copy_syncs += 1   # ignored if that Execute turns out to be a COPY FROM STDIN
+                pending.append(None)
+                server.unsynced = False
             elif msg_type == B or msg_type == E or msg_type == P or msg_type == D or msg_type == C:
                 # Extended-query messages leave work on the server until the next Sync (Flush
                 # does not: psycopg ends a pipeline with Sync then Flush).  Compared one by one:
@@ -357,6 +371,7 @@ class ClientProtocol:
                         # CopyDone are counted meanwhile.
                         server.copy_via_execute = True
                         server.copy_syncs = server.copies_ended = 0
+                        server.copy_data_early = False
                 else:
                     replaced = self._describe_or_close(server, msg_type, data, pos, end)
                 if replaced is not None:
@@ -379,6 +394,9 @@ class ClientProtocol:
                     self._copy_ended(server)
             elif msg_type == COPY_FAIL:
                 self._copy_ended(server)
+            elif msg_type == COPY_DATA:
+                if server.copy_via_execute and not server.copy_in and not server.copies_ended:
+                    server.copy_data_early = True   # rows sent before the server said COPY began
             pos = end
         if outcome is None and pos < n:
             self.buf = bytearray(data[pos:])

@@ -1005,6 +1005,7 @@ class PooledBackend:
             if server.unsynced:
                 server.pending.append(None)
                 server.unsynced = False
+                server.synced_after_copy = True   # (a CopyDone it sent may not have been answered yet)
                 self._server_send(server, ABORT_PIPELINE + protocol.SYNC_MESSAGE)
             if server.pending:
                 if server.pending[0] is None:
@@ -1012,6 +1013,18 @@ class PooledBackend:
             else:
                 self._boundary(server)
         self._close_session(session)
+
+    def _end_abandoned_copy(self, server: srv.ServerConnection) -> None:
+        """The server began a COPY FROM STDIN for a client that has gone (it left before the
+        CopyInResponse): fail it, and sync it if it came by Execute (the Syncs the client sent
+        before were ignored in copy-in mode), so that the connection reaches its boundary."""
+        server.copy_abandoned = False
+        server.copy_in = False
+        self._server_send(server, COPY_FAIL)
+        if server.copy_via_execute:
+            server.pending.append(None)
+            server.unsynced = False
+            self._server_send(server, protocol.SYNC_MESSAGE)
 
     def _protocol_violation(self, session: Session, text: str) -> None:
         logger.log(log.LOG, "%s: protocol violation: %s", session, text)
@@ -1085,6 +1098,8 @@ class PooledBackend:
                 if len(data) == RECV_SIZE:
                     self.trim_memory = True
                 out, event = server.receive(data)
+                if server.copy_abandoned:
+                    self._end_abandoned_copy(server)
                 if out:
                     target = server.owner or server.pinned
                     if target is not None and not target.gone:

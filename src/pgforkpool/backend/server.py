@@ -123,6 +123,7 @@ class ServerProtocol:
 
     __slots__ = ("state", "owner", "pinned", "pending", "unsynced", "status", "copy_in",
                  "copy_via_execute", "copy_syncs", "copies_ended", "synced_after_copy",
+                 "copy_data_early", "copy_abandoned",
                  "prepared", "unnamed", "error_names", "params", "context", "reported", "notes",
                  "xacts", "held", "inbuf", "need", "passthrough", "cancels", "sock", "fd",
                  "pid", "key", "deadline", "stream", "since", "queries", "_reader", "_auth", "_startup",
@@ -146,6 +147,8 @@ class ServerProtocol:
         self.copy_syncs = 0                 # Syncs sent since that Execute, before a CopyDone/CopyFail
         self.copies_ended = 0               # CopyDone/CopyFail sent before the server said the copy began
         self.synced_after_copy = False      # a Sync was sent after such a CopyDone/CopyFail
+        self.copy_data_early = False        # CopyData sent after that Execute before the server said
+        self.copy_abandoned = False         # a copy-in began for a client that is gone: end it (pooled)
         self.prepared: set[bytes] = set()   # server names of statements prepared here
         self.unnamed: Statement | None = None   # the statements.Statement that is the unnamed one here
         self.error_names: dict[bytes, bytes] = {}   # server name -> client's, until the next ReadyForQuery
@@ -254,6 +257,10 @@ class ServerProtocol:
                         return b"", BROKEN
                     self.status = status
                     if not pending and not self.unsynced:
+                        if self.copy_via_execute or self.copies_ended:
+                            # Nothing is outstanding: no Execute is still to turn out a COPY.
+                            self.copy_via_execute = self.copy_data_early = False
+                            self.copy_syncs = self.copies_ended = 0
                         if self.notes & NOTE_RESET and self.status != _FAILED:
                             # Held until the startup values are back (the caller decides).
                             if pos > start:
@@ -357,6 +364,9 @@ class ServerProtocol:
             self.copy_in = True
             if self.copy_via_execute:
                 self.unsynced = True
+            receiver = self.owner or self.pinned
+            if receiver is not None and receiver.gone:
+                self.copy_abandoned = True   # nobody will send the rows or the CopyDone
 
     def _skipped(self):
         """Parses and Closes an error failed or made the server skip: undone, the latest first."""
