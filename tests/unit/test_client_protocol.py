@@ -899,3 +899,21 @@ def test_the_clean_up_sync_of_a_client_gone_before_the_copy_began_is_counted():
     assert not srv.unsynced and not srv.copy_in
     assert srv.receive(command_complete(b"COPY 0") + error("08P01", "unexpected message")
                        + rfq())[1] is BOUNDARY
+
+
+def test_a_set_statement_closed_in_the_round_trip_that_runs_it_keeps_its_name_in_sight():
+    """Bind, Execute and Close of a prepared SET in one round trip: the Close takes the statement
+    away at once, before the boundary looks for the custom setting's name, so its text is kept."""
+    from pgforkpool.backend.context import custom_setting_names
+    _reg, proto, srv = fresh()
+    feed(proto, srv, [parse(b"s1", b"SET myapp.tenant = 'acme'") + SYNC])
+    srv.receive(msg(b"1") + rfq())
+    feed(proto, srv, [query(b"SELECT 1")])
+    srv.receive(command_complete(b"SELECT 1") + rfq())
+    feed(proto, srv, [bind(b"s1") + execute() + close(b"S", b"s1") + SYNC])
+    assert b"s1" not in proto.statements
+    _flags, texts = proto.take_flags()
+    names = proto.statement_setting_names()
+    for text in texts:
+        names |= custom_setting_names(text)
+    assert "myapp.tenant" in names

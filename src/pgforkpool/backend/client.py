@@ -563,6 +563,8 @@ class ClientProtocol:
             if msg_type == C:
                 # Undone if an error makes the server skip it (CloseEntry.failed).
                 server.pending.append(CloseEntry(server, statement, self, None))
+                if statement is not None:
+                    self._keep_setting_text(statement)
                 self.unnamed = None
                 if statement is not None and server.unnamed is statement:
                     server.unnamed = None
@@ -580,6 +582,7 @@ class ClientProtocol:
             # name given back if an error makes the server skip the Close.
             if held is not None:
                 del self.statements[name]
+                self._keep_setting_text(held)
             server.pending.append(CloseEntry(server, held, self, name))
             # The shared statement stays prepared; closing a name the server
             # lacks is not an error: it answers CloseComplete.
@@ -619,6 +622,12 @@ class ClientProtocol:
         if self.unnamed is not None:
             names |= _setting_names(self.unnamed)
         return names
+
+    def _keep_setting_text(self, statement: Statement) -> None:
+        """A statement closed before the boundary may have run its SET in this round trip:
+        its text stays in sight of statement_setting_names (through texts) until then."""
+        if _setting_names(statement) and len(self.texts) < 64:
+            self.texts.append(statement.key)
 
     def release_statements(self) -> None:
         """The session ends, or the server discarded its statements (DISCARD ALL, DEALLOCATE ALL)."""
