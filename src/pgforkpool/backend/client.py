@@ -270,8 +270,7 @@ class ClientProtocol:
                         break
                     pending.append(None)
                     if server.copy_via_execute or server.copies_ended:
-                        server.copy_via_execute = server.copy_data_early = False
-                        server.copy_syncs = server.copies_ended = 0
+                        server.forget_copy()
                     self.unnamed = server.unnamed = None
                     self.scanning = True
                     self.tail = b""
@@ -306,8 +305,7 @@ class ClientProtocol:
                     break
                 pending.append(None)
                 if server.copy_via_execute or server.copies_ended:
-                    server.copy_via_execute = server.copy_data_early = False
-                    server.copy_syncs = server.copies_ended = 0
+                    server.forget_copy()
                 if msg_type == Q:
                     self.last_text = data
                     # A simple Query destroys the unnamed statement.
@@ -638,10 +636,10 @@ class ClientProtocol:
 
 
 def _setting_names(statement: Statement) -> frozenset:
+    """custom_setting_names of the statement's key (its text, as texts holds it), read once."""
     names = statement.settings
     if names is None:
-        text = statement.key[:statement.key.find(b"\0")] if b"\0" in statement.key else statement.key
-        names = statement.settings = frozenset(custom_setting_names(text))
+        names = statement.settings = frozenset(custom_setting_names(statement.key))
     return names
 
 

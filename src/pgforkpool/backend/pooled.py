@@ -311,7 +311,7 @@ class PooledBackend:
             if (session.state is not WAITING or session.pinned is not None
                     or now - session.since < timeout or not session.proto.drop_request()):
                 continue
-            self.scheduler.timed_out(session)
+            self.scheduler.drop_wait(session)
             logger.log(log.LOG, "%s: no server connection became free in %.1f s; query canceled",
                        session, now - session.since)
             error = PgError("query_canceled", "canceling statement due to query_wait_timeout: no "
@@ -1598,7 +1598,7 @@ class PooledBackend:
             # Its statement has not started: it never will, as if cancelled at once (otherwise
             # the cancel would be lost and the statement run later, when the client has been
             # told nothing and may have gone on).
-            self.scheduler.timed_out(session)
+            self.scheduler.drop_wait(session)
             logger.log(log.LOG, "%s: canceled while waiting for a server connection", session)
             self._answer_dropped(session, PgError("query_canceled", "canceling statement due to user request"))
             return

@@ -126,8 +126,8 @@ class Scheduler:
             except ValueError:
                 pass
 
-    def timed_out(self, session) -> None:
-        """Its wait exceeded query_wait_timeout: out of the queue, idle again."""
+    def drop_wait(self, session) -> None:
+        """Its request was answered unrun (query_wait_timeout, a cancel): out of the queue, idle again."""
         self.forget(session)
         session.state = _IDLE
 

@@ -258,9 +258,7 @@ class ServerProtocol:
                     self.status = status
                     if not pending and not self.unsynced:
                         if self.copy_via_execute or self.copies_ended:
-                            # Nothing is outstanding: no Execute is still to turn out a COPY.
-                            self.copy_via_execute = self.copy_data_early = False
-                            self.copy_syncs = self.copies_ended = 0
+                            self.forget_copy()   # nothing outstanding: no Execute is still to turn out a COPY
                         if self.notes & NOTE_RESET and self.status != _FAILED:
                             # Held until the startup values are back (the caller decides).
                             if pos > start:
@@ -333,6 +331,11 @@ class ServerProtocol:
         except (ValueError, IndexError, struct.error):
             return b"", BROKEN
         return (first + out if first else out), event
+
+    def forget_copy(self) -> None:
+        """A Query, or a boundary: no Execute sent before is still to turn out a COPY."""
+        self.copy_via_execute = self.copy_data_early = False
+        self.copy_syncs = self.copies_ended = 0
 
     def copy_started(self) -> None:
         """The server entered copy-in mode.

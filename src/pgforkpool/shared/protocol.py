@@ -179,20 +179,14 @@ def quote_literal(value: str) -> str:
     its encoding on the server connection (PostgreSQL 13 and later accept such escapes
     in any server encoding that has the character).
     """
-    if value.isascii():
-        if "\\" in value:
-            return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
-        return "'" + value.replace("'", "''") + "'"
-    parts = []
-    for char in value:
-        code = ord(char)
-        if code < 0x80:
-            parts.append("\\\\" if char == "\\" else "''" if char == "'" else char)
-        elif code < 0x10000:
-            parts.append(f"\\u{code:04x}")
-        else:
-            parts.append(f"\\U{code:08x}")
-    return "E'" + "".join(parts) + "'"
+    quoted = value.replace("'", "''")
+    if value.isascii() and "\\" not in value:
+        return "'" + quoted + "'"
+    quoted = quoted.replace("\\", "\\\\")
+    if not value.isascii():
+        quoted = "".join(c if c.isascii() else f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}"
+                         for c in quoted)
+    return "E'" + quoted + "'"
 
 
 # PostgreSQL's client encodings and Python's codecs for them (to read what a hidden query
