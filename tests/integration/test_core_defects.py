@@ -823,6 +823,92 @@ def test_a_client_gone_before_its_copy_began_leaves_the_backend_serving(pool, se
     assert_backend_unhurt(pool, keeper, pids, f"a client gone before its COPY began ({sent})")
 
 
+def _copy_began(raw: Raw) -> None:
+    """Read up to the CopyInResponse of an extended-protocol COPY FROM STDIN."""
+    kinds = []
+    while not kinds or kinds[-1] not in (ord("G"), ord("E"), ord("Z")):
+        item = raw.read()
+        assert item is not None, "the connection closed"
+        kinds.append(item[0])
+    assert kinds[-1] == ord("G"), f"message types {bytes(kinds)!r}"
+
+
+EXTENDED_COPY = (message(b"P", b"\0COPY items FROM STDIN\0\0\0") + message(b"B", b"\0\0\0\0\0\0\0\0")
+                 + message(b"E", b"\0\0\0\0\0") + SYNC)
+
+
+def test_a_sync_after_a_failing_copy_row_gets_no_answer_meant_for_another_session(pool, cluster):
+    """A client in an extended-protocol COPY FROM STDIN sends a row that fails the COPY, then a
+    Sync among its rows. PostgreSQL answers that Sync (the COPY is over), where it ignores one
+    while the COPY runs; the pooler does not pass it on, so no second ReadyForQuery can reach the
+    session the connection serves next (a hostile client could otherwise have read another's rows).
+    The client gets the error and one ReadyForQuery for its final Sync; nothing is copied; every
+    session goes on, the other first."""
+    keeper = keeper_session(pool)
+    pids = pooler_pids(pool)
+    with Raw(pool.port) as raw:
+        raw.send(EXTENDED_COPY)
+        _copy_began(raw)
+        # The other session's query waits for the connection, to be served the moment it is free.
+        waiting = Call(lambda: keeper.execute("SELECT current_setting('myapp.keep'), "
+                                              "(SELECT count(*) FROM items WHERE id > 30000010)").fetchall())
+        proc = psutil.Process(backend_pid(keeper))
+        wait_for(lambda: " 1 waiting" in _title(proc), "the other session waiting for the connection")
+        raw.send(message(b"d", b"not a number\tone\n") + SYNC
+                 + message(b"d", b"30000011\ttwo\n") + message(b"c") + SYNC)
+        messages, closed = raw.reply()
+        assert not closed, describe(messages)
+        assert [e["C"] for e in errors(messages)] == ["22P02"], describe(messages)
+        assert waiting.get(ANSWER_BOUND, "the waiting session's query") == [("kept", 0)]
+        messages, closed = raw.query("SELECT 'mine'")
+        assert not closed and data_rows(messages) == [["mine"]], describe(messages)
+        assert [t for t, _p in messages].count(ord("Z")) == 1, describe(messages)
+    assert_backend_unhurt(pool, keeper, pids, "a Sync after a row that failed the COPY")
+
+
+def test_a_sync_among_rows_sent_before_the_copy_began_ends_only_that_client(pool, cluster):
+    """Rows sent right after a COPY's Execute, before the server said the COPY began, then a Sync
+    among them: whether PostgreSQL will ignore that Sync or answer it cannot be told, so the pooler
+    refuses the stream with 08P01 and ends that session. Nothing it sent is copied, and the
+    backend serves the others."""
+    keeper = keeper_session(pool)
+    pids = pooler_pids(pool)
+    with Raw(pool.port) as raw:
+        raw.send(EXTENDED_COPY + message(b"d", b"30000021\tone\n") + SYNC
+                 + message(b"d", b"30000022\ttwo\n") + message(b"c") + SYNC)
+        messages = raw.until_closed()
+    fatal = [e for e in errors(messages) if e.get("V") == "FATAL"]
+    assert [e["C"] for e in fatal] == ["08P01"], describe(messages)
+    assert "Sync between CopyData" in fatal[0]["M"], fatal[0]
+    assert answered_within(keeper, "SELECT count(*) FROM items WHERE id > 30000020") == [(0,)]
+    assert_backend_unhurt(pool, keeper, pids, "a Sync among rows sent before the COPY began")
+
+
+def test_a_prepared_set_closed_in_the_round_trip_that_runs_it_stays_in_its_session(pool):
+    """Bind, Execute and Close of a prepared SET in one round trip: the Close took the statement,
+    and with it the text that names the setting, before the read-back looked for it, so the value
+    stayed on the shared connection for the next session and the session itself lost it."""
+    a, b = pool.connect(), pool.connect()
+    assert server_pid(a) == server_pid(b)
+    with Raw(pool.port) as raw:
+        raw.send(message(b"P", b"set_tenant\0SET myapp.tenant = 'A'\0\0\0") + SYNC)
+        messages, closed = raw.reply()
+        assert not closed and not errors(messages), describe(messages)
+        messages, closed = raw.query("SELECT 1")   # a round trip between: its text is not the SET's
+        assert not closed and data_rows(messages) == [["1"]], describe(messages)
+        raw.send(message(b"B", b"\0set_tenant\0\0\0\0\0\0\0") + message(b"E", b"\0\0\0\0\0")
+                 + message(b"C", b"Sset_tenant\0") + SYNC)
+        messages, closed = raw.reply()
+        assert not closed and not errors(messages), describe(messages)
+        assert [p for t, p in messages if t == ord("C")] == [b"SET\0"], describe(messages)
+        seen = b.execute("SELECT current_setting('myapp.tenant', true)").fetchone()[0]
+        assert seen in (None, ""), f"another session read {seen!r}"
+        b.execute("SET myapp.tenant = 'B'")
+        messages, closed = raw.query("SELECT current_setting('myapp.tenant', true)")
+        assert not closed and data_rows(messages) == [["A"]], describe(messages)
+    assert b.execute("SELECT current_setting('myapp.tenant', true)").fetchone()[0] == "B"
+
+
 @pytest.mark.parametrize("then", ["completes it", "vanishes"])
 def test_a_stray_copydata_half_sent_keeps_the_connection_until_it_is_whole(pool, then):
     """A CopyData outside COPY (PostgreSQL reads and ignores it) whose header has come and whose
