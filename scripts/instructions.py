@@ -20,6 +20,13 @@ for its server connection (25 is what select-only with 100 clients puts on each 
 backends), and how many events one wake-up finds depends on timing: such counts
 repeat to within about 2 %.
 
+A case `MB:bytea` counts large messages instead: one client (bench.py's bytea client, as
+`scripts/bench --only large` runs it) makes round trips of `SELECT $1::bytea` with an
+MB-megabyte value bound in binary and the result in binary, BYTEA_TRIPS of them in the
+larger run and a fifth in the smaller; the figure is the backend's instructions per MB
+(moved each way).  How a large message arrives in pieces depends on timing, so these
+repeat less exactly than the select-only ones.
+
 Run it through scripts/instructions, which sets up the environment first.
 """
 
@@ -48,6 +55,8 @@ START_WAIT = 180.0       # seconds a pooler under callgrind gets to listen (its 
 STOP_WAIT = 120.0        # and to exit, writing its counts
 DEFAULT_CASES = ("1:simple", "1:prepared", "25:simple", "25:prepared")
 DEFAULT_TRANSACTIONS = 4000   # in all, for the larger of the two runs; the smaller has a fifth
+BYTEA_TRIPS = 10              # round trips of a MB:bytea case's larger run; the smaller has a fifth
+PROTOCOLS = ("simple", "extended", "prepared", "bytea")
 
 
 def start_under_callgrind(program: str, workdir: str, cluster: Cluster, out_dir: str) -> tuple[subprocess.Popen, int, str]:
@@ -118,20 +127,26 @@ def total_instructions(path: str) -> int:
 def count(program: str, cluster: Cluster, workdir: str, clients: int, protocol: str,
           per_client: int, pgbench: str, log, keep: str = "") -> int:
     """Instructions the pooled backend ran for `per_client` select-only transactions of each
-    client; keep: a path to copy the backend's callgrind file to."""
+    client (protocol "bytea": `per_client` round trips of `clients` MB by one client); keep: a
+    path to copy the backend's callgrind file to."""
     out_dir = server_dir(os.path.join(workdir, "callgrind"))
     proc, port, log_path = start_under_callgrind(program, workdir, cluster, out_dir)
     try:
         with psycopg.connect(host="127.0.0.1", port=port, user=USER, password=PASSWORD,
                              dbname=DATABASE, connect_timeout=30) as conn:
             backend = conn.pgconn.backend_pid
-            argv = [pgbench, "-n", "-S", "-M", protocol, "-c", str(clients), "-j", "1",
-                    "-t", str(per_client), "-h", "127.0.0.1", "-p", str(port), "-U", USER, DATABASE]
-            run = subprocess.run(argv, capture_output=True, text=True, env=client_env(), timeout=1800)
-            log.write(f"$ {' '.join(argv)}\n{run.stdout}{run.stderr}\n")
-            done = re.search(r"number of transactions actually processed: (\d+)", run.stdout)
-            if run.returncode != 0 or not done or int(done.group(1)) != clients * per_client:
-                raise RuntimeError(f"pgbench failed (exit {run.returncode}): {run.stderr.strip()[-500:]}")
+            if protocol == "bytea":
+                bytea_round_trips(port, clients, per_client, log)
+                argv = []
+            else:
+                argv = [pgbench, "-n", "-S", "-M", protocol, "-c", str(clients), "-j", "1",
+                        "-t", str(per_client), "-h", "127.0.0.1", "-p", str(port), "-U", USER, DATABASE]
+            if argv:
+                run = subprocess.run(argv, capture_output=True, text=True, env=client_env(), timeout=1800)
+                log.write(f"$ {' '.join(argv)}\n{run.stdout}{run.stderr}\n")
+                done = re.search(r"number of transactions actually processed: (\d+)", run.stdout)
+                if run.returncode != 0 or not done or int(done.group(1)) != clients * per_client:
+                    raise RuntimeError(f"pgbench failed (exit {run.returncode}): {run.stderr.strip()[-500:]}")
     finally:
         leftovers = stop(proc)
         if leftovers:
@@ -147,6 +162,17 @@ def count(program: str, cluster: Cluster, workdir: str, clients: int, protocol: 
     return total
 
 
+def bytea_round_trips(port: int, mb: int, trips: int, log) -> None:
+    """`trips` round trips of `mb` MB through the pooler at `port`, by bench.py's bytea client
+    (which first makes an untimed 1 MB one: the same in both runs of a case)."""
+    with bench.ByteaClient(port, (mb,), trips, 1800.0) as client:
+        result = client.finish(log)
+    done = len(result.round_trips.get(mb, []))
+    if result.error or done != trips:
+        raise RuntimeError(f"bytea client: {done} of {trips} round trips of {mb} MB"
+                           + (f": {result.error}" if result.error else ""))
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="scripts/instructions",
@@ -156,8 +182,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--baseline", action="append", default=[], metavar="REV",
                         help="also count pgforkpool as of git revision REV; may be given more than once")
     parser.add_argument("--cases", default=",".join(DEFAULT_CASES),
-                        help="comma-separated CLIENTS:PROTOCOL (pgbench -c and -M) to count "
-                             f"(default {','.join(DEFAULT_CASES)})")
+                        help="comma-separated CLIENTS:PROTOCOL (pgbench -c and -M) to count, or "
+                             "MB:bytea (round trips of an MB-megabyte bytea, one client; instructions "
+                             f"per MB) (default {','.join(DEFAULT_CASES)})")
     parser.add_argument("--transactions", type=int, default=DEFAULT_TRANSACTIONS,
                         help="transactions in all of the larger run of each case (default "
                              f"{DEFAULT_TRANSACTIONS}); the smaller run has a fifth of them")
@@ -179,11 +206,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.case_list = []
     for item in args.cases.split(","):
         clients, _, protocol = item.partition(":")
-        if not clients.isdigit() or int(clients) < 1 or protocol not in ("simple", "extended", "prepared"):
-            parser.error(f"--cases: {item!r} is not CLIENTS:simple|extended|prepared")
+        if not clients.isdigit() or int(clients) < 1 or protocol not in PROTOCOLS:
+            parser.error(f"--cases: {item!r} is not CLIENTS:simple|extended|prepared or MB:bytea")
         if (int(clients), protocol) not in args.case_list:
             args.case_list.append((int(clients), protocol))
-    most = max(clients for clients, _protocol in args.case_list)
+    most = max((clients for clients, protocol in args.case_list if protocol != "bytea"), default=1)
     if args.transactions < 5 * most:
         parser.error(f"--transactions: at least 5 per client ({5 * most} for {most} clients)")
     if args.timeout <= 0:
@@ -211,9 +238,15 @@ def render(args: argparse.Namespace, started: datetime.datetime,
                  for t in names]
         ratios = [f"{mine / counts[(t, clients, protocol)]:.3f}" if mine and counts.get((t, clients, protocol))
                   else "—" for t in names[1:]]
-        lines.append(f"| {clients}, `-M {protocol}` | " + " | ".join(cells + ratios) + " |")
+        label = (f"{clients} MB bytea round trips, per MB" if protocol == "bytea"
+                 else f"{clients}, `-M {protocol}`")
+        lines.append(f"| {label} | " + " | ".join(cells + ratios) + " |")
     lines += ["", "Instructions per transaction of the pooled backend alone (not PostgreSQL's, not the "
               "clients'); a ratio below 1 means the current build runs fewer."]
+    if any(protocol == "bytea" for _clients, protocol in args.case_list):
+        lines += ["", f"A bytea row: one client's round trips of `SELECT $1::bytea` (value and result "
+                  f"binary), {BYTEA_TRIPS // 5} and {BYTEA_TRIPS} of them; the backend's instructions "
+                  "per MB moved each way."]
     return "\n".join(lines) + "\n"
 
 
@@ -252,8 +285,11 @@ def main(argv: list[str]) -> int:
             if init.returncode != 0:
                 raise RuntimeError(f"pgbench -i failed:\n{init.stderr}")
             for clients, protocol in args.case_list:
-                large = max(1, args.transactions // clients)
-                small = max(1, large // 5)
+                if protocol == "bytea":
+                    large, small = BYTEA_TRIPS, BYTEA_TRIPS // 5
+                else:
+                    large = max(1, args.transactions // clients)
+                    small = max(1, large // 5)
                 for target, _commit in args.targets:
                     runs = []
                     try:
@@ -268,8 +304,12 @@ def main(argv: list[str]) -> int:
                         continue
                     per_xact = (runs[1] - runs[0]) / ((large - small) * clients)
                     counts[(target, clients, protocol)] = per_xact
-                    say(f"{clients} client(s) -M {protocol}, {target}: {per_xact:,.0f} instructions "
-                        f"per transaction ({runs[0]:,} for {small * clients}, {runs[1]:,} for {large * clients})")
+                    if protocol == "bytea":
+                        say(f"{clients} MB bytea round trips, {target}: {per_xact:,.0f} instructions per MB "
+                            f"({runs[0]:,} for {small}, {runs[1]:,} for {large})")
+                    else:
+                        say(f"{clients} client(s) -M {protocol}, {target}: {per_xact:,.0f} instructions "
+                            f"per transaction ({runs[0]:,} for {small * clients}, {runs[1]:,} for {large * clients})")
     except bench.Interrupted as exc:
         interrupted = exc.reason
         say(f"stopping: {interrupted}")

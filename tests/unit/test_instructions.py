@@ -30,10 +30,10 @@ def test_cases_and_baselines_are_read_from_the_options(instructions):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--cases", "1"], "CLIENTS:simple|extended|prepared"),
-    (["--cases", "0:simple"], "CLIENTS:simple|extended|prepared"),
-    (["--cases", "x:simple"], "CLIENTS:simple|extended|prepared"),
-    (["--cases", "1:fast"], "CLIENTS:simple|extended|prepared"),
+    (["--cases", "1"], "CLIENTS:simple|extended|prepared or MB:bytea"),
+    (["--cases", "0:simple"], "CLIENTS:simple|extended|prepared or MB:bytea"),
+    (["--cases", "x:simple"], "CLIENTS:simple|extended|prepared or MB:bytea"),
+    (["--cases", "1:fast"], "CLIENTS:simple|extended|prepared or MB:bytea"),
     (["--cases", "25:simple", "--transactions", "100"], "at least 5 per client (125 for 25 clients)"),
     (["--timeout", "0"], "--timeout must be positive"),
 ])
@@ -65,3 +65,14 @@ def test_the_table_has_each_builds_count_and_the_ratios(instructions):
     assert "| clients, protocol | pgforkpool | pgforkpool@HEAD | pgforkpool/pgforkpool@HEAD |" in report
     assert "| 1, `-M simple` | 48,000 | 50,000 | 0.960 |" in report
     assert "| 25, `-M prepared` | 40,000 | — | — |" in report
+
+
+def test_a_bytea_case_counts_per_mb_and_says_so(instructions):
+    """MB:bytea: round trips of an MB-megabyte bytea; the client count check does not apply."""
+    args = instructions.parse_args(["--baseline", "HEAD", "--cases", "16:bytea,1:simple",
+                                    "--transactions", "5"])
+    assert args.case_list == [(16, "bytea"), (1, "simple")]
+    counts = {("pgforkpool", 16, "bytea"): 900_000.0, ("pgforkpool@HEAD", 16, "bytea"): 1_000_000.0}
+    report = instructions.render(args, datetime.datetime(2026, 12, 3, 8, 0), counts)
+    assert "| 16 MB bytea round trips, per MB | 900,000 | 1,000,000 | 0.900 |" in report
+    assert "instructions per MB moved each way" in report
