@@ -1257,3 +1257,82 @@ def test_bad_message_length_ends_only_that_client(pool, case):
     assert_backend_unhurt(pool, keeper, pids, case)
     assert answer is None, f"{case}: {answer}"
     assert first is None or error_fields(first[1]).get("C") == "08P01", f"{case}: {describe([first])}"
+
+
+# ================================================================ found by a second exploratory run
+
+@pytest.mark.parametrize("a_set, b_set, sql, param, b_expects", [
+    ("SET TimeZone = 'Asia/Tokyo'", "SET TimeZone = 'UTC'",
+     "SELECT ('2024-01-01 00:00'::timestamptz = %s::timestamptz)::text", "2024-01-01 00:00+00", "true"),
+    ("SET DateStyle = 'ISO, MDY'", "SET DateStyle = 'ISO, DMY'",
+     "SELECT '03/04/2024'::date::text || %s::text", "", "2024-04-03"),
+    ("SET search_path = tenant_one", "SET search_path = tenant_two",
+     "SELECT * FROM tenant_table WHERE %s::text IS NOT NULL", "", "two"),
+])
+def test_a_prepared_text_means_in_each_session_what_its_settings_say(pool, cluster, a_set, b_set, sql,
+                                                                       param, b_expects):
+    """Two sessions prepare the same text (psycopg prepare=True) under different TimeZone,
+    DateStyle or search_path: PostgreSQL reads literals and names when a statement is prepared,
+    and the pooler gave the second session the first's statement: a timestamp 9 hours off, a date
+    with day and month swapped, or 0A000 "cached plan must not change result type" for a schema
+    per tenant."""
+    with direct(cluster) as conn:
+        conn.execute("DROP SCHEMA IF EXISTS tenant_one CASCADE; DROP SCHEMA IF EXISTS tenant_two CASCADE; "
+                     "CREATE SCHEMA tenant_one; CREATE SCHEMA tenant_two; "
+                     "CREATE TABLE tenant_one.tenant_table (n int); INSERT INTO tenant_one.tenant_table VALUES (1); "
+                     "CREATE TABLE tenant_two.tenant_table (who text, n text); "
+                     "INSERT INTO tenant_two.tenant_table VALUES ('two', 'x'); "
+                     "GRANT USAGE ON SCHEMA tenant_one, tenant_two TO PUBLIC; "
+                     "GRANT SELECT ON tenant_one.tenant_table, tenant_two.tenant_table TO PUBLIC")
+    a, b = pool.connect(), pool.connect()
+    assert server_pid(a) == server_pid(b)
+    a.execute(a_set)
+    b.execute(b_set)
+    for _ in range(2):
+        a.execute(sql, (param,), prepare=True).fetchall()
+        assert b.execute(sql, (param,), prepare=True).fetchone()[0] == b_expects
+    assert server_pid(a) == server_pid(b)
+
+
+@pytest.mark.parametrize("in_transaction, b_set", [
+    ("SET TRANSACTION DEFERRABLE", "SET TimeZone = 'UTC'"),
+    ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", "SET default_transaction_isolation = 'repeatable read'"),
+    ("SET TRANSACTION READ WRITE", "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY"),
+])
+def test_set_transaction_is_not_kept_as_a_session_setting(pool, in_transaction, b_set):
+    """After BEGIN; SET TRANSACTION …; COMMIT PostgreSQL lists transaction_isolation (or
+    transaction_deferrable, transaction_read_only) as set in the session: the pooler read it back,
+    its restore after another session's turn was refused, and the session was ended."""
+    a, b = pool.connect(), pool.connect()
+    a.execute("BEGIN")
+    a.execute(in_transaction)
+    a.execute("COMMIT")
+    b.execute(b_set)
+    for _ in range(2):
+        assert a.execute("SELECT current_setting('transaction_isolation'), "
+                         "current_setting('transaction_read_only')").fetchone() == ("read committed", "off")
+        b.execute("SELECT 1")
+    assert server_pid(a) == server_pid(b)
+
+
+def test_a_sessions_deferrable_transaction_defaults_do_not_make_the_next_session_wait(pool, cluster):
+    """A session whose transactions default to SERIALIZABLE, READ ONLY, DEFERRABLE: the pooler's own
+    queries ran in those defaults, so the restore for the next session (which set nothing) waited
+    for a safe snapshot until every serializable read-write transaction of the cluster ended."""
+    with direct(cluster) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS deferrable_probe (n int)")
+    other = direct(cluster)
+    other.autocommit = False
+    other.execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+    other.execute("SELECT count(*) FROM deferrable_probe")
+    other.execute("INSERT INTO deferrable_probe VALUES (1)")   # read-write and open
+    try:
+        a, b = pool.connect(), pool.connect()
+        for setting in ("default_transaction_isolation = serializable", "default_transaction_read_only = on",
+                        "default_transaction_deferrable = on"):
+            Call(a.execute, f"SET {setting}").get(ANSWER_BOUND, f"SET {setting}")
+        # (a's own next query waits for a safe snapshot, as it does on PostgreSQL direct.)
+        assert answered_within(b, "SELECT current_setting('transaction_isolation')") == [("read committed",)]
+    finally:
+        other.rollback()
+        other.close()

@@ -224,3 +224,29 @@ def test_vanished_clients_session_state_dies_with_it(start_pooler):
         with pytest.raises(psycopg.errors.UndefinedTable):
             other.execute("SELECT * FROM pg_temp.left_behind")
     wait_for(lambda: pinned_count(pooler) == 0, "no pinned connection left over")
+
+
+@pytest.mark.parametrize("create, use", [
+    ("CREATE TABLE secret_ctas AS SELECT 42 AS secret", "SELECT secret FROM secret_ctas"),
+    ("SELECT 43 AS secret INTO secret_into", "SELECT secret FROM secret_into"),
+    ("CREATE SEQUENCE secret_seq START 1000", "SELECT nextval('secret_seq')"),
+    ("CREATE VIEW secret_view AS SELECT 44 AS secret", "SELECT secret FROM secret_view"),
+])
+def test_temporary_objects_made_through_a_pg_temp_search_path_pin(two, create, use):
+    """With pg_temp first in its search_path, a session's CREATE TABLE AS, SELECT INTO, CREATE
+    SEQUENCE or VIEW makes a temporary object, though neither the text nor the command tag says
+    so: the session did not pin, and the next session on the connection read the object (and,
+    after the first left, a new one did)."""
+    pooler, a, b = two
+    a.execute("SET search_path = pg_temp, public")
+    a.execute("SELECT 1")   # a round trip of its own between: the SET's own pin check is done
+    a.execute(create)
+    assert a.execute(use).fetchone()[0] in (42, 43, 44, 1000)
+    with pytest.raises(psycopg.errors.UndefinedTable):
+        b.execute(use)
+    assert server_pid(a) != server_pid(b)
+    assert pinned_count(pooler) == 1
+    a.close()
+    with pooler.connect() as c:
+        with pytest.raises(psycopg.errors.UndefinedTable):
+            c.execute(use)

@@ -47,8 +47,18 @@ def test_a_restore_lifts_the_timeouts_of_the_connections_settings_for_itself():
     lock_timeout of a few milliseconds there must not cut it short.  SET LOCAL lifts them for the
     restore's own implicit transaction; a value the restore sets for the session comes after."""
     sql = session.restore_query({"statement_timeout": "5ms"}, {"statement_timeout": "7ms"})
-    assert sql.startswith("SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0; ")
+    assert sql.startswith("SET LOCAL transaction_deferrable = off; SET LOCAL statement_timeout = 0; "
+                          "SET LOCAL lock_timeout = 0; ")
     assert sql.index("SET LOCAL statement_timeout") < sql.index("set_config('statement_timeout', '7ms', false)")
+
+
+def test_the_settings_of_one_transaction_are_not_read_back():
+    """After BEGIN; SET TRANSACTION …; COMMIT PostgreSQL lists transaction_isolation (and
+    transaction_read_only, transaction_deferrable) with source 'session': read back, they were
+    restored inside the restore's snapshot, refused, and the session ended."""
+    sql = session.capture_query(set())
+    for name in ("transaction_isolation", "transaction_read_only", "transaction_deferrable"):
+        assert f"'{name}'" in sql.split("NOT IN", 1)[1].split(")", 1)[0]
 
 
 def test_captured_settings_lower_case_names_and_drop_defaults():
@@ -145,3 +155,55 @@ def test_custom_setting_names_follow_every_spelling_postgresql_accepts(statement
     do not list them, so the pooler reads them back by these names); a set_config whose name is
     not a constant is UNKNOWN_NAME."""
     assert session.custom_setting_names(statement) == names
+
+
+def test_sessions_share_statements_only_when_they_read_texts_alike():
+    """A prepared statement keeps the reading of its text under the settings it was prepared in
+    (a timestamptz literal under TimeZone, a name under search_path): sessions whose such
+    settings differ get statements of their own; the others share one."""
+    from pgforkpool.backend.statements import StatementRegistry
+    registry = StatementRegistry(10)
+    key = b"SELECT '2024-01-01 00:00'::timestamptz\0\0\0"
+    tokyo = session.parse_scope({"timezone": "Asia/Tokyo", "application_name": "a"})
+    utc = session.parse_scope({"timezone": "UTC"})
+    plain = session.parse_scope({"application_name": "b", "myapp.tenant": "t"})
+    assert plain == b"" and tokyo != utc
+    first = registry.acquire(key, 0, tokyo)
+    assert registry.acquire(key, 0, tokyo) is first
+    assert registry.acquire(key, 0, utc) is not first
+    assert registry.acquire(key, 0, plain) is not first
+    assert registry.acquire(key, 0) is registry.acquire(key, 0, b"")
+    assert first.key == key   # what is sent to the server stays the client's text
+    assert session.parse_scope({"search_path": "s1"}) != session.parse_scope({"search_path": "s2"})
+
+
+def test_a_scope_cannot_pass_for_a_parse_payload():
+    """Scoped registry keys start with two NULs and a length: a payload that starts with two
+    NULs (an empty text, no parameter types) is three bytes long, so no client's Parse can
+    name another scope's statement."""
+    from pgforkpool.backend.statements import StatementRegistry
+    registry = StatementRegistry(10)
+    scope = session.parse_scope({"timezone": "UTC"})
+    theirs = registry.acquire(b"SELECT 1\0\0\0", 0, scope)
+    body = b"mine\0" + scope + b"SELECT 1\0\0\0"   # a Parse whose payload is their registry key
+    assert isinstance(statements.parse_key(body, 0, len(body)), statements.ProtocolViolation)
+    assert registry.acquire(b"\0\0\0", 0) is not theirs
+
+
+def test_released_scoped_statements_are_evicted_by_their_own_key():
+    from pgforkpool.backend.statements import StatementRegistry
+    registry = StatementRegistry(1)
+    scope = session.parse_scope({"datestyle": "ISO, DMY"})
+    one = registry.acquire(b"SELECT 1\0\0\0", 0, scope)
+    two = registry.acquire(b"SELECT 2\0\0\0", 0, scope)
+    registry.release(one)
+    registry.release(two)
+    assert registry.evicted == [one.name]
+    assert registry.acquire(b"SELECT 2\0\0\0", 0, scope) is two
+
+
+def test_pg_temp_in_the_search_path_is_seen_in_any_spelling():
+    assert session.temp_schema_in_path({"search_path": "pg_temp, public"})
+    assert session.temp_schema_in_path({"search_path": 'public, "PG_TEMP"'})
+    assert not session.temp_schema_in_path({"search_path": "\"$user\", public"})
+    assert not session.temp_schema_in_path({})

@@ -155,7 +155,7 @@ class ClientProtocol:
     """One session's frontend stream and its statement names."""
 
     __slots__ = ("buf", "need", "passthrough", "scanning", "tail", "statements", "unnamed",
-                 "flags", "texts", "last_text", "registry")
+                 "flags", "texts", "last_text", "registry", "scope")
 
     def __init__(self, registry: StatementRegistry) -> None:
         self.buf = bytearray()   # received, not yet forwarded (an incomplete message, or input that waits)
@@ -169,6 +169,7 @@ class ClientProtocol:
         self.texts: list = []    # statement texts since then with MAY_SET (for custom setting names)
         self.last_text = b""     # the last input with a Query or Parse (SET names a custom setting there)
         self.registry = registry
+        self.scope = b""          # context.parse_scope of its settings: whose statements it shares
 
     # ------------------------------------------------------------ waiting for a server
 
@@ -473,7 +474,7 @@ class ClientProtocol:
             server.error_names[held.name] = name
             server.pending.append(ParseEntry(False, server))
             return prefix + parse_message(held.name, key)
-        statement = self.registry.acquire(key, flags)
+        statement = self.registry.acquire(key, flags, self.scope)
         self.statements[name] = statement
         if statement.name in server.prepared:
             # Another session prepared the same text here: an unnamed Parse

@@ -176,14 +176,49 @@ def custom_setting_names(statement: bytes) -> set[str]:
     return names
 
 
+# Settings of one transaction (SET TRANSACTION …): pg_settings lists them with source 'session'
+# after a transaction that set them, but each transaction starts from the default_transaction_*
+# settings, and set_config() of one is refused once the restore's implicit transaction has a
+# snapshot. They are never a session's to keep.
+PER_TRANSACTION: Final = "'transaction_isolation', 'transaction_read_only', 'transaction_deferrable'"
+
+
+# Settings under which PostgreSQL reads a statement's text when it is prepared: which
+# relations and functions names mean, what a timestamptz, date or interval literal is, what a
+# backslash in a string is. A prepared statement keeps that reading, so sessions share one only
+# when these are the same.
+PARSE_SETTINGS: Final = ("search_path", "timezone", "datestyle", "intervalstyle",
+                         "standard_conforming_strings", "backslash_quote", "transform_null_equals",
+                         "array_nulls", "lc_monetary", "lc_numeric")
+
+
+def parse_scope(settings: dict[str, str]) -> bytes:
+    """What tells apart the sessions that may share prepared statements (StatementRegistry):
+    b"" when none of PARSE_SETTINGS is the session's own, else the values it has, after two
+    NULs and a length. (No Parse payload starts like that: two NULs are an empty query text
+    and no parameter types, and the payload ends there.)"""
+    values = [f"{name}={settings[name]}" for name in PARSE_SETTINGS if name in settings]
+    if not values:
+        return b""
+    scope = "\0".join(values).encode("utf-8", "surrogateescape")
+    return b"\0\0" + len(scope).to_bytes(4, "big") + scope
+
+
+def temp_schema_in_path(settings: dict[str, str]) -> bool:
+    """pg_temp named in the session's search_path: CREATE TABLE AS, SELECT INTO, CREATE
+    SEQUENCE or VIEW with unqualified names may make temporary objects without a word of it."""
+    return "pg_temp" in settings.get("search_path", "").lower()
+
+
 def capture_query(custom_names) -> str:
     """Reads a session's settings back after it may have changed them.
 
     role, session_authorization and custom settings are hidden from
-    pg_settings, so they are asked for by name.
+    pg_settings, so they are asked for by name.  Its transaction is made NOT
+    DEFERRABLE first, as the pooler's other queries are (LIFT_TIMEOUTS).
     """
-    sql = ("SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session' "
-           "AND name NOT IN ('role', 'session_authorization') "
+    sql = (NOT_DEFERRABLE + "; SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session' "
+           "AND name NOT IN ('role', 'session_authorization', " + PER_TRANSACTION + ") "
            "UNION ALL SELECT 'role', pg_catalog.current_setting('role') "
            "UNION ALL SELECT 'session_authorization', pg_catalog.current_setting('session_authorization')")
     for name in sorted(custom_names):
@@ -214,9 +249,14 @@ def _set(name: str, value: str) -> str:
 
 # What a query of the pooler's own puts first: the timeouts of whichever session's settings the
 # connection has (a statement_timeout or lock_timeout of a few milliseconds) lifted for its own
-# implicit transaction.  SET LOCAL ends with it; a session value set after it in the same query
-# stays (checked on PostgreSQL 15).
-LIFT_TIMEOUTS: Final = "SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0"
+# implicit transaction, and its transaction made NOT DEFERRABLE: under a session's
+# default_transaction_isolation = serializable with default_transaction_read_only and
+# default_transaction_deferrable on, it would otherwise wait for every serializable read-write
+# transaction of the cluster to end, the next session with it.  SET LOCAL ends with the
+# transaction; a session value set after it in the same query stays, and it may come again after
+# a RESET ALL, which takes no snapshot (checked on PostgreSQL 15).
+NOT_DEFERRABLE: Final = "SET LOCAL transaction_deferrable = off"
+LIFT_TIMEOUTS: Final = NOT_DEFERRABLE + "; SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0"
 
 
 def restore_query(current: dict[str, str] | None, wanted: dict[str, str]) -> str:

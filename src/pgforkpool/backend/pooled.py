@@ -768,11 +768,12 @@ class PooledBackend:
         session.last_xact = state["last_xact"]
         session.connected = state["connected"]
         session.context = Context.from_dict(state["context"])
+        session.settings_changed()
         session.greeted = True
         session.state = IDLE
         proto = session.proto
         for name, key, flags in state["statements"]:
-            proto.statements[name] = self.registry.acquire(key, flags)
+            proto.statements[name] = self.registry.acquire(key, flags, proto.scope)
         if state["unnamed"] is not None:
             proto.unnamed = Statement(b"", state["unnamed"][0], state["unnamed"][1])
         if session.origin_pid == self.pid:   # back where it began
@@ -1241,7 +1242,7 @@ class PooledBackend:
         if owner is None:
             server.held = b""
             return
-        if server.notes or server.xacts or owner.proto.flags:
+        if server.notes or server.xacts or owner.proto.flags or owner.temp_path:
             notes, xacts = server.take_notes()
             flags, texts = owner.proto.take_flags()
             self._note_state(server, owner, notes, flags, texts, xacts)
@@ -1293,7 +1294,8 @@ class PooledBackend:
                 # unknown after this session's turn (the next restore resets everything).
                 names.discard(UNKNOWN_NAME)
                 owner.unknown_settings = True
-        if notes & NOTE_PIN or flags & MAY_PIN or (owner.pinned is not None and notes & NOTE_UNPIN):
+        if (notes & NOTE_PIN or flags & MAY_PIN or (owner.pinned is not None and notes & NOTE_UNPIN)
+                or (owner.temp_path and owner.pinned is None)):
             owner.pin_check = True
         if notes & NOTE_DISCARDED:
             owner.proto.release_statements()
@@ -1313,6 +1315,7 @@ class PooledBackend:
         if kind == CAPTURE:
             if error is None:
                 session.context.settings = captured_settings(hidden.rows, self.user)
+                session.settings_changed()
                 server.context = session.context.settings
                 if session.unknown_settings:
                     session.unknown_settings = False
@@ -1415,6 +1418,7 @@ class PooledBackend:
             if name in reported:
                 settings[name] = reported[name]
                 session.context.startup[name] = reported[name]
+        session.settings_changed()
         params = dict(server.params)
         self._remember_greeting(settings, params)
         self.greetings[raw_key] = params

@@ -5,7 +5,7 @@ import time
 from typing import TYPE_CHECKING
 
 from .client import ClientProtocol
-from .context import Context
+from .context import Context, parse_scope, temp_schema_in_path
 from .scheduler import SessionState
 from .stream import Stream
 
@@ -18,7 +18,7 @@ class Session:
     __slots__ = ("stream", "fd", "conn_id", "key", "state", "context", "proto", "database", "user",
                  "address", "greeted", "gone", "paused", "dirty", "pin_check", "pinned",
                  "prepared_xacts", "capture_failures", "restore_retried", "since", "connected",
-                 "idle_since", "origin_pid", "last_xact", "unknown_settings",
+                 "idle_since", "origin_pid", "last_xact", "unknown_settings", "temp_path",
                  "__weakref__")
 
     def __init__(self, stream: Stream, conn_id: int, startup: dict[str, str],
@@ -34,6 +34,8 @@ class Session:
         self.address = address
         self.context = Context.from_startup(startup)   # raises ValueError for bad `options`
         self.proto = ClientProtocol(registry)
+        self.temp_path = False       # pg_temp in its search_path: a pin check after each statement
+        self.settings_changed()
         self.greeted = False
         self.gone = False            # the client disconnected, or is being disconnected
         self.paused = False          # its socket is not read now (back-pressure)
@@ -59,6 +61,12 @@ class Session:
         # Seconds its last transaction held the server connection (session migration moves
         # a session stuck behind a longer one, not the long ones).
         self.last_xact = 0.0
+
+    def settings_changed(self) -> None:
+        """Its context's settings are new (read back, or from its startup packet)."""
+        settings = self.context.settings
+        self.proto.scope = parse_scope(settings)
+        self.temp_path = temp_schema_in_path(settings)
 
     @property
     def cancel_id(self) -> tuple[int, int]:

@@ -12,6 +12,11 @@ it in one round trip and use it in the next (psql's \\gdesc, PQprepare with
 ""), by which time another session may have used the connection.  It is
 parsed again where the connection's unnamed statement is not the session's.
 
+A server statement is shared only by sessions that read its text alike: PostgreSQL
+interprets a statement's literals and names when it is prepared, under that
+session's search_path, TimeZone, DateStyle… (context.parse_scope), so sessions
+whose such settings differ get statements of their own.
+
 A statement carries the flags its text earned (client.text_flags): each
 Bind of it marks the session as one that may have changed state, whatever
 round trip the Bind comes in.
@@ -51,11 +56,12 @@ class ProtocolViolation:
 
 
 class Statement:
-    __slots__ = ("name", "key", "refs", "flags", "settings")
+    __slots__ = ("name", "key", "slot", "refs", "flags", "settings")
 
-    def __init__(self, name: bytes, key: bytes, flags: int = 0):
+    def __init__(self, name: bytes, key: bytes, flags: int = 0, slot: bytes = b""):
         self.name = name      # server-side name (b"" for a session's unnamed statement)
         self.key = key        # query text NUL parameter types: the Parse payload after the name
+        self.slot = slot or key   # its key in the registry: the key, after a scope if any
         self.refs = 0         # sessions that hold it under a name of theirs
         self.flags = flags    # client.text_flags of its text
         self.settings: frozenset | None = None   # custom setting names its text sets, once asked
@@ -145,13 +151,16 @@ class StatementRegistry:
         self.evicted: list[bytes] = []   # server names to DEALLOCATE on the shared connection
         self.counter = 0
 
-    def acquire(self, key: bytes, flags: int) -> Statement:
-        statement = self.by_key.get(key)
+    def acquire(self, key: bytes, flags: int, scope: bytes = b"") -> Statement:
+        """The shared statement of a Parse payload (after the name), for sessions of `scope`
+        (context.parse_scope; b"" for those whose parse settings are the connection's)."""
+        slot = scope + key if scope else key
+        statement = self.by_key.get(slot)
         if statement is None:
             self.counter += 1
-            statement = self.by_key[key] = Statement(b"pgforkpool.s%d" % self.counter, key, flags)
+            statement = self.by_key[slot] = Statement(b"pgforkpool.s%d" % self.counter, key, flags, slot)
         elif statement.refs == 0:
-            self.unused.pop(key, None)
+            self.unused.pop(slot, None)
         statement.refs += 1
         return statement
 
@@ -159,10 +168,10 @@ class StatementRegistry:
         statement.refs -= 1
         if statement.refs > 0:
             return
-        self.unused[statement.key] = statement
+        self.unused[statement.slot] = statement
         while len(self.unused) > self.cache_size:
-            _key, old = self.unused.popitem(last=False)
-            del self.by_key[old.key]
+            _slot, old = self.unused.popitem(last=False)
+            del self.by_key[old.slot]
             self.evicted.append(old.name)
 
 
