@@ -1336,3 +1336,30 @@ def test_a_sessions_deferrable_transaction_defaults_do_not_make_the_next_session
     finally:
         other.rollback()
         other.close()
+
+
+@pytest.mark.parametrize("how", ["DO block", "SQL DEALLOCATE of the pooler's name"])
+def test_a_deallocate_the_pooler_did_not_see_breaks_no_ones_statements(pool, how):
+    """A session deallocates the server's protocol-level statements behind the pooler's back (a
+    DEALLOCATE ALL inside a DO block, or an SQL DEALLOCATE of a name of the pooler's): every other
+    session binding the shared statement got 26000 "prepared statement pgforkpool.sN does not
+    exist" for good, new sessions preparing the same text too. The pooler now notices and
+    prepares them again."""
+    a, b = pool.connect(), pool.connect()
+    assert server_pid(a) == server_pid(b)
+    sql = "SELECT 40 + %s::int"
+    for _ in range(2):
+        assert a.execute(sql, (2,), prepare=True).fetchone()[0] == 42
+    if how == "DO block":
+        b.execute("DO $$BEGIN EXECUTE 'DEALLOCATE ALL'; END$$")
+    else:
+        names = [row[0] for row in b.execute("SELECT name FROM pg_prepared_statements WHERE NOT from_sql")]
+        assert names
+        for name in names:
+            b.execute(f'DEALLOCATE "{name}"')
+    for _ in range(2):
+        assert a.execute(sql, (2,), prepare=True).fetchone()[0] == 42
+        assert b.execute(sql, (3,), prepare=True).fetchone()[0] == 43
+    with pool.connect() as c:
+        assert c.execute(sql, (4,), prepare=True).fetchone()[0] == 44
+    assert server_pid(a) == server_pid(b)

@@ -375,7 +375,7 @@ def test_discard_all_forgets_prepared_statements():
 @pytest.mark.parametrize("tag, note", [
     (b"SET", NOTE_SETTINGS), (b"LISTEN", NOTE_PIN), (b"UNLISTEN", NOTE_UNPIN),
     (b"DECLARE CURSOR", NOTE_PIN), (b"PREPARE", NOTE_PIN), (b"CREATE TABLE", NOTE_PIN),
-    (b"DROP TABLE", NOTE_UNPIN), (b"DEALLOCATE", NOTE_UNPIN), (b"LOAD", NOTE_SETTINGS),
+    (b"DROP TABLE", NOTE_UNPIN), (b"DEALLOCATE", NOTE_UNPIN | NOTE_PIN), (b"LOAD", NOTE_SETTINGS),
     (b"CLOSE CURSOR", NOTE_UNPIN), (b"COMMIT PREPARED", 0),
     (b"SELECT 1", 0), (b"INSERT 0 1", 0), (b"SETTINGS", 0), (b"COMMIT", 0),
     # DO and CALL run statements that send no tags: read back and ask, in case

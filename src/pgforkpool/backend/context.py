@@ -300,7 +300,10 @@ def restore_query(current: dict[str, str] | None, wanted: dict[str, str]) -> str
 
 
 # Whether the connection holds state of the session that cannot be copied to another.  It runs
-# in that session's settings, with its timeouts lifted (an unanswered check pins).
+# in that session's settings, with its timeouts lifted (an unanswered check pins).  Its second
+# column names the protocol-level statements the connection has: a DEALLOCATE ALL in a DO block,
+# or an SQL DEALLOCATE of a name of the pooler's, removes them unseen by the pooler, which
+# would go on binding them for every session (26000) instead of preparing them again.
 PIN_CHECK_QUERY: Final = (
     LIFT_TIMEOUTS + "; "
     "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_class "
@@ -313,7 +316,8 @@ PIN_CHECK_QUERY: Final = (
     "WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid()) "
     "OR EXISTS (SELECT 1 FROM pg_catalog.pg_listening_channels()) "
     "OR EXISTS (SELECT 1 FROM pg_catalog.pg_cursors WHERE is_holdable) "
-    "OR EXISTS (SELECT 1 FROM pg_catalog.pg_prepared_statements WHERE from_sql)")
+    "OR EXISTS (SELECT 1 FROM pg_catalog.pg_prepared_statements WHERE from_sql), "
+    "(SELECT pg_catalog.string_agg(name, ' ') FROM pg_catalog.pg_prepared_statements WHERE NOT from_sql)")
 
 
 def fixup_query(startup: dict[str, str]) -> str:

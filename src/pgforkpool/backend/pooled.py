@@ -1302,6 +1302,18 @@ class PooledBackend:
         if xacts and self.settings.hold_prepared_transactions:
             owner.prepared_xacts = max(0, owner.prepared_xacts + xacts)
 
+    def _prepared_left(self, server: srv.ServerConnection, names: str | None) -> None:
+        """The pin check named the protocol-level statements the connection has: forget those
+        it no longer has (a DEALLOCATE in a function body, or of one of the pooler's names), so
+        that they are prepared again where a session binds them."""
+        left = {name.encode() for name in names.split()} if names else set()
+        gone = server.prepared - left
+        if gone:
+            server.prepared -= gone
+            logger.log(log.LOG, "server process %d: %d prepared statement(s) of the pooler's were "
+                       "deallocated by a session's statement; they will be prepared again",
+                       server.pid, len(gone))
+
     def _hidden_done(self, server: srv.ServerConnection, hidden: srv.HiddenQuery) -> None:
         """A hidden query's ReadyForQuery arrived: act on what it returned."""
         kind, session, error = hidden.kind, hidden.session, hidden.error
@@ -1330,6 +1342,8 @@ class PooledBackend:
         elif kind == PIN_CHECK:
             # If the server could not say, assume the state is there: pinning is the safe side.
             holds_state = error is not None or (bool(hidden.rows) and hidden.rows[0][:1] == ("t",))
+            if error is None and hidden.rows and len(hidden.rows[0]) == 2:
+                self._prepared_left(server, hidden.rows[0][1])
             if session.gone:
                 if holds_state and server.pinned is None:
                     # A vanished client's temporary tables or locks: they die with the connection.

@@ -99,7 +99,9 @@ _TAG_NOTES: Final = (
     # CREATE TEMP TABLE, LISTEN, advisory locks): read back and ask, as after those.
     ((b"SET\0", b"RESET\0", b"DISCARD", b"LOAD", b"DO\0", b"CALL\0"), NOTE_SETTINGS),
     ((b"RESET\0", b"DISCARD"), NOTE_RESET),
-    ((b"LISTEN", b"DECLARE CURSOR", b"PREPARE\0", b"CREATE TABLE", b"DO\0", b"CALL\0"), NOTE_PIN),
+    # (After DEALLOCATE the check also says which of the pooler's statements are left.)
+    ((b"LISTEN", b"DECLARE CURSOR", b"PREPARE\0", b"CREATE TABLE", b"DO\0", b"CALL\0", b"DEALLOCATE"),
+     NOTE_PIN),
     ((b"DISCARD", b"DROP TABLE", b"UNLISTEN", b"CLOSE CURSOR", b"DEALLOCATE"), NOTE_UNPIN),
     ((b"DISCARD ALL\0", b"DEALLOCATE ALL\0"), NOTE_DISCARDED),
 )
