@@ -1363,3 +1363,32 @@ def test_a_deallocate_the_pooler_did_not_see_breaks_no_ones_statements(pool, how
     with pool.connect() as c:
         assert c.execute(sql, (4,), prepare=True).fetchone()[0] == 44
     assert server_pid(a) == server_pid(b)
+
+
+def test_a_text_prepared_after_its_table_changed_reads_the_table_as_it_is(pool, cluster):
+    """After ALTER TABLE added a column, a new session preparing a text another session had
+    prepared before was given the shared statement, and got 0A000 "cached plan must not change
+    result type" on every try, where PostgreSQL prepares it afresh. A session that prepared it
+    before the change gets 0A000 as it would directly."""
+    with direct(cluster) as conn:
+        conn.execute("DROP TABLE IF EXISTS growing; CREATE TABLE growing (a int); "
+                     "INSERT INTO growing VALUES (1); ALTER TABLE growing OWNER TO app")
+    a = pool.connect()
+    sql = "SELECT * FROM growing WHERE %s::int > 0"
+    for _ in range(2):
+        assert a.execute(sql, (1,), prepare=True).fetchall() == [(1,)]
+    with pool.connect() as b:   # the change, through the pooler
+        b.execute("ALTER TABLE growing ADD COLUMN b int DEFAULT 2")
+    with pool.connect() as c:
+        assert c.execute(sql, (1,), prepare=True).fetchall() == [(1, 2)]
+    with pytest.raises(psycopg.errors.FeatureNotSupported):
+        a.execute(sql, (1,), prepare=True)   # as on PostgreSQL direct
+    with direct(cluster) as conn:   # a change the pooler does not see: the first 0A000 tells it
+        conn.execute("ALTER TABLE growing ADD COLUMN c int DEFAULT 3")
+    with pool.connect() as d:
+        for attempt in range(2):
+            try:
+                assert d.execute(sql, (1,), prepare=True).fetchall() == [(1, 2, 3)]
+                break
+            except psycopg.errors.FeatureNotSupported:
+                assert attempt == 0, "a new session's statement stayed stale after the first 0A000"

@@ -8,7 +8,7 @@ from pgforkpool.backend import client as client_mod
 from pgforkpool.backend import server as srv_mod
 from pgforkpool.backend.client import ClientProtocol
 from pgforkpool.backend.pooled import ABORT_PIPELINE
-from pgforkpool.backend.server import (BOUNDARY, BROKEN, NOTE_DISCARDED, NOTE_PIN, NOTE_RESET,
+from pgforkpool.backend.server import (BOUNDARY, BROKEN, NOTE_DISCARDED, NOTE_PIN, NOTE_RESET, NOTE_STALE,
                                        NOTE_SETTINGS, NOTE_UNPIN, HiddenQuery, ServerProtocol,
                                        TransactionStatus)
 from pgforkpool.backend.statements import ProtocolViolation, Statement, StatementRegistry
@@ -376,7 +376,7 @@ def test_discard_all_forgets_prepared_statements():
     (b"SET", NOTE_SETTINGS), (b"LISTEN", NOTE_PIN), (b"UNLISTEN", NOTE_UNPIN),
     (b"DECLARE CURSOR", NOTE_PIN), (b"PREPARE", NOTE_PIN), (b"CREATE TABLE", NOTE_PIN),
     (b"DROP TABLE", NOTE_UNPIN), (b"DEALLOCATE", NOTE_UNPIN | NOTE_PIN), (b"LOAD", NOTE_SETTINGS),
-    (b"CLOSE CURSOR", NOTE_UNPIN), (b"COMMIT PREPARED", 0),
+    (b"CLOSE CURSOR", NOTE_UNPIN), (b"COMMIT PREPARED", 0), (b"ALTER TABLE", NOTE_STALE), (b"ALTER ROLE", 0),
     (b"SELECT 1", 0), (b"INSERT 0 1", 0), (b"SETTINGS", 0), (b"COMMIT", 0),
     # DO and CALL run statements that send no tags: read back and ask, in case
     (b"DO", NOTE_SETTINGS | NOTE_PIN), (b"CALL", NOTE_SETTINGS | NOTE_PIN), (b"DOT", 0), (b"CALLS", 0),
@@ -615,3 +615,14 @@ def test_vanished_client_with_work_running_ends_in_a_boundary():
                + PARSE_COMPLETE + BIND_COMPLETE + error("34000", "portal does not exist") + rfq())
     out, events = drain(srv, replies)
     assert events == [BOUNDARY] and not srv.pending
+
+
+def test_a_changed_result_type_is_noted():
+    """0A000 (cached plan must not change result type, in any lc_messages): NOTE_STALE, so the
+    backend gives new Parses statements of their own; other errors note nothing."""
+    srv = owner_server(1)
+    srv.receive(error("0A000", "cached plan must not change result type") + rfq())
+    assert srv.take_notes()[0] == NOTE_STALE
+    srv = owner_server(1)
+    srv.receive(error("42P01", 'relation "t" does not exist') + rfq())
+    assert srv.take_notes()[0] == 0

@@ -207,3 +207,21 @@ def test_pg_temp_in_the_search_path_is_seen_in_any_spelling():
     assert session.temp_schema_in_path({"search_path": 'public, "PG_TEMP"'})
     assert not session.temp_schema_in_path({"search_path": "\"$user\", public"})
     assert not session.temp_schema_in_path({})
+
+
+def test_retired_statements_stay_with_their_holders_and_new_parses_get_new_ones():
+    """After 0A000 (a table changed under a prepared statement) no new Parse is given an old
+    statement; a holder keeps its own, which is deallocated once nobody holds it."""
+    from pgforkpool.backend.statements import StatementRegistry
+    registry = StatementRegistry(10)
+    key = b"SELECT * FROM t\0\0\0"
+    held = registry.acquire(key, 0)
+    idle = registry.acquire(b"SELECT 2\0\0\0", 0)
+    registry.release(idle)
+    registry.retire_all()
+    assert registry.evicted == [idle.name]
+    fresh = registry.acquire(key, 0)
+    assert fresh is not held and fresh.name != held.name
+    registry.release(held)
+    assert registry.evicted == [idle.name, held.name]
+    assert registry.acquire(key, 0) is fresh

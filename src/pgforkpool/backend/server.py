@@ -60,6 +60,7 @@ NOTE_RESET: Final = 2          # RESET or DISCARD: startup values to re-apply
 NOTE_PIN: Final = 4            # state that cannot be copied may exist now
 NOTE_UNPIN: Final = 8          # such state may be gone now
 NOTE_DISCARDED: Final = 16     # the server holds no prepared statement any more
+NOTE_STALE: Final = 32         # 0A000: a prepared statement's result type changed (DDL since it was prepared)
 
 Z: Final = protocol.READY_FOR_QUERY
 PS: Final = protocol.PARAMETER_STATUS
@@ -88,7 +89,8 @@ MAX_KEPT_MESSAGE: Final = 1 << 26
 # Command tags that say something about session state.
 _TAG_PREFIXES: Final = (b"SET\0", b"RESET\0", b"DISCARD", b"DEALLOCATE", b"LISTEN", b"UNLISTEN",
                         b"DECLARE", b"PREPARE", b"CREATE TABLE", b"DROP TABLE", b"CLOSE CURSOR",
-                        b"LOAD", b"COMMIT PREPARED", b"ROLLBACK PREPARED", b"DO\0", b"CALL\0")
+                        b"LOAD", b"COMMIT PREPARED", b"ROLLBACK PREPARED", b"DO\0", b"CALL\0",
+                        b"ALTER TABLE")
 # The same by their first three bytes (every prefix has three, "DO\0" with its NUL): most tags (SELECT,
 # INSERT, UPDATE, BEGIN) are dismissed by one dictionary lookup, without a prefix test.
 _TAG_PREFIXES_BY_START: Final[dict[int, tuple[bytes, ...]]] = {
@@ -104,10 +106,15 @@ _TAG_NOTES: Final = (
      NOTE_PIN),
     ((b"DISCARD", b"DROP TABLE", b"UNLISTEN", b"CLOSE CURSOR", b"DEALLOCATE"), NOTE_UNPIN),
     ((b"DISCARD ALL\0", b"DEALLOCATE ALL\0"), NOTE_DISCARDED),
+    # A table's columns may have changed: new Parses get statements of their own (as 0A000 does).
+    ((b"ALTER TABLE",), NOTE_STALE),
 )
 # The server removed a placeholder setting (a library reserved its prefix):
 # WARNING 42602 "invalid configuration parameter name …, removing it".
 _PLACEHOLDER_REMOVED: Final = b"C42602\0"
+# "cached plan must not change result type": a table's columns changed since a statement was
+# prepared (feature_not_supported; the message is in lc_messages' language, so the code is used).
+_STALE_PLAN: Final = b"C0A000\0"
 
 
 class ServerProtocol:
@@ -299,6 +306,8 @@ class ServerProtocol:
                     if type(head) is ParseEntry or type(head) is CloseEntry:   # failed, or skipped until the Sync
                         head = self._skipped()
                         hidden = type(head) is HiddenQuery
+                    if data.find(_STALE_PLAN, pos + 5, end) >= 0:
+                        self.notes |= NOTE_STALE
                     if self.error_names:
                         if pieces is None:
                             pieces = []

@@ -56,7 +56,7 @@ class ProtocolViolation:
 
 
 class Statement:
-    __slots__ = ("name", "key", "slot", "refs", "flags", "settings")
+    __slots__ = ("name", "key", "slot", "refs", "flags", "settings", "retired")
 
     def __init__(self, name: bytes, key: bytes, flags: int = 0, slot: bytes = b""):
         self.name = name      # server-side name (b"" for a session's unnamed statement)
@@ -65,6 +65,7 @@ class Statement:
         self.refs = 0         # sessions that hold it under a name of theirs
         self.flags = flags    # client.text_flags of its text
         self.settings: frozenset | None = None   # custom setting names its text sets, once asked
+        self.retired = False  # no longer given to new Parses (StatementRegistry.retire_all)
 
 
 class ParseEntry:
@@ -168,11 +169,26 @@ class StatementRegistry:
         statement.refs -= 1
         if statement.refs > 0:
             return
+        if statement.retired:
+            self.evicted.append(statement.name)
+            return
         self.unused[statement.slot] = statement
         while len(self.unused) > self.cache_size:
             _slot, old = self.unused.popitem(last=False)
             del self.by_key[old.slot]
             self.evicted.append(old.name)
+
+
+    def retire_all(self) -> None:
+        """A statement's result type changed under it (0A000 "cached plan must not change result
+        type": DDL since it was prepared).  PostgreSQL prepares a new session's Parse afresh
+        against the table as it is now; so does the pooler from here on: the statements sessions
+        hold stay theirs (and fail as they would directly), no new Parse is given one of them."""
+        for statement in self.by_key.values():
+            statement.retired = True
+        self.evicted.extend(statement.name for statement in self.unused.values())
+        self.unused.clear()
+        self.by_key.clear()
 
 
 def length_word(data: bytes, pos: int) -> int:
