@@ -1392,3 +1392,20 @@ def test_a_text_prepared_after_its_table_changed_reads_the_table_as_it_is(pool, 
                 break
             except psycopg.errors.FeatureNotSupported:
                 assert attempt == 0, "a new session's statement stayed stale after the first 0A000"
+
+
+def test_a_text_prepared_under_set_local_is_not_shared(pool):
+    """SET LOCAL TimeZone in a transaction, then a prepared statement: its literal is read in
+    Tokyo time, and the session's settings outside the transaction are the defaults, so the
+    statement went to the default scope and the next default session bound it (found by a review)."""
+    a, b = pool.connect(), pool.connect()
+    assert server_pid(a) == server_pid(b)
+    sql = "SELECT ('2024-01-01 00:00'::timestamptz = %s::timestamptz)::text"
+    with a.transaction():
+        a.execute("SET LOCAL TimeZone = 'Asia/Tokyo'")
+        assert a.execute(sql, ("2024-01-01 00:00+09",), prepare=True).fetchone()[0] == "true"
+    b.execute("SET TimeZone = 'UTC'")   # the server default here too; set, to be sure
+    b.execute("RESET TimeZone")
+    for _ in range(2):
+        assert b.execute(sql, (b.execute("SELECT '2024-01-01 00:00'::timestamptz::text").fetchone()[0],),
+                         prepare=True).fetchone()[0] == "true"

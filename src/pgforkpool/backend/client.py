@@ -628,6 +628,18 @@ class ClientProtocol:
         if _setting_names(statement) and len(self.texts) < 64:
             self.texts.append(statement.key)
 
+    def rescope_statements(self) -> None:
+        """Its named statements under its new scope (Session.settings_changed); only at a
+        boundary, with no Parse or Close of its own in flight."""
+        registry, scope = self.registry, self.scope
+        for name, statement in list(self.statements.items()):
+            slot = statement.slot
+            if (slot.startswith(scope) and len(slot) == len(scope) + len(statement.key) if scope
+                    else slot is statement.key):
+                continue   # of this scope already (scopes are length-prefixed: no other starts so)
+            self.statements[name] = registry.acquire(statement.key, statement.flags, self.scope)
+            registry.release(statement)
+
     def release_statements(self) -> None:
         """The session ends, or the server discarded its statements (DISCARD ALL, DEALLOCATE ALL)."""
         for statement in self.statements.values():

@@ -187,9 +187,12 @@ PER_TRANSACTION: Final = "'transaction_isolation', 'transaction_read_only', 'tra
 # relations and functions names mean, what a timestamptz, date or interval literal is, what a
 # backslash in a string is. A prepared statement keeps that reading, so sessions share one only
 # when these are the same.
-PARSE_SETTINGS: Final = ("search_path", "timezone", "datestyle", "intervalstyle",
+# (role and session_authorization: the default search_path's "$user" follows them; client_encoding:
+# the same bytes are other characters in another encoding.)
+PARSE_SETTINGS: Final = ("search_path", "role", "session_authorization", "client_encoding",
+                         "timezone", "timezone_abbreviations", "datestyle", "intervalstyle",
                          "standard_conforming_strings", "backslash_quote", "transform_null_equals",
-                         "array_nulls", "lc_monetary", "lc_numeric")
+                         "array_nulls", "xmloption", "lc_monetary", "lc_numeric")
 
 
 def parse_scope(settings: dict[str, str]) -> bytes:
@@ -201,6 +204,13 @@ def parse_scope(settings: dict[str, str]) -> bytes:
     if not values:
         return b""
     scope = "\0".join(values).encode("utf-8", "surrogateescape")
+    return b"\0\0" + len(scope).to_bytes(4, "big") + scope
+
+
+def private_scope(conn_id: int) -> bytes:
+    """A scope no other session has (Session.private_statements): in the same form as
+    parse_scope's, with a NUL inside, which no setting value has."""
+    scope = b"\0session %d" % conn_id
     return b"\0\0" + len(scope).to_bytes(4, "big") + scope
 
 
@@ -316,8 +326,9 @@ PIN_CHECK_QUERY: Final = (
     "WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid()) "
     "OR EXISTS (SELECT 1 FROM pg_catalog.pg_listening_channels()) "
     "OR EXISTS (SELECT 1 FROM pg_catalog.pg_cursors WHERE is_holdable) "
-    "OR EXISTS (SELECT 1 FROM pg_catalog.pg_prepared_statements WHERE from_sql), "
-    "(SELECT pg_catalog.string_agg(name, ' ') FROM pg_catalog.pg_prepared_statements WHERE NOT from_sql)")
+    "OR coalesce(p.from_sql, false), p.names FROM (SELECT pg_catalog.bool_or(from_sql) AS from_sql, "
+    "pg_catalog.string_agg(name, ' ') FILTER (WHERE NOT from_sql) AS names "
+    "FROM pg_catalog.pg_prepared_statements) p")
 
 
 def fixup_query(startup: dict[str, str]) -> str:

@@ -1267,6 +1267,7 @@ class PooledBackend:
             self._hidden(server, ROLLBACK, "ROLLBACK")
         elif decision is Decision.PIN_CHECK:
             owner.pin_check = False
+            server.prepared_checked = set(server.prepared)
             self._hidden(server, PIN_CHECK, PIN_CHECK_QUERY, owner)
         elif decision is Decision.CAPTURE:
             owner.dirty = False
@@ -1282,6 +1283,7 @@ class PooledBackend:
         """What the owner's last statements may have done to its session state."""
         if notes & NOTE_SETTINGS or flags & MAY_SET:
             owner.dirty = True
+            owner.private_statements()   # until they are read back (settings_changed)
             names = owner.context.custom_names
             if notes & NOTE_SETTINGS:
                 names |= custom_setting_names(owner.proto.last_text)
@@ -1308,13 +1310,11 @@ class PooledBackend:
         """The pin check named the protocol-level statements the connection has: forget those
         it no longer has (a DEALLOCATE in a function body, or of one of the pooler's names), so
         that they are prepared again where a session binds them."""
-        left = {name.encode() for name in names.split()} if names else set()
-        gone = server.prepared - left
+        gone = server.forget_deallocated(names)
         if gone:
-            server.prepared -= gone
             logger.log(log.LOG, "server process %d: %d prepared statement(s) of the pooler's were "
                        "deallocated by a session's statement; they will be prepared again",
-                       server.pid, len(gone))
+                       server.pid, gone)
 
     def _hidden_done(self, server: srv.ServerConnection, hidden: srv.HiddenQuery) -> None:
         """A hidden query's ReadyForQuery arrived: act on what it returned."""
@@ -1474,8 +1474,9 @@ class PooledBackend:
         self._forward_buffered(server, session)
 
     def _deallocate_evicted(self, server: srv.ServerConnection) -> None:
-        names = [name for name in self.registry.evicted if name in server.prepared]
-        self.registry.evicted.clear()
+        shared = self.server
+        names = self.registry.take_evicted(
+            server.prepared, shared.prepared if shared is not None and shared is not server else None)
         if names:
             server.prepared.difference_update(names)
             self._hidden(server, DEALLOCATE, "; ".join(

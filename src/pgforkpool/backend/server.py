@@ -114,7 +114,7 @@ _TAG_NOTES: Final = (
 _PLACEHOLDER_REMOVED: Final = b"C42602\0"
 # "cached plan must not change result type": a table's columns changed since a statement was
 # prepared (feature_not_supported; the message is in lc_messages' language, so the code is used).
-_STALE_PLAN: Final = b"C0A000\0"
+_STALE_PLAN: Final = b"\0C0A000\0"   # the code field, after the NUL that ends the one before
 
 
 class ServerProtocol:
@@ -132,7 +132,7 @@ class ServerProtocol:
 
     __slots__ = ("state", "owner", "pinned", "pending", "unsynced", "status", "copy_in",
                  "copy_via_execute", "copy_syncs", "copies_ended", "synced_after_copy",
-                 "copy_data_early", "copy_abandoned",
+                 "copy_data_early", "copy_abandoned", "prepared_checked",
                  "prepared", "unnamed", "error_names", "params", "context", "reported", "notes",
                  "xacts", "held", "inbuf", "need", "passthrough", "cancels", "sock", "fd",
                  "pid", "key", "deadline", "stream", "since", "queries", "_reader", "_auth", "_startup",
@@ -159,6 +159,8 @@ class ServerProtocol:
         self.copy_data_early = False        # CopyData sent after that Execute before the server said
         self.copy_abandoned = False         # a copy-in began for a client that is gone: end it (pooled)
         self.prepared: set[bytes] = set()   # server names of statements prepared here
+        # Those of them the pin check in flight may name (the owner's next Parse can follow it).
+        self.prepared_checked: set[bytes] | None = None
         self.unnamed: Statement | None = None   # the statements.Statement that is the unnamed one here
         self.error_names: dict[bytes, bytes] = {}   # server name -> client's, until the next ReadyForQuery
         self.params: dict[str, str] = {}    # ParameterStatus values in force
@@ -306,7 +308,7 @@ class ServerProtocol:
                     if type(head) is ParseEntry or type(head) is CloseEntry:   # failed, or skipped until the Sync
                         head = self._skipped()
                         hidden = type(head) is HiddenQuery
-                    if data.find(_STALE_PLAN, pos + 5, end) >= 0:
+                    if data.find(_STALE_PLAN, pos + 4, end) >= 0:
                         self.notes |= NOTE_STALE
                     if self.error_names:
                         if pieces is None:
@@ -450,6 +452,20 @@ class ServerProtocol:
         fields["M"] = text
         body = b"".join(code.encode() + protocol.cstring(value) for code, value in fields.items())
         return protocol.message(b"E", body + b"\0")
+
+    def forget_deallocated(self, names: str | None) -> int:
+        """The pin check named the protocol-level statements the connection has (space-separated,
+        None for none): forget those prepared before it was sent that it does not name (a
+        DEALLOCATE in a function body, or of a name of the pooler's), so that they are prepared
+        again where a session binds them; how many.  Only those: a Parse of the owner's next
+        request may have followed the check, and its statement is not in the answer."""
+        checked, self.prepared_checked = self.prepared_checked, None
+        if checked is None:
+            return 0
+        left = {name.encode() for name in names.split()} if names else set()
+        gone = (checked & self.prepared) - left
+        self.prepared -= gone
+        return len(gone)
 
     def take_notes(self) -> tuple[int, int]:
         """The NOTE_* facts and prepared-transaction count since the last boundary, cleared."""

@@ -5,7 +5,7 @@ import time
 from typing import TYPE_CHECKING
 
 from .client import ClientProtocol
-from .context import Context, parse_scope, temp_schema_in_path
+from .context import Context, parse_scope, private_scope, temp_schema_in_path
 from .scheduler import SessionState
 from .stream import Stream
 
@@ -63,10 +63,25 @@ class Session:
         self.last_xact = 0.0
 
     def settings_changed(self) -> None:
-        """Its context's settings are new (read back, or from its startup packet)."""
+        """Its context's settings are new (read back, or from its startup packet).
+
+        A change of the settings its statements' texts are read under (context.PARSE_SETTINGS)
+        moves the statements it holds to statements of its new scope: prepared again on a
+        connection that lacks them, they are read under its new settings, and must not be
+        bound by the sessions of the old scope."""
         settings = self.context.settings
-        self.proto.scope = parse_scope(settings)
+        proto = self.proto
+        scope = parse_scope(settings)
+        if scope != proto.scope:
+            proto.scope = scope
+            proto.rescope_statements()
         self.temp_path = temp_schema_in_path(settings)
+
+    def private_statements(self) -> None:
+        """It may have changed settings not read back yet (a SET, a SET LOCAL inside its
+        transaction): what it prepares meanwhile may read its text under them, so it shares
+        with nobody (a scope of its own) until settings_changed."""
+        self.proto.scope = private_scope(self.conn_id)
 
     @property
     def cancel_id(self) -> tuple[int, int]:

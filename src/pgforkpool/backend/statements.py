@@ -179,6 +179,18 @@ class StatementRegistry:
             self.evicted.append(old.name)
 
 
+    def take_evicted(self, prepared: set[bytes], shared: set[bytes] | None) -> list[bytes]:
+        """The evicted statements to deallocate on a connection that has `prepared`, taken off
+        the list, but for those the shared connection (`shared`, when this one is a pinned
+        session's) still has: they wait for its turn (a retire_all evicts many at once, and they
+        must not stay there for its lifetime)."""
+        evicted = self.evicted
+        names = [name for name in evicted if name in prepared]
+        keep = [name for name in evicted if name in shared] if shared is not None else []
+        evicted.clear()
+        evicted.extend(keep)
+        return names
+
     def retire_all(self) -> None:
         """A statement's result type changed under it (0A000 "cached plan must not change result
         type": DDL since it was prepared).  PostgreSQL prepares a new session's Parse afresh
