@@ -789,12 +789,7 @@ def test_libpq_extended_copy_from_stdin_leaves_the_backend_serving(pool, cluster
     with Raw(pool.port) as raw:
         raw.send(message(b"P", b"\0COPY items FROM STDIN\0\0\0") + message(b"B", b"\0\0\0\0\0\0\0\0")
                  + message(b"D", b"P\0") + message(b"E", b"\0\0\0\0\0") + SYNC)
-        kinds = []
-        while not kinds or kinds[-1] not in (ord("G"), ord("E"), ord("Z")):
-            item = raw.read()
-            assert item is not None, "the connection closed"
-            kinds.append(item[0])
-        assert kinds[-1] == ord("G"), f"message types {bytes(kinds)!r}"
+        _copy_began(raw)
         rows = message(b"d", b"30000001\tone\n") + (SYNC if sync_in_copy else b"")
         raw.send(rows + message(b"d", b"30000002\ttwo\n") + message(b"c") + SYNC)
         messages, closed = raw.reply()
