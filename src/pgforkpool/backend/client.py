@@ -279,8 +279,7 @@ class ClientProtocol:
                     self._scan(data[pos + 5:n])
                     pos = n
                 elif msg_type == COPY_DATA:
-                    if server.copy_via_execute and not server.copy_in and not server.copies_ended:
-                        server.copy_data_early = True
+                    server.copy_data_sent()
                     pos = self._stream(end, n)
                 elif msg_type == B:
                     # A large Bind: its statement name renamed in its header, the rest streamed.
@@ -394,8 +393,7 @@ class ClientProtocol:
             elif msg_type == COPY_FAIL:
                 self._copy_ended(server)
             elif msg_type == COPY_DATA:
-                if server.copy_via_execute and not server.copy_in and not server.copies_ended:
-                    server.copy_data_early = True   # rows sent before the server said COPY began
+                server.copy_data_sent()
             pos = end
         if outcome is None and pos < n:
             self.buf = bytearray(data[pos:])
@@ -633,12 +631,9 @@ class ClientProtocol:
         boundary, with no Parse or Close of its own in flight."""
         registry, scope = self.registry, self.scope
         for name, statement in list(self.statements.items()):
-            slot = statement.slot
-            if (slot.startswith(scope) and len(slot) == len(scope) + len(statement.key) if scope
-                    else slot is statement.key):
-                continue   # of this scope already (scopes are length-prefixed: no other starts so)
-            self.statements[name] = registry.acquire(statement.key, statement.flags, self.scope)
-            registry.release(statement)
+            if statement.scope != scope:
+                self.statements[name] = registry.acquire(statement.key, statement.flags, scope)
+                registry.release(statement)
 
     def release_statements(self) -> None:
         """The session ends, or the server discarded its statements (DISCARD ALL, DEALLOCATE ALL)."""

@@ -203,15 +203,17 @@ def parse_scope(settings: dict[str, str]) -> bytes:
     values = [f"{name}={settings[name]}" for name in PARSE_SETTINGS if name in settings]
     if not values:
         return b""
-    scope = "\0".join(values).encode("utf-8", "surrogateescape")
-    return b"\0\0" + len(scope).to_bytes(4, "big") + scope
+    return _scope("\0".join(values).encode("utf-8", "surrogateescape"))
 
 
 def private_scope(conn_id: int) -> bytes:
-    """A scope no other session has (Session.private_statements): in the same form as
-    parse_scope's, with a NUL inside, which no setting value has."""
-    scope = b"\0session %d" % conn_id
-    return b"\0\0" + len(scope).to_bytes(4, "big") + scope
+    """A scope no other session has (Session.private_statements), with a NUL first, where no
+    parse_scope has one."""
+    return _scope(b"\0session %d" % conn_id)
+
+
+def _scope(text: bytes) -> bytes:
+    return b"\0\0" + len(text).to_bytes(4, "big") + text
 
 
 def temp_schema_in_path(settings: dict[str, str]) -> bool:

@@ -350,6 +350,12 @@ class ServerProtocol:
         self.copy_via_execute = self.copy_data_early = False
         self.copy_syncs = self.copies_ended = 0
 
+    def copy_data_sent(self) -> None:
+        """A CopyData went to the server: rows sent after an Execute before the server said a
+        COPY began are noted (a Sync among them cannot be accounted for)."""
+        if self.copy_via_execute and not self.copy_in and not self.copies_ended:
+            self.copy_data_early = True
+
     def copy_started(self) -> None:
         """The server entered copy-in mode.
 

@@ -56,12 +56,12 @@ class ProtocolViolation:
 
 
 class Statement:
-    __slots__ = ("name", "key", "slot", "refs", "flags", "settings", "retired")
+    __slots__ = ("name", "key", "scope", "refs", "flags", "settings", "retired")
 
-    def __init__(self, name: bytes, key: bytes, flags: int = 0, slot: bytes = b""):
+    def __init__(self, name: bytes, key: bytes, flags: int = 0, scope: bytes = b""):
         self.name = name      # server-side name (b"" for a session's unnamed statement)
         self.key = key        # query text NUL parameter types: the Parse payload after the name
-        self.slot = slot or key   # its key in the registry: the key, after a scope if any
+        self.scope = scope    # the context.parse_scope of the sessions that share it
         self.refs = 0         # sessions that hold it under a name of theirs
         self.flags = flags    # client.text_flags of its text
         self.settings: frozenset | None = None   # custom setting names its text sets, once asked
@@ -155,11 +155,11 @@ class StatementRegistry:
     def acquire(self, key: bytes, flags: int, scope: bytes = b"") -> Statement:
         """The shared statement of a Parse payload (after the name), for sessions of `scope`
         (context.parse_scope; b"" for those whose parse settings are the connection's)."""
-        slot = scope + key if scope else key
+        slot = _slot(key, scope)
         statement = self.by_key.get(slot)
         if statement is None:
             self.counter += 1
-            statement = self.by_key[slot] = Statement(b"pgforkpool.s%d" % self.counter, key, flags, slot)
+            statement = self.by_key[slot] = Statement(b"pgforkpool.s%d" % self.counter, key, flags, scope)
         elif statement.refs == 0:
             self.unused.pop(slot, None)
         statement.refs += 1
@@ -172,10 +172,10 @@ class StatementRegistry:
         if statement.retired:
             self.evicted.append(statement.name)
             return
-        self.unused[statement.slot] = statement
+        self.unused[_slot(statement.key, statement.scope)] = statement
         while len(self.unused) > self.cache_size:
-            _slot, old = self.unused.popitem(last=False)
-            del self.by_key[old.slot]
+            slot, old = self.unused.popitem(last=False)
+            del self.by_key[slot]
             self.evicted.append(old.name)
 
 
@@ -201,6 +201,12 @@ class StatementRegistry:
         self.evicted.extend(statement.name for statement in self.unused.values())
         self.unused.clear()
         self.by_key.clear()
+
+
+def _slot(key: bytes, scope: bytes) -> bytes:
+    """A statement's key in the registry: its Parse payload, after its scope if it has one
+    (scopes are length-prefixed and start with two NULs, as no payload longer than 3 bytes does)."""
+    return scope + key if scope else key
 
 
 def length_word(data: bytes, pos: int) -> int:
