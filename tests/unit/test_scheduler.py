@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-from pgforkpool.backend.context import Context, restore_query
+from pgforkpool.backend.context import Context, partial_datestyle, restore_query
 from pgforkpool.backend.scheduler import (Decision, Scheduler, ServerState, SessionState,
                                           boundary_decision)
 from pgforkpool.backend.server import ServerConnection, ServerProtocol
@@ -332,3 +332,22 @@ def test_restore_from_an_unknown_context_resets_identity_before_settings():
     parts = _parts(restore_query(None, {"session_replication_role": "replica", "session_authorization": "a"}))
     assert parts[:3] == ["RESET SESSION AUTHORIZATION", "RESET ROLE", "RESET ALL"]
     assert _index(parts, "'session_replication_role'") < _index(parts, "'session_authorization'")
+
+
+@pytest.mark.parametrize("value, partial", [
+    ("ISO", True), ("Postgres", True), ("DMY", True), ("euro", True), (" sql ", True),
+    ("ISO, DMY", False), ("dmy,postgres", False), ("German", False), ("default", False),
+    ('"ISO", "MDY"', False),
+])
+def test_a_datestyle_naming_only_its_style_or_its_order_is_partial(value, partial):
+    assert partial_datestyle(value) is partial
+
+
+def test_a_partial_datestyle_is_restored_on_top_of_the_servers_default():
+    """"ISO" at login means "ISO" with the server's default order, not with the order of the
+    session the connection served before: the restore resets DateStyle before it sets it."""
+    parts = _parts(restore_query({"datestyle": "ISO, DMY"}, {"datestyle": "ISO"}))
+    assert _index(parts, "RESET datestyle") < _index(parts, "'datestyle', 'ISO'")
+    assert not [part for part in _parts(restore_query({"datestyle": "SQL, MDY"}, {"datestyle": "ISO, DMY"}))
+                if part.startswith("RESET")]
+    assert restore_query({"datestyle": "ISO"}, {"datestyle": "ISO"}) == ""

@@ -301,6 +301,12 @@ def restore_query(current: dict[str, str] | None, wanted: dict[str, str]) -> str
             parts.append("RESET SESSION AUTHORIZATION")
         parts.append("RESET ROLE")
         auth_now = role_now = None
+    datestyle = wanted.get("datestyle")
+    if datestyle is not None and current.get("datestyle") != datestyle and partial_datestyle(datestyle):
+        # A DateStyle that names only its style or only its order keeps the other from the value
+        # in force: at login, from the server's default; here, from there too, not from
+        # whichever session's DateStyle the connection had ("ISO" after "ISO, DMY" stayed DMY).
+        parts.append("RESET datestyle")
     if sets:
         parts.append("SELECT " + ", ".join(sets))
     parts.extend(resets)
@@ -309,6 +315,19 @@ def restore_query(current: dict[str, str] | None, wanted: dict[str, str]) -> str
     if role_wanted is not None and role_now != role_wanted:
         parts.append(f"SELECT {_set('role', role_wanted)}")
     return "; ".join(parts) if len(parts) > 1 else ""
+
+
+_DATE_STYLES: Final = frozenset({"iso", "sql", "postgres", "german"})
+_DATE_ORDERS: Final = frozenset({"ymd", "dmy", "euro", "european", "mdy", "us", "noneuro", "noneuropean"})
+
+
+def partial_datestyle(value: str) -> bool:
+    """Whether a DateStyle value leaves its style or its order to the value in force, as
+    PostgreSQL's check_datestyle reads it ("ISO", "DMY"; "German" brings DMY, "default" both)."""
+    words = {word.strip().strip('"').lower() for word in value.split(",")}
+    if "default" in words:
+        return False
+    return words.isdisjoint(_DATE_STYLES) or (words.isdisjoint(_DATE_ORDERS) and "german" not in words)
 
 
 # Whether the connection holds state of the session that cannot be copied to another.  It runs
