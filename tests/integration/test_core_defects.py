@@ -1481,3 +1481,41 @@ def test_a_datestyle_given_in_part_at_login_keeps_its_order_after_another_sessio
         assert a.execute("SHOW DateStyle").fetchone()[0] == first
         assert b.execute("SHOW DateStyle").fetchone()[0] == expected
         assert b.execute("SELECT to_char('03/04/2024'::date, 'YYYY-MM-DD')").fetchone()[0] == "2024-03-04"
+
+
+# ================================================================ idle_session_timeout
+
+@pytest.mark.parametrize("how", ["SET", "login option"])
+def test_a_sessions_idle_session_timeout_ends_that_session_not_the_shared_connection(pool, how):
+    """A session's own idle_session_timeout on the shared connection: the server ended the
+    connection once it idled that long (every session's prepared statements and the rest with
+    it, a "lost server connection" in the log each time), and the idle session itself went on.
+    As on PostgreSQL, the session is ended with 57P05 and nobody else notices."""
+    b = pool.connect()
+    before = server_pid(b)
+    with Raw(pool.port, timeout=RAW_TIMEOUT, login=how == "SET") as a:
+        if how == "SET":
+            assert not errors(a.query("SET idle_session_timeout = '1s'")[0])
+        else:
+            body = (_i32.pack(PROTOCOL_3_0) + cstr("user") + cstr("app") + cstr("database") + cstr("app")
+                    + cstr("options") + cstr("-c idle_session_timeout=1000") + b"\0")
+            a.send(_i32.pack(len(body) + 4) + body)
+            messages, closed = a.reply()
+            assert not closed and not errors(messages)
+        idle_from = time.monotonic()
+        ended = a.until_closed()   # bounded by RAW_TIMEOUT
+        idled = time.monotonic() - idle_from
+    assert [fields["C"] for fields in errors(ended)] == ["57P05"], describe(ended)
+    assert 1.0 <= idled < RAW_TIMEOUT
+    assert server_pid(b) == before
+    assert "lost server connection" not in pool.log()
+
+
+def test_a_session_that_keeps_running_is_not_ended_by_its_idle_session_timeout(pool):
+    """Only idle time counts: a session running a statement every 0.4 s outlives a 1 s timeout."""
+    a = pool.connect()
+    a.execute("SET idle_session_timeout = '1s'")
+    for _ in range(6):
+        assert a.execute("SELECT 1").fetchone() == (1,)
+        time.sleep(0.4)   # pacing, below the timeout
+    assert a.execute("SHOW idle_session_timeout").fetchone() == ("1s",)

@@ -225,3 +225,11 @@ def test_retired_statements_stay_with_their_holders_and_new_parses_get_new_ones(
     registry.release(held)
     assert registry.evicted == [idle.name, held.name]
     assert registry.acquire(key, 0) is fresh
+
+
+@pytest.mark.parametrize("value, seconds", [
+    (None, 0.0), ("", 0.0), ("0", 0.0), ("1000", 1.0), ("1s", 1.0), ("1500ms", 1.5), (" 2 s ", 2.0),
+    ("1.5min", 90.0), ("1h", 3600.0), ("1d", 86400.0), ("250000us", 0.25), ("bogus", 0.0), ("-5", 0.0),
+])
+def test_a_time_setting_in_ms_is_read_as_postgresql_reads_it(value, seconds):
+    assert session.duration_setting(value) == pytest.approx(seconds)

@@ -216,6 +216,21 @@ def _scope(text: bytes) -> bytes:
     return b"\0\0" + len(text).to_bytes(4, "big") + text
 
 
+_DURATION: Final = re.compile(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(us|ms|s|min|h|d)?\s*")
+_DURATION_UNITS: Final = {None: 0.001, "us": 1e-6, "ms": 0.001, "s": 1.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def duration_setting(value: str | None) -> float:
+    """Seconds of a time setting whose unit is ms (idle_session_timeout), as PostgreSQL reads
+    "1000", "1s" or "1.5min" (pg_settings gives ms without a unit); 0 for none or unreadable."""
+    if not value:
+        return 0.0
+    match = _DURATION.fullmatch(value)
+    if match is None:
+        return 0.0
+    return max(0.0, float(match.group(1)) * _DURATION_UNITS[match.group(2)])
+
+
 def temp_schema_in_path(settings: dict[str, str]) -> bool:
     """pg_temp named in the session's search_path: CREATE TABLE AS, SELECT INTO, CREATE
     SEQUENCE or VIEW with unqualified names may make temporary objects without a word of it."""

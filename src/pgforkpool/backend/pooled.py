@@ -36,8 +36,8 @@ from ..shared.errors import PgError
 from . import server as srv
 from .client import MAY_PIN, MAY_SET, TERMINATE, WAITING_INPUT_LIMIT
 from .context import (PIN_CHECK_QUERY, UNKNOWN_NAME, Context, capture_query,
-                      captured_settings, custom_setting_names, fixup_query, reserved_placeholder,
-                      restore_query)
+                      captured_settings, custom_setting_names, duration_setting, fixup_query,
+                      reserved_placeholder, restore_query)
 from .scheduler import Decision, Scheduler, ServerState, SessionState, boundary_decision
 from .server import (BOUNDARY, BROKEN, NOTE_DISCARDED, NOTE_PIN, NOTE_STALE, NOTE_SETTINGS, NOTE_UNPIN,
                      TransactionStatus)
@@ -110,6 +110,7 @@ FIXUP: Final = "fixup"             # after RESET/DISCARD: the owner's startup va
 ROLLBACK: Final = "rollback"       # end the transaction of a client that vanished
 DEALLOCATE: Final = "deallocate"   # close statements no session holds any more
 PIN_CHECK: Final = "pin check"     # does the owner hold state that cannot be copied?
+DISARM: Final = "disarm"           # idle_session_timeout off while the shared connection idles
 
 
 class PooledBackend:
@@ -291,6 +292,7 @@ class PooledBackend:
             self._expire_waits(now)
         if self.settings.idle_in_transaction_session_timeout:
             self._expire_idle_transactions(now)
+        self._expire_idle_sessions(now)
         self._update_title()
         self.title_at = now + 1.0   # next housekeeping while busy
 
@@ -374,6 +376,22 @@ class PooledBackend:
                            session)
             self._client_send(session, error.packet())
             self._client_gone(session)   # its transaction is rolled back before anyone else's turn
+
+    def _expire_idle_sessions(self, now: float) -> None:
+        """A session's own idle_session_timeout, where it shares a connection: the session is
+        ended, as PostgreSQL ends an idle session, once it has had nothing to run for that long
+        (looked at once a second).  A pinned session's own connection keeps it on the server."""
+        for session in list(self.sessions.values()):
+            timeout = session.idle_session_timeout
+            if (timeout <= 0.0 or session.state is not IDLE or session.pinned is not None
+                    or session.gone or session.proto.buf or session.proto.passthrough
+                    or now - session.quiet_since < timeout):
+                continue
+            logger.log(log.LOG, "%s: terminating connection due to idle-session timeout (%.1f s)",
+                       session, now - session.quiet_since)
+            self._client_send(session, PgError(
+                "57P05", "terminating connection due to idle-session timeout").packet())
+            self._close_session(session)
 
     def _update_title(self) -> None:
         title = (f"backend {self.database}/{self.user} {len(self.sessions)} sessions "
@@ -1504,6 +1522,8 @@ class PooledBackend:
                     gather = session
             self.queries += server.queries
             server.queries = 0
+        if session is not None:
+            session.quiet_since = self.now
         stream = server.stream
         if not stream.mask & EPOLLIN:
             # The server owes nothing now: a pause for that owner's slow client ends with its turn.
@@ -1527,8 +1547,22 @@ class PooledBackend:
             session = scheduler.next_waiting()
             if session is not None:
                 self._activate(server, session)
+        context = server.context
+        if (context is not None and "idle_session_timeout" in context and server.owner is None
+                and server is self.server and server.state is SERVER_IDLE):
+            self._disarm_idle_session_timeout(server, context)
         if gather is not None and server is self.server:
             self._gather(gather)
+
+    def _disarm_idle_session_timeout(self, server: srv.ServerConnection, context: dict[str, str]) -> None:
+        """The shared connection goes idle with a session's idle_session_timeout in force: the
+        server would end the connection, not that session, once it idled that long (the pooler
+        keeps the session's timeout: _expire_idle_sessions).  It is set to 0 for the idle time."""
+        if duration_setting(context["idle_session_timeout"]) > 0.0:
+            context = dict(context)
+            context["idle_session_timeout"] = "0"
+            server.context = context   # its owner's next restore sets it again
+            self._hidden(server, DISARM, "SET idle_session_timeout = 0")
 
     def _next_session(self, server: srv.ServerConnection) -> None:
         session = self.scheduler.next_waiting()

@@ -5,7 +5,7 @@ import time
 from typing import TYPE_CHECKING
 
 from .client import ClientProtocol
-from .context import Context, parse_scope, private_scope, temp_schema_in_path
+from .context import Context, duration_setting, parse_scope, private_scope, temp_schema_in_path
 from .scheduler import SessionState
 from .stream import Stream
 
@@ -19,7 +19,7 @@ class Session:
                  "address", "greeted", "gone", "paused", "dirty", "pin_check", "pinned",
                  "prepared_xacts", "capture_failures", "restore_retried", "since", "connected",
                  "idle_since", "origin_pid", "last_xact", "unknown_settings", "temp_path",
-                 "__weakref__")
+                 "idle_session_timeout", "quiet_since", "__weakref__")
 
     def __init__(self, stream: Stream, conn_id: int, startup: dict[str, str],
                  registry: "StatementRegistry", address: str = ""):
@@ -35,6 +35,11 @@ class Session:
         self.context = Context.from_startup(startup)   # raises ValueError for bad `options`
         self.proto = ClientProtocol(registry)
         self.temp_path = False       # pg_temp in its search_path: a pin check after each statement
+        # Its own idle_session_timeout, in seconds (0: none), and since when it has had nothing
+        # to run (monotonic: logged in, or its last turn on a connection ended).  On a shared
+        # connection the pooler keeps it, not the server (PooledBackend._expire_idle_sessions).
+        self.idle_session_timeout = 0.0
+        self.quiet_since = time.monotonic()
         self.settings_changed()
         self.greeted = False
         self.gone = False            # the client disconnected, or is being disconnected
@@ -76,6 +81,7 @@ class Session:
             proto.scope = scope
             proto.rescope_statements()
         self.temp_path = temp_schema_in_path(settings)
+        self.idle_session_timeout = duration_setting(settings.get("idle_session_timeout"))
 
     def private_statements(self) -> None:
         """It may have changed settings not read back yet (a SET, a SET LOCAL inside its
