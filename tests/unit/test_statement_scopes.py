@@ -64,7 +64,7 @@ def test_a_statement_parsed_after_the_pin_check_was_sent_is_not_forgotten():
     out, _ = a.receive(parse(b"old", b"SELECT 0") + bind(b"old") + EXECUTE + SYNC, server)
     server.receive(PARSE_COMPLETE + BIND_COMPLETE + command_complete(b"SELECT 1") + rfq())
     old = a.statements[b"old"].name
-    server.prepared_checked = set(server.prepared)   # as _boundary sends the check
+    server.pin_check_sent()   # as _boundary sends the check
     server.hidden("pin check", context.PIN_CHECK_QUERY)
     out, _ = a.receive(parse(b"q1", b"SELECT 1") + bind(b"q1") + EXECUTE + SYNC, server)
     new = a.statements[b"q1"].name

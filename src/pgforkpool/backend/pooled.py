@@ -1285,7 +1285,7 @@ class PooledBackend:
             self._hidden(server, ROLLBACK, "ROLLBACK")
         elif decision is Decision.PIN_CHECK:
             owner.pin_check = False
-            server.prepared_checked = set(server.prepared)
+            server.pin_check_sent()
             self._hidden(server, PIN_CHECK, PIN_CHECK_QUERY, owner)
         elif decision is Decision.CAPTURE:
             owner.dirty = False
@@ -1522,8 +1522,10 @@ class PooledBackend:
                     gather = session
             self.queries += server.queries
             server.queries = 0
+        disarm = False
         if session is not None:
             session.quiet_since = self.now
+            disarm = session.idle_session_timeout > 0.0
         stream = server.stream
         if not stream.mask & EPOLLIN:
             # The server owes nothing now: a pause for that owner's slow client ends with its turn.
@@ -1547,18 +1549,19 @@ class PooledBackend:
             session = scheduler.next_waiting()
             if session is not None:
                 self._activate(server, session)
-        context = server.context
-        if (context is not None and "idle_session_timeout" in context and server.owner is None
-                and server is self.server and server.state is SERVER_IDLE):
-            self._disarm_idle_session_timeout(server, context)
+        if disarm and server.owner is None and server is self.server and server.state is SERVER_IDLE:
+            self._disarm_idle_session_timeout(server)
         if gather is not None and server is self.server:
             self._gather(gather)
 
-    def _disarm_idle_session_timeout(self, server: srv.ServerConnection, context: dict[str, str]) -> None:
-        """The shared connection goes idle with a session's idle_session_timeout in force: the
-        server would end the connection, not that session, once it idled that long (the pooler
+    def _disarm_idle_session_timeout(self, server: srv.ServerConnection) -> None:
+        """The shared connection goes idle after the turn of a session with an idle_session_timeout:
+        the server would end the connection, not that session, once it idled that long (the pooler
         keeps the session's timeout: _expire_idle_sessions).  It is set to 0 for the idle time."""
-        if duration_setting(context["idle_session_timeout"]) > 0.0:
+        context = server.context
+        if context is None:   # unknown (the next restore resets everything): it may be there
+            self._hidden(server, DISARM, "SET idle_session_timeout = 0")
+        elif duration_setting(context.get("idle_session_timeout")) > 0.0:
             context = dict(context)
             context["idle_session_timeout"] = "0"
             server.context = context   # its owner's next restore sets it again

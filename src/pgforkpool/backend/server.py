@@ -459,6 +459,11 @@ class ServerProtocol:
         body = b"".join(code.encode() + protocol.cstring(value) for code, value in fields.items())
         return protocol.message(b"E", body + b"\0")
 
+    def pin_check_sent(self) -> None:
+        """The pin check goes out now: the statements prepared so far are those its answer
+        speaks of (forget_deallocated)."""
+        self.prepared_checked = set(self.prepared)
+
     def forget_deallocated(self, names: str | None) -> int:
         """The pin check named the protocol-level statements the connection has (space-separated,
         None for none): forget those prepared before it was sent that it does not name (a
