@@ -1519,3 +1519,19 @@ def test_a_session_that_keeps_running_is_not_ended_by_its_idle_session_timeout(p
         assert a.execute("SELECT 1").fetchone() == (1,)
         time.sleep(0.4)   # pacing, below the timeout
     assert a.execute("SHOW idle_session_timeout").fetchone() == ("1s",)
+
+
+def test_an_update_of_pg_settings_stays_in_its_session(pool):
+    """UPDATE pg_settings SET setting = … changes the session's setting (a rule calls set_config;
+    the tag is UPDATE 0): it stayed on the shared connection for the next sessions, and the
+    session itself lost it at its next switch (found by a third exploratory run)."""
+    a, b = pool.connect(), pool.connect()
+    assert server_pid(a) == server_pid(b)
+    default = b.execute("SHOW work_mem").fetchone()[0]
+    a.execute("UPDATE pg_settings SET setting = '7777' WHERE name = 'work_mem'")
+    for _ in range(2):
+        assert b.execute("SHOW work_mem").fetchone()[0] == default
+        assert a.execute("SHOW work_mem").fetchone()[0] == "7777kB"
+    a.close()
+    with pool.connect() as c:
+        assert c.execute("SHOW work_mem").fetchone()[0] == default

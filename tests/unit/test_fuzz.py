@@ -2,10 +2,12 @@
 
 import struct
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pgforkpool.backend.client import TERMINATE, ClientProtocol, may_touch_state, mentions_state_words, nul_at
+from pgforkpool.backend.client import (MAY_SET, TERMINATE, ClientProtocol, may_touch_state, mentions_state_words,
+                                      nul_at, text_flags)
 from pgforkpool.backend.server import BOUNDARY, BROKEN, HiddenQuery, ServerProtocol
 from pgforkpool.backend.statements import ProtocolViolation, StatementRegistry
 
@@ -682,7 +684,7 @@ def test_shared_connection_answers_as_the_sessions_own_connection(trips, cache_s
 
 # ================================================================ the byte loops of the compiled hot path
 
-_WORDS = [b"set_config", b"temp", b"advisory"]
+_WORDS = [b"set_config", b"temp", b"advisory", b"pg_settings", b"settings"]
 
 
 def _cased(word: bytes, mask: int) -> bytes:
@@ -704,7 +706,7 @@ def texts_with_words(draw):
 @settings(max_examples=3000, deadline=None)
 @given(texts_with_words(), st.data())
 def test_mentions_state_words_agrees_with_may_touch_state(text, data):
-    """The byte loop that spots set_config/temp/advisory in a short Query (compiled build) says
+    """The byte loop that spots set_config/temp/advisory/pg_settings in a short Query (compiled build) says
     exactly what the lower-cased searches say, for any slice of any text: missing one would let
     a session's setting reach the next session on the connection."""
     start = data.draw(st.integers(0, len(text)))
@@ -725,3 +727,16 @@ def test_nul_at_agrees_with_find(text, nuls, data):
     start = data.draw(st.integers(0, len(text)))
     end = data.draw(st.integers(start, len(text)))
     assert nul_at(text, start, end) == text.find(b"\0", start, end)
+
+
+@pytest.mark.parametrize("text, flagged", [
+    (b"UPDATE pg_settings SET setting = '7777' WHERE name = 'work_mem'", True),
+    (b"update PG_CATALOG.PG_SETTINGS set setting = 'x' where name = 'search_path'", True),
+    (b"SELECT * FROM app_settings", False),
+    (b"UPDATE user_settings SET x = 1", False),
+])
+def test_an_update_of_pg_settings_is_read_back_like_a_set(text, flagged):
+    """UPDATE pg_settings sets the session's setting through a rule (tag UPDATE 0): only the
+    text can tell; a table of the application's own named …settings is not flagged."""
+    assert bool(text_flags(text) & MAY_SET) is flagged
+    assert mentions_state_words(text, 0, len(text)) is flagged

@@ -73,9 +73,11 @@ TERMINATE: Final = "terminate"
 
 # Flags of statement text that may change session state without a telling
 # command tag (SET, LISTEN, PREPARE, CREATE TABLE… have tags; see server.py).
-MAY_SET: Final = 1      # set_config(): read the settings back after the transaction
+MAY_SET: Final = 1      # set_config(), UPDATE pg_settings: read the settings back after the transaction
 MAY_PIN: Final = 2      # temporary objects, session advisory locks: ask the server whether to pin
-_SETTINGS_TEXT: Final = re.compile(rb"set_config", re.IGNORECASE)
+# pg_settings: an UPDATE of it sets the session's settings (a rule calls set_config), under a
+# tag that says nothing of it ("UPDATE 0").
+_SETTINGS_TEXT: Final = re.compile(rb"set_config|pg_settings", re.IGNORECASE)
 _PIN_TEXT: Final = re.compile(rb"\btemp(?:orary)?\b|pg_temp|advisory_(?:un)?lock", re.IGNORECASE)
 # A C-speed first look (lower-case, then substring search) before any regex:
 # most statements mention none of these words.
@@ -105,10 +107,14 @@ def mentions_state_words(data: bytes, start: int, end: int) -> bool:
             if ((data[i + 1] | 0x20) == 0x65 and (data[i + 2] | 0x20) == 0x6D
                     and (data[i + 3] | 0x20) == 0x70):
                 return True
-        elif c == 0x73:      # s: set_config
-            if (i + 10 <= end and (data[i + 1] | 0x20) == 0x65 and (data[i + 2] | 0x20) == 0x74
-                    and data[i + 3] == 0x5F and data[i + 4:i + 10].lower() == b"config"):
-                return True
+        elif c == 0x73:      # s: set_config, pg_settings
+            if i + 8 <= end and (data[i + 1] | 0x20) == 0x65 and (data[i + 2] | 0x20) == 0x74:
+                if data[i + 3] == 0x5F:
+                    if i + 10 <= end and data[i + 4:i + 10].lower() == b"config":
+                        return True
+                elif (i >= start + 3 and data[i + 3:i + 8].lower() == b"tings"
+                      and data[i - 3:i].lower() == b"pg_"):
+                    return True
         elif c == 0x61:      # a: advisory
             if (i + 8 <= end and (data[i + 1] | 0x20) == 0x64
                     and data[i + 2:i + 8].lower() == b"visory"):
@@ -138,7 +144,7 @@ def may_touch_state(text) -> bool:
     # TypeError it formats and discards for a bytes argument costs more than the search.
     lowered = text.translate(_LOWER)
     return (lowered.find(b"set_config") >= 0 or lowered.find(b"temp") >= 0
-            or lowered.find(b"advisory") >= 0)
+            or lowered.find(b"advisory") >= 0 or lowered.find(b"pg_settings") >= 0)
 
 
 def text_flags(text) -> int:
