@@ -90,7 +90,7 @@ MAX_KEPT_MESSAGE: Final = 1 << 26
 _TAG_PREFIXES: Final = (b"SET\0", b"RESET\0", b"DISCARD", b"DEALLOCATE", b"LISTEN", b"UNLISTEN",
                         b"DECLARE", b"PREPARE", b"CREATE TABLE", b"DROP TABLE", b"CLOSE CURSOR",
                         b"LOAD", b"COMMIT PREPARED", b"ROLLBACK PREPARED", b"DO\0", b"CALL\0",
-                        b"ALTER TABLE")
+                        b"ALTER ", b"DROP ", b"CREATE VIEW")
 # The same by their first three bytes (every prefix has three, "DO\0" with its NUL): most tags (SELECT,
 # INSERT, UPDATE, BEGIN) are dismissed by one dictionary lookup, without a prefix test.
 _TAG_PREFIXES_BY_START: Final[dict[int, tuple[bytes, ...]]] = {
@@ -106,8 +106,10 @@ _TAG_NOTES: Final = (
      NOTE_PIN),
     ((b"DISCARD", b"DROP TABLE", b"UNLISTEN", b"CLOSE CURSOR", b"DEALLOCATE"), NOTE_UNPIN),
     ((b"DISCARD ALL\0", b"DEALLOCATE ALL\0"), NOTE_DISCARDED),
-    # A table's columns may have changed: new Parses get statements of their own (as 0A000 does).
-    ((b"ALTER TABLE",), NOTE_STALE),
+    # The columns of a table, view, type or function's result may have changed (ALTER TABLE,
+    # CREATE OR REPLACE VIEW, ALTER VIEW … RENAME COLUMN, DROP then CREATE): new Parses get
+    # statements of their own (as 0A000 does).
+    ((b"ALTER ", b"DROP ", b"CREATE VIEW"), NOTE_STALE),
 )
 # The server removed a placeholder setting (a library reserved its prefix):
 # WARNING 42602 "invalid configuration parameter name …, removing it".

@@ -14,7 +14,11 @@ import signal
 import socket
 import time
 
-from ..backend import console
+# Every module a child runs is imported here, while the postmaster may still be root: then
+# the OS user of the `user` setting need not read them (a Python under /root, say), and an
+# import that fails stops the start instead of the postmaster at its first client.
+from ..backend import console, dedicated, pooled
+from ..listener import worker
 from ..shared import auth, channel, config, log, process, status
 from ..shared.errors import PgError
 from . import metrics
@@ -598,7 +602,6 @@ class Postmaster:
         self.signals.close()
 
     def _spawn_listener(self, number: int) -> None:
-        from ..listener import worker
         settings = self.settings
         pid, chan = self._fork(f"listener {number}",
                                lambda c: worker.main(number, settings, c))
@@ -607,7 +610,6 @@ class Postmaster:
         self.by_chan[chan.fileno()] = slot
 
     def _spawn_pooled(self, pool: Pool, client_fd: int) -> BackendSlot:
-        from ..backend import pooled
         secret = self.auth_entries.get(pool.user)
         table, settings = self.table, self.settings
         # The slot is claimed before the fork so that the child knows it.
@@ -625,7 +627,6 @@ class Postmaster:
         return backend
 
     def _spawn_dedicated(self, conn_id: int, startup: dict[str, str], fd: int) -> None:
-        from ..backend import dedicated
         secret = self.auth_entries.get(startup["user"])
         table, settings = self.table, self.settings
         slot = table.claim(0, status.KIND_DEDICATED, startup["database"], startup["user"])
