@@ -1569,3 +1569,74 @@ def test_a_text_prepared_before_other_ddl_is_prepared_afresh_for_a_new_session(p
     with pool.connect() as c:
         cursor = c.execute(sql, (1,), prepare=True)
         assert [column.name for column in cursor.description] == columns
+
+
+# ================================================================ asyncpg's prepare: Parse, Describe, Flush
+
+def _prepare_with_flush(raw: Raw, name: str, sql: str) -> list[tuple[int, bytes]]:
+    """As asyncpg prepares: Parse, Describe, Flush, no Sync; the replies up to the description."""
+    raw.send(message(b"P", cstr(name) + cstr(sql) + _i16.pack(0)) + message(b"D", b"S" + cstr(name))
+             + message(b"H"))
+    replies = []
+    while not replies or replies[-1][0] not in (ord("T"), ord("n"), ord("E")):
+        item = raw.read()
+        assert item is not None, "the pooler closed the connection"
+        replies.append(item)
+    return replies
+
+
+def _run_prepared(raw: Raw, name: str, value: str) -> list[tuple[int, bytes]]:
+    raw.send(message(b"B", cstr("") + cstr(name) + _i16.pack(0) + _i16.pack(1) + _i32.pack(len(value))
+                     + value.encode() + _i16.pack(0))
+             + message(b"E", cstr("") + _i32.pack(0)) + SYNC)
+    messages, closed = raw.reply()
+    assert not closed
+    return messages
+
+
+@pytest.mark.parametrize("then", ["nothing", "a simple query", "COPY FROM STDIN", "in a transaction"])
+def test_a_statement_prepared_with_a_flush_leaves_the_connection_to_others(pool, cluster, then):
+    """asyncpg prepares with Parse, Describe and Flush, and sends the Sync only with the first
+    Bind, maybe much later. The session kept the shared connection until then: every other
+    session of the backend waited (up to query_wait_timeout), and a simple Query it sent next
+    (copy_records_to_table's COPY, a pool's reset query) ended it with 08P01. Found by a third
+    exploratory run."""
+    with direct(cluster) as conn:
+        conn.execute("DROP TABLE IF EXISTS flush_copy; CREATE TABLE flush_copy (n int); "
+                     "ALTER TABLE flush_copy OWNER TO app")
+    b = pool.connect()
+    with Raw(pool.port) as a:
+        if then == "in a transaction":
+            assert not errors(a.query("BEGIN")[0])
+        replies = _prepare_with_flush(a, "asyncpg_stmt_1", "SELECT $1::int * 2")
+        assert [chr(kind) for kind, _ in replies] == ["1", "t", "T"]
+        if then != "in a transaction":
+            assert answered_within(b, "SELECT 42") == [(42,)]
+        if then in ("a simple query", "in a transaction"):
+            messages, closed = a.query("SELECT 'next'")
+            assert not closed and not errors(messages) and data_rows(messages) == [["next"]]
+        elif then == "COPY FROM STDIN":
+            a.send(query("COPY flush_copy FROM STDIN"))
+            began = a.read()
+            assert began is not None and began[0] == ord("G"), describe([began] if began else [])
+            a.send(message(b"d", b"7\n") + message(b"c"))
+            messages, closed = a.reply()
+            assert not closed and not errors(messages), describe(messages)
+            assert answered_within(b, "SELECT n FROM flush_copy") == [(7,)]
+        messages = _run_prepared(a, "asyncpg_stmt_1", "21")
+        assert not errors(messages) and data_rows(messages) == [["42"]], describe(messages)
+        if then == "in a transaction":
+            assert not errors(a.query("COMMIT")[0])
+        assert answered_within(b, "SELECT 43") == [(43,)]
+
+
+def test_a_failed_prepare_with_a_flush_is_answered_as_postgresql_does(pool):
+    """When the flushed Parse fails, the server skips until the client's Sync: the pooler sends
+    no Sync of its own then, so that what the client sends before its Sync is skipped too."""
+    with Raw(pool.port) as a:
+        replies = _prepare_with_flush(a, "bad", "SELEKT 1")
+        assert [fields["C"] for fields in errors(replies)] == ["42601"]
+        messages = _run_prepared(a, "bad", "1")   # skipped by the server, up to its Sync
+        assert not errors(messages) and [chr(kind) for kind, _ in messages] == ["Z"], describe(messages)
+        messages, closed = a.query("SELECT 'still here'")
+        assert data_rows(messages) == [["still here"]]

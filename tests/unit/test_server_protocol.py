@@ -628,3 +628,61 @@ def test_a_changed_result_type_is_noted():
     srv = owner_server(1)
     srv.receive(error("42P01", 'relation "t" does not exist') + rfq())
     assert srv.take_notes()[0] == 0
+
+
+# ================================================================ a Flush after statements only (asyncpg's prepare)
+
+PARAMETER_DESCRIPTION = msg(b"t", struct.pack("!hI", 1, 23))
+
+
+def _flushed_prepare(server: ServerProtocol, proto: ClientProtocol, name: bytes = b"s") -> bytes:
+    out, outcome = proto.receive(parse(name, b"SELECT $1::int") + msg(b"D", b"S" + name + b"\0") + msg(b"H"),
+                                 server)
+    assert outcome is None
+    return out
+
+
+def test_flushed_statements_answered_whole_let_the_pooler_sync():
+    """Parse, Describe, Flush (asyncpg's prepare): once every reply came without an error the
+    event FLUSHED lets the pooler send a Sync of its own, whose ReadyForQuery the client does not
+    get, and the connection is at a boundary."""
+    proto, server = ClientProtocol(StatementRegistry(10)), ServerProtocol()
+    _flushed_prepare(server, proto)
+    replies = PARSE_COMPLETE + PARAMETER_DESCRIPTION + row_description(b"int4")
+    out, events = drain(server, replies)
+    assert out == replies and events == [srv_mod.FLUSHED]
+    assert server.sync_after_flush() == protocol.SYNC_MESSAGE
+    assert not server.unsynced
+    out, events = drain(server, rfq())
+    assert out == b"" and events == [BOUNDARY]
+
+
+@pytest.mark.parametrize("then", ["bind", "sync", "error"])
+def test_no_sync_of_the_poolers_own_when_a_portal_or_an_error_may_follow(then):
+    """A Bind (a portal the Sync would close), the client's own Sync, or an error (the server
+    skips until the client's Sync): sync_after_flush declines (after an error or the client's
+    Sync there is no FLUSHED at all)."""
+    proto, server = ClientProtocol(StatementRegistry(10)), ServerProtocol()
+    _flushed_prepare(server, proto)
+    if then == "bind":
+        proto.receive(bind(b"s") + msg(b"H"), server)
+        replies = PARSE_COMPLETE + PARAMETER_DESCRIPTION + row_description(b"int4") + BIND_COMPLETE
+    elif then == "sync":
+        proto.receive(SYNC, server)
+        replies = PARSE_COMPLETE + PARAMETER_DESCRIPTION + row_description(b"int4")
+    else:
+        replies = error("42601", "syntax error")
+    _out, events = drain(server, replies)
+    assert then == "bind" or srv_mod.FLUSHED not in events
+    assert server.sync_after_flush() == b""
+
+
+def test_replies_of_a_query_sent_before_the_batch_are_not_counted():
+    """A Query still answered when the Parse and Describe came: its RowDescription is not the
+    Describe's, so the batch is not counted at all."""
+    proto, server = ClientProtocol(StatementRegistry(10)), ServerProtocol()
+    proto.receive(query(b"SELECT 1"), server)
+    _flushed_prepare(server, proto)
+    _out, events = drain(server, select_reply((b"1",)) + rfq() + PARSE_COMPLETE + PARAMETER_DESCRIPTION
+                         + row_description(b"int4"))
+    assert srv_mod.FLUSHED not in events and server.unsynced

@@ -293,7 +293,7 @@ class ClientProtocol:
                     portal_end = data.find(b"\0", pos + 5, limit)
                     name_end = data.find(b"\0", portal_end + 1, limit) if portal_end >= 0 else -1
                     if name_end >= 0:
-                        server.unsynced = True
+                        server.unsynced = server.portals = True
                         replaced = self._bind(server, data, pos, portal_end + 1, name_end, length)
                         if replaced is not None:
                             if pieces is None:
@@ -349,11 +349,16 @@ class ClientProtocol:
                     else:
                         server.copy_syncs += 1   # ignored if that Execute turns out to be a COPY FROM STDIN
                 pending.append(None)
-                server.unsynced = False
+                server.unsynced = server.portals = server.flushed = False
+                server.flush_count = -1
             elif msg_type == B or msg_type == E or msg_type == P or msg_type == D or msg_type == C:
                 # Extended-query messages leave work on the server until the next Sync (Flush
                 # does not: psycopg ends a pipeline with Sync then Flush).  Compared one by one:
                 # a set lookup would box msg_type when compiled.
+                if not server.unsynced:
+                    # The first of a batch: its replies are counted (ServerProtocol.flush_count)
+                    # when nothing before them is outstanding.
+                    server.flush_count = -1 if None in pending else 0
                 server.unsynced = True
                 resume = end
                 if msg_type == P:
@@ -361,7 +366,10 @@ class ClientProtocol:
                     if may_touch is None:
                         may_touch = may_touch_state(data)
                     replaced = self._parse(server, data, pos, end, may_touch)
+                    if server.flush_count >= 0:
+                        server.flush_count += 1
                 elif msg_type == B:
+                    server.portals = True
                     portal_end = nul_at(data, pos + 5, end)
                     resume = nul_at(data, portal_end + 1, end) + 1 if portal_end >= 0 else 0
                     replaced = (ProtocolViolation("invalid Bind message") if not resume
@@ -369,6 +377,7 @@ class ClientProtocol:
                 elif msg_type == E or (msg_type == D and length > 5 and data[pos + 5] == _PORTAL
                                        and data[end - 1] == 0):
                     replaced = None   # Execute, Describe of a portal: nothing to rename
+                    server.portals = True
                     if msg_type == E:
                         # Whether it starts a COPY FROM STDIN only the server's reply says
                         # (ServerProtocol.copy_started): the Syncs that follow until its
@@ -378,6 +387,8 @@ class ClientProtocol:
                         server.copy_data_early = False
                 else:
                     replaced = self._describe_or_close(server, msg_type, data, pos, end)
+                    if server.flush_count >= 0:
+                        server.flush_count += 1
                 if replaced is not None:
                     if type(replaced) is ProtocolViolation:
                         outcome = replaced
@@ -396,6 +407,8 @@ class ClientProtocol:
                     break
                 if msg_type == COPY_DONE:
                     self._copy_ended(server)
+                elif server.flush_count > 0 and not server.portals:
+                    server.flushed = True   # a Sync of the pooler's own may follow the replies
             elif msg_type == COPY_FAIL:
                 self._copy_ended(server)
             elif msg_type == COPY_DATA:
@@ -496,6 +509,8 @@ class ClientProtocol:
             return b""
         server.prepared.add(statement.name)
         server.pending.append(ParseEntry(True, server, statement, prepared_here=True))
+        if server.flush_count >= 0:
+            server.flush_count += 1   # its ParseComplete comes in the batch
         return parse_message(statement.name, statement.key)
 
     def _ensure_unnamed(self, server: ServerProtocol) -> bytes:
@@ -505,6 +520,8 @@ class ClientProtocol:
             return b""
         server.unnamed = statement
         server.pending.append(ParseEntry(True, server, statement, self, None))
+        if server.flush_count >= 0:
+            server.flush_count += 1
         return parse_message(b"", statement.key)
 
     def _bind(self, server: ServerProtocol, data: bytes, pos: int, name_start: int, name_end: int, length: int):

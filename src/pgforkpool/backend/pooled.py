@@ -39,7 +39,7 @@ from .context import (PIN_CHECK_QUERY, UNKNOWN_NAME, Context, capture_query,
                       captured_settings, custom_setting_names, duration_setting, fixup_query,
                       reserved_placeholder, restore_query)
 from .scheduler import Decision, Scheduler, ServerState, SessionState, boundary_decision
-from .server import (BOUNDARY, BROKEN, NOTE_DISCARDED, NOTE_PIN, NOTE_STALE, NOTE_SETTINGS, NOTE_UNPIN,
+from .server import (BOUNDARY, BROKEN, FLUSHED, NOTE_DISCARDED, NOTE_PIN, NOTE_STALE, NOTE_SETTINGS, NOTE_UNPIN,
                      TransactionStatus)
 from .session import Session
 from .statements import ProtocolViolation, Statement, StatementRegistry, length_word
@@ -1191,6 +1191,8 @@ class PooledBackend:
                 logger.warning("server process %d (%s/%s) sent an invalid message; closing its "
                                "connection", server.pid, self.database, self.user)
                 self._server_lost(server)
+            elif event is FLUSHED:
+                self._sync_after_flush(server)
             else:
                 self._hidden_done(server, event)
             if server.state is SERVER_CLOSED or not server.inbuf:
@@ -1200,6 +1202,16 @@ class PooledBackend:
                 self._pass_on(server, out)
             if event is None:
                 return
+
+    def _sync_after_flush(self, server: srv.ServerConnection) -> None:
+        """The owner's flushed Parses and Describes are all answered (asyncpg's prepare): a Sync
+        of the pooler's own ends their implicit transaction, so that the connection is free for
+        others until the owner runs something (ServerProtocol.sync_after_flush)."""
+        owner = server.owner
+        if owner is not None and not owner.gone and not owner.proto.buf and not owner.proto.passthrough:
+            sync = server.sync_after_flush()
+            if sync:
+                self._server_send(server, sync)
 
     def _server_failed(self, server: srv.ServerConnection | None, error: PgError) -> None:
         """The server refused us or could not be reached: every waiting session hears why."""

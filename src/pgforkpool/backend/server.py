@@ -52,6 +52,9 @@ class HiddenQuery:
 # Events of ServerProtocol.receive().
 BOUNDARY: Final = "boundary"   # every reply the owner awaited has come: its transaction may be over
 BROKEN: Final = "broken"       # the server sent what is not the protocol: drop the connection
+# Every reply to the owner's Parses, Describes and Closes of statements before its Flush came,
+# without an error: the pooler may end their implicit transaction (sync_after_flush).
+FLUSHED: Final = "flushed"
 
 # Facts about the owner's session state gathered from the server's replies
 # (ServerProtocol.notes), acted on at the transaction boundary.
@@ -70,6 +73,7 @@ NOTICE: Final = protocol.NOTICE_RESPONSE
 NOTIFICATION: Final = protocol.NOTIFICATION_RESPONSE
 PARSE_COMPLETE: Final = ord("1")
 CLOSE_COMPLETE: Final = ord("3")
+NO_DATA: Final = ord("n")
 DATA_ROW: Final = ord("D")
 ROW_DESCRIPTION: Final = ord("T")
 FUNCTION_CALL_RESPONSE: Final = ord("V")
@@ -77,7 +81,8 @@ COPY_IN: Final = protocol.COPY_IN_RESPONSE
 COPY_BOTH: Final = protocol.COPY_BOTH_RESPONSE
 COPY_DATA: Final = ord("d")
 # Server messages the owner's stream is watched for; everything else passes untouched.
-NOTED: Final = frozenset({Z, PS, ERR, CC, NOTICE, COPY_IN, COPY_BOTH, PARSE_COMPLETE, CLOSE_COMPLETE})
+NOTED: Final = frozenset({Z, PS, ERR, CC, NOTICE, COPY_IN, COPY_BOTH, PARSE_COMPLETE, CLOSE_COMPLETE,
+                          ROW_DESCRIPTION, NO_DATA})
 # The same as a table indexed by the type byte: one list index per message (native when
 # compiled) instead of a set lookup that boxes the byte.
 _NOTED_BY_TYPE: Final = [t in NOTED for t in range(256)]
@@ -119,6 +124,16 @@ _PLACEHOLDER_REMOVED: Final = b"C42602\0"
 _STALE_PLAN: Final = b"\0C0A000\0"   # the code field, after the NUL that ends the one before
 
 
+class OwnSync:
+    """The entry of pending for a Sync the pooler sent itself (ServerProtocol.sync_after_flush):
+    the replies before its ReadyForQuery are the owner's, unlike a HiddenQuery's."""
+
+    __slots__ = ()
+
+
+OWN_SYNC: Final = OwnSync()
+
+
 class ServerProtocol:
     """A server connection's side of the protocol: what the server owes, and what its replies mean.
 
@@ -132,7 +147,8 @@ class ServerProtocol:
     for the next receive(b"").
     """
 
-    __slots__ = ("state", "owner", "pinned", "pending", "unsynced", "status", "copy_in",
+    __slots__ = ("state", "owner", "pinned", "pending", "unsynced", "portals", "flush_count", "flushed",
+                 "status", "copy_in",
                  "copy_via_execute", "copy_syncs", "copies_ended", "synced_after_copy",
                  "copy_data_early", "copy_abandoned", "prepared_checked",
                  "prepared", "unnamed", "error_names", "params", "context", "reported", "notes",
@@ -150,6 +166,12 @@ class ServerProtocol:
         self.pinned: Session | None = None                 # the session it belongs to alone (state it cannot copy)
         self.pending: collections.deque = collections.deque()
         self.unsynced = False               # extended-protocol messages sent since the last Sync
+        self.portals = False                # a Bind or Execute among them: a portal may be open
+        # Replies still to come to those messages when they are Parses, Describes and Closes of
+        # statements only and began with nothing else outstanding (-1: not counted), and whether
+        # a Flush followed them (sync_after_flush).
+        self.flush_count = -1
+        self.flushed = False
         self.status: int = TransactionStatus.IDLE
         self.copy_in = False                # COPY FROM STDIN in progress
         # Kept by the client side's framing for copy_started (PostgreSQL ignores Sync in
@@ -259,9 +281,16 @@ class ServerProtocol:
                 if msg_type == Z:
                     if type(head) is ParseEntry or type(head) is CloseEntry:   # what an error skipped
                         self._skipped()
-                    if pending:
-                        pending.popleft()
-                    self.queries += 1
+                    if pending and pending.popleft() is OWN_SYNC:
+                        # The pooler's Sync after a Flush (sync_after_flush): the client sent none
+                        # and awaits no ReadyForQuery.
+                        if pos > start:
+                            if pieces is None:
+                                pieces = []
+                            pieces.append(data[start:pos])
+                        start = end
+                    else:
+                        self.queries += 1
                     if self.error_names:
                         self.error_names.clear()
                     self.copy_in = False
@@ -272,7 +301,7 @@ class ServerProtocol:
                     if not pending and not self.unsynced:
                         if self.copy_via_execute or self.copies_ended:
                             self.forget_copy()   # nothing outstanding: no Execute is still to turn out a COPY
-                        if self.notes & NOTE_RESET and self.status != _FAILED:
+                        if self.notes & NOTE_RESET and self.status != _FAILED and start != end:
                             # Held until the startup values are back (the caller decides).
                             if pos > start:
                                 if pieces is None:
@@ -302,11 +331,27 @@ class ServerProtocol:
                                 pieces.append(data[start:pos])
                             start = end
                         head = pending[0] if pending else None
+                    if self.flush_count > 0 and self._batch_reply():
+                        pos = end
+                        event = FLUSHED
+                        break
                 elif msg_type == CLOSE_COMPLETE:
                     if type(head) is CloseEntry:
                         pending.popleft().completed()
                         head = pending[0] if pending else None
+                    if self.flush_count > 0 and self._batch_reply():
+                        pos = end
+                        event = FLUSHED
+                        break
+                elif msg_type == ROW_DESCRIPTION or msg_type == NO_DATA:
+                    # (Counted as the end of a Describe's answer only in a batch sync_after_flush
+                    # may end; otherwise a result's columns, only forwarded.)
+                    if self.flush_count > 0 and self._batch_reply():
+                        pos = end
+                        event = FLUSHED
+                        break
                 elif msg_type == ERR:
+                    self.flush_count = -1   # the server skips the rest until the client's Sync
                     if type(head) is ParseEntry or type(head) is CloseEntry:   # failed, or skipped until the Sync
                         head = self._skipped()
                         hidden = type(head) is HiddenQuery
@@ -346,6 +391,34 @@ class ServerProtocol:
         except (ValueError, IndexError, struct.error):
             return b"", BROKEN
         return (first + out if first else out), event
+
+    def _batch_reply(self) -> bool:
+        """One more reply of a counted batch came (flush_count): whether it was the last one of
+        a batch the client flushed."""
+        self.flush_count -= 1
+        return self.flush_count == 0 and self.flushed
+
+    def sync_after_flush(self) -> bytes:
+        """A Sync of the pooler's own, after the owner flushed Parses, Describes and Closes of
+        statements only and every reply to them came without an error (event FLUSHED); b"" when
+        that no longer holds (more came from the client meanwhile).
+
+        asyncpg prepares with Parse, Describe, Flush; the Bind and its Sync come when the
+        statement runs, maybe much later.  Until a Sync the server holds the implicit
+        transaction those messages began, so the connection would stay with a session that may
+        not run anything for minutes (every other session of the backend waiting), and a
+        simple Query it sends next (asyncpg's COPY of copy_records_to_table, its reset query)
+        could not be accounted for.  With no portal among them and no error, a Sync there
+        changes nothing the client can see: it ends an implicit transaction that has done
+        nothing (or nothing within a transaction block), the statements stay prepared, and its
+        ReadyForQuery is not passed on (OWN_SYNC)."""
+        if (not self.unsynced or self.portals or self.flush_count != 0 or self.copy_in
+                or self.copy_via_execute):
+            return b""
+        self.pending.append(OWN_SYNC)
+        self.unsynced = self.flushed = False
+        self.flush_count = -1
+        return protocol.SYNC_MESSAGE
 
     def forget_copy(self) -> None:
         """A Query, or a boundary: no Execute sent before is still to turn out a COPY."""
