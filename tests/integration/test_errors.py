@@ -335,9 +335,22 @@ def test_protocol_3_2_is_negotiated_down_to_3_0(start_pooler):
         raw.send(_int32.pack(len(body) + 4) + body)
         msg_type, payload = raw.read()
         assert chr(msg_type) == "v"
-        assert struct.unpack("!ii", payload) == (0, 0)   # newest minor 0, no options refused
+        # The newest version as PostgreSQL sends it (3.0, whole), no options refused.
+        assert struct.unpack("!ii", payload) == (3 << 16, 0)
         msg_type, payload = raw.read()
         assert (chr(msg_type), _int32.unpack_from(payload)[0]) == ("R", protocol.AUTH_SASL)
+
+
+def test_libpq_asking_for_protocol_3_2_logs_in(start_pooler):
+    """libpq 18 with max_protocol_version=3.2 (or latest) refused every login: the pooler's
+    NegotiateProtocolVersion said version 0 ("server requested downgrade to pre-3.0"), where
+    PostgreSQL says 3.0 (found by a third exploratory run)."""
+    if psycopg.pq.version() < 180000:
+        pytest.skip("libpq older than 18 has no max_protocol_version")
+    pooler = start_pooler()
+    with psycopg.connect(pooler.conninfo("app", "app") + " max_protocol_version=3.2") as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert conn.pgconn.protocol_version == 3
 
 
 def test_silent_client_is_closed_after_authentication_timeout(start_pooler):

@@ -56,9 +56,10 @@ def test_error_response_fields_round_trip():
 
 
 def test_negotiate_protocol_version():
-    msg = protocol.negotiate_protocol_version(0, ["_pq_.x"])
+    """The newest version as a whole number (3.0), as PostgreSQL sends it: libpq 18 refuses 0."""
+    msg = protocol.negotiate_protocol_version(["_pq_.x"])
     assert msg[0:1] == b"v"
-    assert msg[5:] == struct.pack("!ii", 0, 1) + b"_pq_.x\0"
+    assert msg[5:] == struct.pack("!ii", 3 << 16, 1) + b"_pq_.x\0"
 
 
 @pytest.mark.parametrize("value,literal", [

@@ -193,7 +193,7 @@ class Listener:
         for name in unsupported:
             del params[name]
         if minor > 0 or unsupported:
-            self._send(conn, protocol.negotiate_protocol_version(0, unsupported))
+            self._send(conn, protocol.negotiate_protocol_version(unsupported))
         if not params.get("user"):
             raise PgError("invalid_authorization_specification",
                           "no PostgreSQL user name specified in startup packet")

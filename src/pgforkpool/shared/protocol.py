@@ -99,8 +99,11 @@ def parse_startup_params(body: bytes) -> dict[str, str]:
     return params
 
 
-def negotiate_protocol_version(newest_minor: int, unsupported: list[str]) -> bytes:
-    payload = _two_int32.pack(newest_minor, len(unsupported))
+def negotiate_protocol_version(unsupported: list[str], newest: int = PROTOCOL_3_0) -> bytes:
+    """NegotiateProtocolVersion: the newest version the server speaks, as a whole version
+    number (3.0 is 196608, as PostgreSQL sends PG_PROTOCOL_LATEST: libpq 18 takes 0 for a
+    version before 3.0 and refuses it), and the startup options it does not know."""
+    payload = _two_int32.pack(newest, len(unsupported))
     payload += b"".join(cstring(name) for name in unsupported)
     return message(b"v", payload)
 
