@@ -4,6 +4,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -179,6 +180,25 @@ def test_metrics_endpoint_parses_and_its_counters_grow_with_traffic(start_pooler
     sessions = [s for s in after["pgforkpool_backend_sessions"].samples if s.labels["database"] == "app"]
     assert sum(s.value for s in sessions) == 1
     conn.close()
+
+
+def test_a_slow_metrics_client_stalls_no_other_scrape(start_pooler):
+    """/metrics answered one request at a time: a client sending its request a byte at a time
+    made every other scrape time out for as long as it stayed; one that went away early left a
+    Python traceback in the log (found by a third exploratory run)."""
+    port = _free_port()
+    pool = start_pooler(metrics_port=port, metrics_address="127.0.0.1")
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as slow:
+        slow.sendall(b"GET /met")   # and nothing more for now
+        started = time.monotonic()
+        assert isinstance(scrape(port), dict)
+        assert time.monotonic() - started < 5
+        for _ in range(3):   # scrapers that reset their connection mid-request
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as rude:
+                rude.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                rude.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert isinstance(scrape(port), dict)
+    assert "Traceback" not in pool.log()
 
 
 def test_metrics_port_in_use_is_a_start_up_error(start_pooler):

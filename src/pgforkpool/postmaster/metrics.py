@@ -16,6 +16,8 @@ import os
 import select
 import signal
 import socket
+import sys
+import threading
 import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -140,6 +142,16 @@ def bind(settings) -> socket.socket:
     return sock
 
 
+REQUEST_DEADLINE = 30.0   # seconds a metrics client has to send its request and read the answer
+
+
+def _shut(connection: socket.socket) -> None:
+    try:
+        connection.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 def main(listen: socket.socket, table: status.StatusTable | None, chan: socket.socket) -> None:
     """Entry point in the forked metrics process."""
     process.set_title("metrics")
@@ -148,14 +160,35 @@ def main(listen: socket.socket, table: status.StatusTable | None, chan: socket.s
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Collector(table, chan))
 
+    # Each request has a thread of its own, so that a slow client (one that sends its request
+    # a byte at a time) holds only itself; the figures are gathered one request at a time (the
+    # channel to the postmaster carries one question at a time).
+    gather = threading.Lock()
+
     class Handler(http.server.BaseHTTPRequestHandler):
-        timeout = 10   # a client that sends nothing does not hold the endpoint
+        timeout = 10   # a client that sends nothing for this long is dropped
+
+        def setup(self):
+            super().setup()
+            # ... and one that trickles its request is dropped after REQUEST_DEADLINE in all.
+            connection = self.connection
+            self.deadline = threading.Timer(REQUEST_DEADLINE, _shut, (connection,))
+            self.deadline.daemon = True
+            self.deadline.start()
+
+        def finish(self):
+            self.deadline.cancel()
+            try:
+                super().finish()
+            except OSError:
+                pass
 
         def do_GET(self):   # noqa: N802 - the name http.server calls
             if self.path.split("?")[0] not in ("/metrics", "/"):
                 self.send_error(404, "only /metrics is served here")
                 return
-            body = generate_latest(registry)
+            with gather:
+                body = generate_latest(registry)
             self.send_response(200)
             self.send_header("Content-Type", CONTENT_TYPE_LATEST)
             self.send_header("Content-Length", str(len(body)))
@@ -165,7 +198,15 @@ def main(listen: socket.socket, table: status.StatusTable | None, chan: socket.s
         def log_message(self, fmt, *args):
             logger.debug("metrics request: " + fmt, *args)
 
-    server = http.server.HTTPServer(listen.getsockname()[:2], Handler, bind_and_activate=False)
+    class Server(http.server.ThreadingHTTPServer):
+        daemon_threads = True
+
+        def handle_error(self, request, client_address):
+            # A scraper that went away mid-request (reset, timed out): one line, no traceback.
+            logger.debug("metrics request from %s ended early: %s", client_address[0],
+                         sys.exc_info()[1])
+
+    server = Server(listen.getsockname()[:2], Handler, bind_and_activate=False)
     server.socket.close()
     server.socket = listen
     server.serve_forever()
