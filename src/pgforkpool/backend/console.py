@@ -501,12 +501,12 @@ class Console:
         if database is not None and not answers:
             # No backend serves it: nothing was paused or resumed, which an OK would hide.
             raise ConsoleError("42704", f'no pool serves database "{database}"',
-                               hint="SHOW POOLS lists the pools; a database has one from its first client on. "
-                                    "(A PAUSE also ends so when no backend of the pool answered within "
-                                    f"{PAUSE_TIMEOUT:.0f} s: their transactions still ran; RESUME it.)")
+                               hint="SHOW POOLS lists the pools; a database has one from its first client on.")
         if verb == "PAUSE" and any(not a for a in answers):
             raise ConsoleError("57014", "PAUSE did not complete: a transaction is still running",
-                               hint="RESUME, or wait for the running transactions and PAUSE again.")
+                               hint=f"Backends that did not pause within {PAUSE_TIMEOUT:.0f} s still "
+                                    "run a transaction and pause when it ends. RESUME, or wait for "
+                                    "the running transactions and PAUSE again.")
         return command_complete(verb)
 
     def _ask(self, what: str, argument, timeout: float = ASK_TIMEOUT) -> list:

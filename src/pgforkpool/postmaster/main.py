@@ -52,14 +52,23 @@ class ConsoleSlot:
 
 class Question:
     """A console's question to every backend, answered through the postmaster."""
-    __slots__ = ("console", "token", "waiting", "rows", "deadline")
+    __slots__ = ("console", "token", "what", "waiting", "rows", "deadline")
 
-    def __init__(self, console: ConsoleSlot, token: int, waiting: set[int], deadline: float):
+    def __init__(self, console: ConsoleSlot, token: int, waiting: set[int], deadline: float,
+                 what: str = ""):
         self.console = console
         self.token = token
+        self.what = what
         self.waiting = waiting
         self.rows: list = []
         self.deadline = deadline
+
+    def give_up(self) -> None:
+        """Its deadline passed: answered with what came.  A backend that did not confirm a
+        PAUSE (a transaction still runs there) counts as one that could not pause, so that the
+        console says the PAUSE did not complete instead of reporting the others' success."""
+        if self.what == "pause":
+            self.rows.extend([False] * len(self.waiting))
 
 
 class StartupFailure(Exception):
@@ -358,7 +367,7 @@ class Postmaster:
             return
         self.next_question += 1
         qid = self.next_question
-        question = Question(slot, token, set(), time.monotonic() + timeout)
+        question = Question(slot, token, set(), time.monotonic() + timeout, what)
         for backend in self.backends.values():
             try:
                 channel.send(backend.chan, ("ask", qid, what, argument))
@@ -428,6 +437,7 @@ class Postmaster:
             if now > question.deadline:
                 logger.warning("backends %s did not answer the admin console in time",
                                ", ".join(str(pid) for pid in sorted(question.waiting)))
+                question.give_up()
                 self._answered(qid)
 
     def _backend_message(self, backend: BackendSlot, msg: tuple, fd: int | None = None) -> None:
