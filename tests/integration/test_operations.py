@@ -216,6 +216,21 @@ def test_metrics_port_in_use_is_a_start_up_error(start_pooler):
     assert "could not bind the metrics endpoint" in out.stderr, out.stderr
 
 
+def test_listen_addresses_none_of_which_can_be_bound_is_a_start_up_error(start_pooler):
+    """An address not on this host: the pooler said it was ready with no TCP socket at all;
+    PostgreSQL stops with FATAL "could not create any TCP/IP sockets" (found by a third
+    exploratory run)."""
+    pool = start_pooler()
+    other = type(pool)(pool.cluster, dict(pool.settings))
+    other.port = other.settings["port"] = _free_port()
+    other.settings["pid_file"] = os.path.join(other.dir, "other.pid")
+    other.write_config(listen_addresses="192.0.2.1")   # TEST-NET-1: never a local address
+    out = subprocess.run([PGFORKPOOL, "start", other.conf], capture_output=True, text=True,
+                         timeout=WAIT)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "could not create any TCP/IP sockets" in out.stderr, out.stderr
+
+
 def test_systemd_notifications_through_a_real_notify_socket(start_pooler, monkeypatch, tmp_path):
     from conftest import readable_tempdir
     path = os.path.join(readable_tempdir("pgforkpool-notify-"), "notify")

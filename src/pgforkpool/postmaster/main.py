@@ -167,6 +167,9 @@ class Postmaster:
                     logger.warning("could not bind %s port %d: %s", addr[0], settings.port, exc.strerror)
                     continue
                 self._listen(sock)
+        if addresses and not self.listen_socks:
+            # As PostgreSQL: listen_addresses asks for TCP, and none could be had.
+            raise StartupFailure("could not create any TCP/IP sockets")
         for directory in settings.unix_socket_directories:
             path = os.path.join(directory, f".s.PGSQL.{settings.port}")
             self._remove_stale_socket(path)
