@@ -262,3 +262,13 @@ def test_reload_by_console_sighup_and_cli_drops_no_session(pool):
             assert backend_pid(app) == app_pid
         assert len(rows(admin, "SHOW SESSIONS")) == 1
     app.close()
+
+
+def test_show_pools_counts_a_dedicated_backends_server_connection_once(pool):
+    """A dedicated session's server connection was counted twice in server_connections (found
+    by a third exploratory run)."""
+    with pool.connect("postgres", "app") as dedicated, console(pool) as admin:
+        dedicated.execute("SELECT 1")
+        own = rows(admin, "SHOW POOLS")
+        row = next(p for p in own if (p["database"], p["user"]) == ("app", "postgres"))
+        assert row["dedicated"] == 1 and row["server_connections"] == 1

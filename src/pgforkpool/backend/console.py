@@ -454,7 +454,7 @@ class Console:
             rows.append([database, user, p["backends"], counts["sessions"], counts["active"],
                          counts["waiting"], counts["pinned"], p["dedicated"],
                          round(maxwait.get((database, user), 0.0), 6),
-                         p["dedicated"] + connections.get((database, user), 0),
+                         connections.get((database, user), 0),   # (dedicated ones report theirs)
                          p["paused"]])
         return result(POOL_COLUMNS, rows)
 
