@@ -4,6 +4,7 @@ import json
 import socket
 import subprocess
 
+import psutil
 import psycopg
 import pytest
 import yaml
@@ -13,8 +14,6 @@ from conftest import PGFORKPOOL, Pooler, WAIT, backend_pid, free_port, wait_for
 
 def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([PGFORKPOOL, *args], capture_output=True, text=True, timeout=timeout)
-
-
 
 
 def listening(port: int) -> bool:
@@ -98,6 +97,14 @@ def test_status_shows_pools_and_takes_the_start_overrides(cluster):
             assert data["backends"][0]["rss_mb"] > 0
             table = cli("status", pooler.conf, "-c", f"port={pooler.port}")
             assert "avg_xact_time_us" in table.stdout and "rss_mb" in table.stdout
+        # reload and stop take the same overrides (without them they looked for the pooler the
+        # file alone names; found by a third exploratory run).
+        assert cli("reload", pooler.conf).returncode != 0
+        out = cli("reload", pooler.conf, "-c", f"port={pooler.port}")
+        assert out.returncode == 0, out.stderr
+        out = cli("stop", pooler.conf, "-c", f"port={pooler.port}")
+        assert out.returncode == 0 and "server stopped" in out.stdout, out.stderr
+        assert not psutil.pid_exists(pooler.pid) or psutil.Process(pooler.pid).status() == psutil.STATUS_ZOMBIE
     finally:
         pooler.cleanup()
 

@@ -91,9 +91,11 @@ def start(config_file: str, overrides: tuple[str, ...]) -> None:
 
 @main.command()
 @click.argument("config_file", type=click.Path(exists=True, dir_okay=False))
-def reload(config_file: str) -> None:
+@click.option("-c", "overrides", multiple=True, metavar="NAME=VALUE",
+              help="Set a configuration parameter, as given to start (port, pid_file).")
+def reload(config_file: str, overrides: tuple[str, ...]) -> None:
     """Make the running pooler re-read its configuration (SIGHUP)."""
-    settings = _load(config_file)
+    settings = _load(config_file, overrides)
     os.kill(_running_pid(settings), signal.SIGHUP)
     click.echo("server signaled")
 
@@ -105,9 +107,11 @@ def reload(config_file: str) -> None:
                    "immediate: kill every process.")
 @click.option("--timeout", type=float, default=60.0, show_default=True,
               help="Seconds to wait for the pooler to exit.")
-def stop(config_file: str, mode: str, timeout: float) -> None:
+@click.option("-c", "overrides", multiple=True, metavar="NAME=VALUE",
+              help="Set a configuration parameter, as given to start (port, pid_file).")
+def stop(config_file: str, mode: str, timeout: float, overrides: tuple[str, ...]) -> None:
     """Stop the running pooler and wait until it has exited."""
-    settings = _load(config_file)
+    settings = _load(config_file, overrides)
     pid = _running_pid(settings)
     os.kill(pid, STOP_SIGNALS[mode])
     click.echo("waiting for server to shut down...", nl=False)
