@@ -224,6 +224,18 @@ def _children_titled(pooler, word: str) -> list[str]:
     return titles
 
 
+def test_a_login_whose_settings_the_server_refuses_is_logged_with_the_reason(start_pooler):
+    """The client got PostgreSQL's FATAL for a bad option, but the pooler's log had only
+    'connection authorized' (found by a third exploratory run)."""
+    pooler = start_pooler(session_pool_size=1)
+    assert_refused(pooler, "22023", 'invalid value for parameter "work_mem"',
+                   options="-c work_mem=banana")
+    log_text = wait_for(lambda: (text := pooler.log()) and "login refused" in text and text,
+                        "the refusal to be logged")
+    assert 'app/app@127.0.0.1' in log_text and 'invalid value for parameter "work_mem"' in log_text
+    assert_serves(pooler)
+
+
 def test_unknown_database_is_3D000_and_its_backend_goes_away(start_pooler):
     pooler = start_pooler(session_pool_size=1)
     assert_refused(pooler, "3D000", 'database "nosuchdb" does not exist', dbname="nosuchdb")

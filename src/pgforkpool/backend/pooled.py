@@ -1432,6 +1432,9 @@ class PooledBackend:
                 logger.warning("%s: could not restore its settings: %s", session, error.text)
                 error = PgError(error.sqlstate, "could not restore this session's settings: "
                                 + error.text, detail=error.detail)
+            else:   # as PostgreSQL logs the FATAL of a startup packet it refuses
+                logger.log(log.LOG, "%s: login refused: %s (SQLSTATE %s)", session, error.text,
+                           error.sqlstate)
             error.severity = "FATAL"   # as PostgreSQL refuses a startup packet with a bad setting
             self._client_send(session, error.packet())
             self._close_session(session)
