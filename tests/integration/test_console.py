@@ -115,6 +115,13 @@ def test_unknown_commands_get_an_error_and_the_console_goes_on(pool):
             admin.execute("SHOW POOLS WHERE %s", [1])   # parameters: the extended protocol
         assert rows(admin, "SHOW VERSION")
         assert admin.execute("SELECT pg_backend_load_average(12345)").fetchone() == (None,)
+        # (found by a third exploratory run: SHOW HELP was an unknown parameter, a call without
+        # its argument an integer syntax error)
+        assert {"SHOW POOLS", "PAUSE [db]"} <= {r["command"] for r in rows(admin, "SHOW HELP")}
+        for call in ("pg_backend_load_average()", "pg_backend_load_average(1, 2)"):
+            with pytest.raises(psycopg.errors.UndefinedFunction):
+                admin.execute("SELECT " + call)
+        assert rows(admin, "SHOW VERSION")
 
 
 def test_pause_of_a_database_no_pool_serves_is_an_error_and_comments_are_ignored(pool):

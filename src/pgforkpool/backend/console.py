@@ -38,6 +38,11 @@ _TYPE_LENGTH = {BOOL: 1, INT8: 8, TEXT: -1, FLOAT8: 8, TIMESTAMPTZ: 8}
 ASK_TIMEOUT = 5.0
 # PAUSE waits for running transactions to finish; this long at most.
 PAUSE_TIMEOUT = 300.0
+HELP_LINES = ("SHOW POOLS", "SHOW BACKENDS", "SHOW SESSIONS", "SHOW STATS", "SHOW CONFIG",
+              "SHOW name", "SHOW VERSION", "SHOW HELP", "RELOAD", "PAUSE [db]", "RESUME [db]",
+              "KILL SESSION id", "SELECT pg_backend_load_average(pid)",
+              "SELECT * FROM pg_backend_load_average")
+COMMANDS_HINT = "The console understands " + ", ".join(HELP_LINES) + "."
 
 _COMMAND = re.compile(r"^\s*(\w+)(?:\s+(.*?))?\s*$", re.S)
 _LOAD_AVERAGE = re.compile(
@@ -392,9 +397,7 @@ class Console:
         if verb in ("BEGIN", "COMMIT", "ROLLBACK", "SET", "RESET", "DISCARD"):
             return command_complete(verb)   # what drivers send on their own; nothing to do
         raise ConsoleError("42601", f'unrecognized admin console command "{statement[:60]}"',
-                           hint="The console understands SHOW POOLS|BACKENDS|SESSIONS|STATS|"
-                                "CONFIG|VERSION, RELOAD, PAUSE [db], RESUME [db], KILL SESSION id "
-                                "and SELECT pg_backend_load_average(pid).")
+                           hint=COMMANDS_HINT)
 
     def _sessions(self) -> list[dict]:
         return [r for r in self._ask("report", None) if r.get("session", True)]
@@ -427,7 +430,10 @@ class Console:
         name = what.lower()
         if name in config.PARAMETERS:
             return result([(name, TEXT)], [[self.settings.setting_text(name)]], "SHOW")
-        raise ConsoleError("42704", f'unrecognized configuration parameter "{what}"')
+        if what_upper == "HELP":
+            return result([("command", TEXT)], [[line] for line in HELP_LINES])
+        raise ConsoleError("42704", f'unrecognized configuration parameter "{what}"',
+                           hint="SHOW CONFIG lists the parameters. " + COMMANDS_HINT)
 
     def _show_pools(self) -> bytes:
         pools = pool_backends(self._table())
@@ -471,6 +477,11 @@ class Console:
     def _load_average(self, argument: str, alias: str | None) -> bytes:
         column = [(alias or "pg_backend_load_average", FLOAT8)]
         argument = argument.strip().strip("'")
+        if not argument or "," in argument:
+            raise ConsoleError("42883", "function pg_backend_load_average("
+                               + ", ".join(["integer"] * (argument.count(",") + 1 if argument else 0))
+                               + ") does not exist",
+                               hint="pg_backend_load_average takes one argument, a backend's pid.")
         if argument.upper() == "NULL":
             value = None
         else:
