@@ -408,10 +408,13 @@ class ServerProtocol:
         transaction those messages began, so the connection would stay with a session that may
         not run anything for minutes (every other session of the backend waiting), and a
         simple Query it sends next (asyncpg's COPY of copy_records_to_table, its reset query)
-        could not be accounted for.  With no portal among them and no error, a Sync there
-        changes nothing the client can see: it ends an implicit transaction that has done
-        nothing (or nothing within a transaction block), the statements stay prepared, and its
-        ReadyForQuery is not passed on (OWN_SYNC)."""
+        could not be accounted for.  With no portal among them and no error, a Sync there ends
+        an implicit transaction that has run nothing (inside a transaction block it ends
+        nothing), the statements stay prepared, and its ReadyForQuery is not passed on
+        (OWN_SYNC).  What the client can tell: outside a transaction block, the statement's
+        later execution is a transaction of its own, so under REPEATABLE READ its snapshot,
+        its now() and the locks its Parse took date from then, not from the Parse (README,
+        Known limits)."""
         if (not self.unsynced or self.portals or self.flush_count != 0 or self.copy_in
                 or self.copy_via_execute):
             return b""
