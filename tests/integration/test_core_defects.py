@@ -1640,3 +1640,19 @@ def test_a_failed_prepare_with_a_flush_is_answered_as_postgresql_does(pool):
         assert not errors(messages) and [chr(kind) for kind, _ in messages] == ["Z"], describe(messages)
         messages, closed = a.query("SELECT 'still here'")
         assert data_rows(messages) == [["still here"]]
+
+
+def test_a_client_gone_in_the_middle_of_a_pipeline_leaves_no_batch_state_for_the_next(pool):
+    """A client that left after a Bind and Execute without their Sync: the pooler syncs the
+    connection for it, and kept its batch's flags, so that the next session's prepare with a
+    Flush held the connection again and its next simple Query ended it (found by a review)."""
+    with Raw(pool.port) as gone:
+        gone.send(message(b"P", cstr("") + cstr("SELECT pg_sleep(0.2)") + _i16.pack(0))
+                  + message(b"B", cstr("") + cstr("") + _i16.pack(0) + _i16.pack(0) + _i16.pack(0))
+                  + message(b"E", cstr("") + _i32.pack(0)) + message(b"H"))
+        assert gone.read() is not None   # ParseComplete: its pipeline is on the server
+    with Raw(pool.port) as a:
+        assert [chr(kind) for kind, _ in _prepare_with_flush(a, "after_gone", "SELECT $1::int")] == \
+            ["1", "t", "T"]
+        messages, closed = a.query("SELECT 'next'")
+        assert not closed and data_rows(messages) == [["next"]], describe(messages)

@@ -376,9 +376,10 @@ def test_discard_all_forgets_prepared_statements():
     (b"SET", NOTE_SETTINGS), (b"LISTEN", NOTE_PIN), (b"UNLISTEN", NOTE_UNPIN),
     (b"DECLARE CURSOR", NOTE_PIN), (b"PREPARE", NOTE_PIN), (b"CREATE TABLE", NOTE_PIN),
     (b"DROP TABLE", NOTE_UNPIN | NOTE_STALE), (b"DEALLOCATE", NOTE_UNPIN | NOTE_PIN), (b"LOAD", NOTE_SETTINGS),
+    (b"DROP INDEX", 0), (b"ALTER SEQUENCE", 0),
     (b"CLOSE CURSOR", NOTE_UNPIN), (b"COMMIT PREPARED", 0), (b"ALTER TABLE", NOTE_STALE),
     (b"ALTER VIEW", NOTE_STALE), (b"CREATE VIEW", NOTE_STALE), (b"DROP VIEW", NOTE_STALE),
-    (b"DROP TYPE", NOTE_STALE), (b"ALTER ROLE", NOTE_STALE), (b"CREATE INDEX", 0), (b"DROPPED", 0),
+    (b"DROP TYPE", NOTE_STALE), (b"ALTER ROLE", 0), (b"CREATE INDEX", 0), (b"DROPPED", 0),
     (b"SELECT 1", 0), (b"INSERT 0 1", 0), (b"SETTINGS", 0), (b"COMMIT", 0),
     # DO and CALL run statements that send no tags: read back and ask, in case
     (b"DO", NOTE_SETTINGS | NOTE_PIN), (b"CALL", NOTE_SETTINGS | NOTE_PIN), (b"DOT", 0), (b"CALLS", 0),

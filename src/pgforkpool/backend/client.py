@@ -75,9 +75,10 @@ TERMINATE: Final = "terminate"
 # command tag (SET, LISTEN, PREPARE, CREATE TABLE… have tags; see server.py).
 MAY_SET: Final = 1      # set_config(), UPDATE pg_settings: read the settings back after the transaction
 MAY_PIN: Final = 2      # temporary objects, session advisory locks: ask the server whether to pin
-# pg_settings: an UPDATE of it sets the session's settings (a rule calls set_config), under a
-# tag that says nothing of it ("UPDATE 0").
-_SETTINGS_TEXT: Final = re.compile(rb"set_config|pg_settings", re.IGNORECASE)
+# UPDATE pg_settings sets the session's settings (a rule calls set_config), under a tag that
+# says nothing of it ("UPDATE 0"); a SELECT from pg_settings does not.
+_SETTINGS_TEXT: Final = re.compile(rb"set_config|\bupdate\s+(?:pg_catalog\s*\.\s*)?pg_settings\b",
+                                   re.IGNORECASE)
 _PIN_TEXT: Final = re.compile(rb"\btemp(?:orary)?\b|pg_temp|advisory_(?:un)?lock", re.IGNORECASE)
 # A C-speed first look (lower-case, then substring search) before any regex:
 # most statements mention none of these words.
@@ -349,8 +350,7 @@ class ClientProtocol:
                     else:
                         server.copy_syncs += 1   # ignored if that Execute turns out to be a COPY FROM STDIN
                 pending.append(None)
-                server.unsynced = server.portals = server.flushed = False
-                server.flush_count = -1
+                server.synced()
             elif msg_type == B or msg_type == E or msg_type == P or msg_type == D or msg_type == C:
                 # Extended-query messages leave work on the server until the next Sync (Flush
                 # does not: psycopg ends a pipeline with Sync then Flush).  Compared one by one:

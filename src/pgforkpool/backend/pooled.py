@@ -1023,7 +1023,7 @@ class PooledBackend:
                 server.copy_in = False
             if server.unsynced:
                 server.pending.append(None)
-                server.unsynced = False
+                server.synced()
                 server.synced_after_copy = True   # (a CopyDone it sent may not have been answered yet)
                 self._server_send(server, ABORT_PIPELINE + protocol.SYNC_MESSAGE)
             if server.pending:
@@ -1042,7 +1042,7 @@ class PooledBackend:
         self._server_send(server, COPY_FAIL)
         if server.copy_via_execute:
             server.pending.append(None)
-            server.unsynced = False
+            server.synced()
             self._server_send(server, protocol.SYNC_MESSAGE)
 
     def _protocol_violation(self, session: Session, text: str) -> None:

@@ -130,6 +130,7 @@ class Scheduler:
         """Its request was answered unrun (query_wait_timeout, a cancel): out of the queue, idle again."""
         self.forget(session)
         session.state = _IDLE
+        session.quiet_since = time.monotonic()   # (idle_session_timeout counts from here)
 
     @staticmethod
     def assign(server: "ServerProtocol", session: "Session", restoring: bool = False) -> None:
@@ -168,6 +169,7 @@ class Scheduler:
     def greeted(session) -> None:
         if session.state is _STARTING:
             session.state = _IDLE
+            session.quiet_since = time.monotonic()
 
     @staticmethod
     def pin(server, session) -> None:
@@ -183,6 +185,7 @@ class Scheduler:
         server.reported = None
         if session.state is _ACTIVE:
             session.state = _IDLE
+            session.quiet_since = time.monotonic()
         return server
 
     def close(self, session) -> None:

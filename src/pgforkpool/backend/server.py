@@ -95,7 +95,10 @@ MAX_KEPT_MESSAGE: Final = 1 << 26
 _TAG_PREFIXES: Final = (b"SET\0", b"RESET\0", b"DISCARD", b"DEALLOCATE", b"LISTEN", b"UNLISTEN",
                         b"DECLARE", b"PREPARE", b"CREATE TABLE", b"DROP TABLE", b"CLOSE CURSOR",
                         b"LOAD", b"COMMIT PREPARED", b"ROLLBACK PREPARED", b"DO\0", b"CALL\0",
-                        b"ALTER ", b"DROP ", b"CREATE VIEW")
+                        b"ALTER TABLE", b"ALTER VIEW", b"ALTER MATERIALIZED VIEW", b"ALTER TYPE",
+                        b"ALTER DOMAIN", b"ALTER FUNCTION", b"ALTER SCHEMA", b"DROP VIEW",
+                        b"DROP MATERIALIZED VIEW", b"DROP TYPE", b"DROP DOMAIN", b"DROP FUNCTION",
+                        b"DROP SCHEMA", b"CREATE VIEW")
 # The same by their first three bytes (every prefix has three, "DO\0" with its NUL): most tags (SELECT,
 # INSERT, UPDATE, BEGIN) are dismissed by one dictionary lookup, without a prefix test.
 _TAG_PREFIXES_BY_START: Final[dict[int, tuple[bytes, ...]]] = {
@@ -113,8 +116,14 @@ _TAG_NOTES: Final = (
     ((b"DISCARD ALL\0", b"DEALLOCATE ALL\0"), NOTE_DISCARDED),
     # The columns of a table, view, type or function's result may have changed (ALTER TABLE,
     # CREATE OR REPLACE VIEW, ALTER VIEW … RENAME COLUMN, DROP then CREATE): new Parses get
-    # statements of their own (as 0A000 does).
-    ((b"ALTER ", b"DROP ", b"CREATE VIEW"), NOTE_STALE),
+    # statements of their own (as 0A000 does).  Not for DDL that changes no result's shape
+    # (DROP INDEX, ALTER SEQUENCE, ALTER ROLE); DROP TABLE only on a shared connection
+    # (_command_tag): on a pinned one it is mostly a temporary table's, every request of a
+    # temporary-table workload, and a table of everyone's dropped there is caught by the first
+    # 0A000 it causes.
+    ((b"ALTER TABLE", b"ALTER VIEW", b"ALTER MATERIALIZED VIEW", b"ALTER TYPE", b"ALTER DOMAIN",
+      b"ALTER FUNCTION", b"ALTER SCHEMA", b"DROP VIEW", b"DROP MATERIALIZED VIEW", b"DROP TYPE",
+      b"DROP DOMAIN", b"DROP FUNCTION", b"DROP SCHEMA", b"CREATE VIEW"), NOTE_STALE),
 )
 # The server removed a placeholder setting (a library reserved its prefix):
 # WARNING 42602 "invalid configuration parameter name …, removing it".
@@ -281,7 +290,8 @@ class ServerProtocol:
                 if msg_type == Z:
                     if type(head) is ParseEntry or type(head) is CloseEntry:   # what an error skipped
                         self._skipped()
-                    if pending and pending.popleft() is OWN_SYNC:
+                    own = bool(pending) and pending.popleft() is OWN_SYNC
+                    if own:
                         # The pooler's Sync after a Flush (sync_after_flush): the client sent none
                         # and awaits no ReadyForQuery.
                         if pos > start:
@@ -301,7 +311,7 @@ class ServerProtocol:
                     if not pending and not self.unsynced:
                         if self.copy_via_execute or self.copies_ended:
                             self.forget_copy()   # nothing outstanding: no Execute is still to turn out a COPY
-                        if self.notes & NOTE_RESET and self.status != _FAILED and start != end:
+                        if self.notes & NOTE_RESET and self.status != _FAILED and not own:
                             # Held until the startup values are back (the caller decides).
                             if pos > start:
                                 if pieces is None:
@@ -419,9 +429,13 @@ class ServerProtocol:
                 or self.copy_via_execute):
             return b""
         self.pending.append(OWN_SYNC)
-        self.unsynced = self.flushed = False
-        self.flush_count = -1
+        self.synced()
         return protocol.SYNC_MESSAGE
+
+    def synced(self) -> None:
+        """A Sync went to the server (the client's, or one of the pooler's): no batch is open."""
+        self.unsynced = self.portals = self.flushed = False
+        self.flush_count = -1
 
     def forget_copy(self) -> None:
         """A Query, or a boundary: no Execute sent before is still to turn out a COPY."""
@@ -483,6 +497,8 @@ class ServerProtocol:
         for prefixes, note in _TAG_NOTES:
             if tag.startswith(prefixes):
                 self.notes |= note
+        if self.pinned is None and tag.startswith(b"DROP TABLE"):
+            self.notes |= NOTE_STALE
         if tag.startswith(b"DISCARD ALL\0") or tag.startswith(b"DEALLOCATE ALL\0"):
             self.prepared.clear()
             self.unnamed = None

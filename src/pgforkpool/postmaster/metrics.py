@@ -202,9 +202,12 @@ def main(listen: socket.socket, table: status.StatusTable | None, chan: socket.s
         daemon_threads = True
 
         def handle_error(self, request, client_address):
-            # A scraper that went away mid-request (reset, timed out): one line, no traceback.
-            logger.debug("metrics request from %s ended early: %s", client_address[0],
-                         sys.exc_info()[1])
+            error = sys.exc_info()[1]
+            if isinstance(error, OSError):
+                # A scraper that went away mid-request (reset, timed out): one line, no traceback.
+                logger.debug("metrics request from %s ended early: %s", client_address[0], error)
+            else:
+                super().handle_error(request, client_address)
 
     server = Server(listen.getsockname()[:2], Handler, bind_and_activate=False)
     server.socket.close()
