@@ -366,8 +366,7 @@ class ClientProtocol:
                     if may_touch is None:
                         may_touch = may_touch_state(data)
                     replaced = self._parse(server, data, pos, end, may_touch)
-                    if server.flush_count >= 0:
-                        server.flush_count += 1
+                    server.expect_reply()
                 elif msg_type == B:
                     server.portals = True
                     portal_end = nul_at(data, pos + 5, end)
@@ -387,8 +386,7 @@ class ClientProtocol:
                         server.copy_data_early = False
                 else:
                     replaced = self._describe_or_close(server, msg_type, data, pos, end)
-                    if server.flush_count >= 0:
-                        server.flush_count += 1
+                    server.expect_reply()
                 if replaced is not None:
                     if type(replaced) is ProtocolViolation:
                         outcome = replaced
@@ -509,8 +507,7 @@ class ClientProtocol:
             return b""
         server.prepared.add(statement.name)
         server.pending.append(ParseEntry(True, server, statement, prepared_here=True))
-        if server.flush_count >= 0:
-            server.flush_count += 1   # its ParseComplete comes in the batch
+        server.expect_reply()
         return parse_message(statement.name, statement.key)
 
     def _ensure_unnamed(self, server: ServerProtocol) -> bytes:
@@ -520,8 +517,7 @@ class ClientProtocol:
             return b""
         server.unnamed = statement
         server.pending.append(ParseEntry(True, server, statement, self, None))
-        if server.flush_count >= 0:
-            server.flush_count += 1
+        server.expect_reply()
         return parse_message(b"", statement.key)
 
     def _bind(self, server: ServerProtocol, data: bytes, pos: int, name_start: int, name_end: int, length: int):

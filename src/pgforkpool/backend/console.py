@@ -478,9 +478,8 @@ class Console:
         column = [(alias or "pg_backend_load_average", FLOAT8)]
         argument = argument.strip().strip("'")
         if not argument or "," in argument:
-            raise ConsoleError("42883", "function pg_backend_load_average("
-                               + ", ".join(["integer"] * (argument.count(",") + 1 if argument else 0))
-                               + ") does not exist",
+            types = ", ".join("integer" for _ in argument.split(",")) if argument else ""
+            raise ConsoleError("42883", f"function pg_backend_load_average({types}) does not exist",
                                hint="pg_backend_load_average takes one argument, a backend's pid.")
         if argument.upper() == "NULL":
             value = None

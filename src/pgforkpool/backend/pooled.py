@@ -1574,13 +1574,13 @@ class PooledBackend:
         the server would end the connection, not that session, once it idled that long (the pooler
         keeps the session's timeout: _expire_idle_sessions).  It is set to 0 for the idle time."""
         context = server.context
-        if context is None:   # unknown (the next restore resets everything): it may be there
-            self._hidden(server, DISARM, "SET idle_session_timeout = 0")
-        elif duration_setting(context.get("idle_session_timeout")) > 0.0:
+        if context is not None:   # (None: unknown, the next restore resets everything)
+            if duration_setting(context.get("idle_session_timeout")) <= 0.0:
+                return
             context = dict(context)
             context["idle_session_timeout"] = "0"
             server.context = context   # its owner's next restore sets it again
-            self._hidden(server, DISARM, "SET idle_session_timeout = 0")
+        self._hidden(server, DISARM, "SET idle_session_timeout = 0")
 
     def _next_session(self, server: srv.ServerConnection) -> None:
         session = self.scheduler.next_waiting()

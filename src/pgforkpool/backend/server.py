@@ -91,14 +91,22 @@ STREAMED: Final = frozenset({DATA_ROW, COPY_DATA, ROW_DESCRIPTION, FUNCTION_CALL
 # Longest message a server may send that is kept whole (errors, notices, tags).
 MAX_KEPT_MESSAGE: Final = 1 << 26
 
+# DDL after which the columns of a table, view, type or function's result may have changed
+# (ALTER TABLE, CREATE OR REPLACE VIEW, ALTER VIEW … RENAME COLUMN, DROP then CREATE): new Parses
+# get statements of their own (NOTE_STALE, as 0A000 does).  Not DDL that changes no result's
+# shape (DROP INDEX, ALTER SEQUENCE, ALTER ROLE); DROP TABLE only on a shared connection
+# (_command_tag): on a pinned one it is mostly a temporary table's, every request of a
+# temporary-table workload, and a table of everyone's dropped there is caught by the first
+# 0A000 it causes.
+_STALE_TAGS: Final = (b"ALTER TABLE", b"ALTER VIEW", b"ALTER MATERIALIZED VIEW", b"ALTER TYPE",
+                      b"ALTER DOMAIN", b"ALTER FUNCTION", b"ALTER SCHEMA", b"DROP VIEW",
+                      b"DROP MATERIALIZED VIEW", b"DROP TYPE", b"DROP DOMAIN", b"DROP FUNCTION",
+                      b"DROP SCHEMA", b"CREATE VIEW")
 # Command tags that say something about session state.
 _TAG_PREFIXES: Final = (b"SET\0", b"RESET\0", b"DISCARD", b"DEALLOCATE", b"LISTEN", b"UNLISTEN",
                         b"DECLARE", b"PREPARE", b"CREATE TABLE", b"DROP TABLE", b"CLOSE CURSOR",
                         b"LOAD", b"COMMIT PREPARED", b"ROLLBACK PREPARED", b"DO\0", b"CALL\0",
-                        b"ALTER TABLE", b"ALTER VIEW", b"ALTER MATERIALIZED VIEW", b"ALTER TYPE",
-                        b"ALTER DOMAIN", b"ALTER FUNCTION", b"ALTER SCHEMA", b"DROP VIEW",
-                        b"DROP MATERIALIZED VIEW", b"DROP TYPE", b"DROP DOMAIN", b"DROP FUNCTION",
-                        b"DROP SCHEMA", b"CREATE VIEW")
+                        *_STALE_TAGS)
 # The same by their first three bytes (every prefix has three, "DO\0" with its NUL): most tags (SELECT,
 # INSERT, UPDATE, BEGIN) are dismissed by one dictionary lookup, without a prefix test.
 _TAG_PREFIXES_BY_START: Final[dict[int, tuple[bytes, ...]]] = {
@@ -114,16 +122,7 @@ _TAG_NOTES: Final = (
      NOTE_PIN),
     ((b"DISCARD", b"DROP TABLE", b"UNLISTEN", b"CLOSE CURSOR", b"DEALLOCATE"), NOTE_UNPIN),
     ((b"DISCARD ALL\0", b"DEALLOCATE ALL\0"), NOTE_DISCARDED),
-    # The columns of a table, view, type or function's result may have changed (ALTER TABLE,
-    # CREATE OR REPLACE VIEW, ALTER VIEW … RENAME COLUMN, DROP then CREATE): new Parses get
-    # statements of their own (as 0A000 does).  Not for DDL that changes no result's shape
-    # (DROP INDEX, ALTER SEQUENCE, ALTER ROLE); DROP TABLE only on a shared connection
-    # (_command_tag): on a pinned one it is mostly a temporary table's, every request of a
-    # temporary-table workload, and a table of everyone's dropped there is caught by the first
-    # 0A000 it causes.
-    ((b"ALTER TABLE", b"ALTER VIEW", b"ALTER MATERIALIZED VIEW", b"ALTER TYPE", b"ALTER DOMAIN",
-      b"ALTER FUNCTION", b"ALTER SCHEMA", b"DROP VIEW", b"DROP MATERIALIZED VIEW", b"DROP TYPE",
-      b"DROP DOMAIN", b"DROP FUNCTION", b"DROP SCHEMA", b"CREATE VIEW"), NOTE_STALE),
+    (_STALE_TAGS, NOTE_STALE),
 )
 # The server removed a placeholder setting (a library reserved its prefix):
 # WARNING 42602 "invalid configuration parameter name …, removing it".
@@ -330,32 +329,25 @@ class ServerProtocol:
                                 if end > pos + 7 else None)
                     if prefixes is not None and data.startswith(prefixes, pos + 5):
                         self._command_tag(data[pos + 5:end])
-                elif msg_type == PARSE_COMPLETE:
-                    if type(head) is ParseEntry:
-                        pending.popleft()
-                        if head.hidden:
-                            # The pooler's own Parse (a statement this connection lacked).
-                            if pos > start:
-                                if pieces is None:
-                                    pieces = []
-                                pieces.append(data[start:pos])
-                            start = end
-                        head = pending[0] if pending else None
-                    if self.flush_count > 0 and self._batch_reply():
-                        pos = end
-                        event = FLUSHED
-                        break
-                elif msg_type == CLOSE_COMPLETE:
-                    if type(head) is CloseEntry:
-                        pending.popleft().completed()
-                        head = pending[0] if pending else None
-                    if self.flush_count > 0 and self._batch_reply():
-                        pos = end
-                        event = FLUSHED
-                        break
-                elif msg_type == ROW_DESCRIPTION or msg_type == NO_DATA:
-                    # (Counted as the end of a Describe's answer only in a batch sync_after_flush
-                    # may end; otherwise a result's columns, only forwarded.)
+                elif (msg_type == PARSE_COMPLETE or msg_type == CLOSE_COMPLETE
+                      or msg_type == ROW_DESCRIPTION or msg_type == NO_DATA):
+                    if msg_type == PARSE_COMPLETE:
+                        if type(head) is ParseEntry:
+                            pending.popleft()
+                            if head.hidden:
+                                # The pooler's own Parse (a statement this connection lacked).
+                                if pos > start:
+                                    if pieces is None:
+                                        pieces = []
+                                    pieces.append(data[start:pos])
+                                start = end
+                            head = pending[0] if pending else None
+                    elif msg_type == CLOSE_COMPLETE:
+                        if type(head) is CloseEntry:
+                            pending.popleft().completed()
+                            head = pending[0] if pending else None
+                    # The last reply of a counted batch (RowDescription or NoData end a Describe's
+                    # answer; outside such a batch they are a result's columns, only forwarded).
                     if self.flush_count > 0 and self._batch_reply():
                         pos = end
                         event = FLUSHED
@@ -431,6 +423,11 @@ class ServerProtocol:
         self.pending.append(OWN_SYNC)
         self.synced()
         return protocol.SYNC_MESSAGE
+
+    def expect_reply(self) -> None:
+        """A Parse, Describe or Close went to the server: one more reply of a counted batch."""
+        if self.flush_count >= 0:
+            self.flush_count += 1
 
     def synced(self) -> None:
         """A Sync went to the server (the client's, or one of the pooler's): no batch is open."""

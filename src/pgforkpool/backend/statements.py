@@ -178,7 +178,6 @@ class StatementRegistry:
             del self.by_key[slot]
             self.evicted.append(old.name)
 
-
     def take_evicted(self, prepared: set[bytes], shared: set[bytes] | None) -> list[bytes]:
         """The evicted statements to deallocate on a connection that has `prepared`, taken off
         the list, but for those the shared connection (`shared`, when this one is a pinned

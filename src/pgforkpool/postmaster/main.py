@@ -55,7 +55,7 @@ class Question:
     __slots__ = ("console", "token", "what", "waiting", "rows", "deadline")
 
     def __init__(self, console: ConsoleSlot, token: int, waiting: set[int], deadline: float,
-                 what: str = ""):
+                 what: str):
         self.console = console
         self.token = token
         self.what = what
