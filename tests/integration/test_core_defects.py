@@ -1656,3 +1656,103 @@ def test_a_client_gone_in_the_middle_of_a_pipeline_leaves_no_batch_state_for_the
             ["1", "t", "T"]
         messages, closed = a.query("SELECT 'next'")
         assert not closed and data_rows(messages) == [["next"]], describe(messages)
+
+
+# ================================================================ a statement's result changed elsewhere
+
+def _prepare_described(raw: Raw, name: str, sql: str, flush: bool) -> list[tuple[int, bytes]]:
+    """Prepare and describe a statement as drivers that keep its description do: asyncpg with a
+    Flush (its Sync comes with the first Bind), JDBC and pgx with a Sync."""
+    if flush:
+        return _prepare_with_flush(raw, name, sql)
+    raw.send(message(b"P", cstr(name) + cstr(sql) + _i16.pack(0)) + message(b"D", b"S" + cstr(name)) + SYNC)
+    messages, closed = raw.reply()
+    assert not closed
+    return messages
+
+
+def _outcome(messages: list[tuple[int, bytes]]) -> tuple:
+    """What a client reads from a reply: its errors' SQLSTATEs, its columns' names and types,
+    and its rows (binary results, as asyncpg reads them)."""
+    columns = []
+    for kind, payload in messages:
+        if kind == ord("T"):
+            pos = 2
+            for _ in range(_i16.unpack_from(payload)[0]):
+                end = payload.index(b"\0", pos)
+                columns.append((payload[pos:end].decode(), _i32.unpack_from(payload, end + 7)[0]))
+                pos = end + 19
+    return ([e["C"] for e in errors(messages)], columns, data_rows(messages))
+
+
+def _run_binary(raw: Raw, name: str) -> tuple:
+    """Bind (binary results), Execute, Sync of a statement without parameters."""
+    raw.send(message(b"B", cstr("") + cstr(name) + _i16.pack(0) + _i16.pack(0) + _i16.pack(1) + _i16.pack(1))
+             + message(b"E", cstr("") + _i32.pack(0)) + SYNC)
+    messages, closed = raw.reply()
+    assert not closed, describe(messages)
+    return _outcome(messages)
+
+
+def _statement_shape_story(connect, cluster, sql: str, change: str, flush: bool) -> list:
+    """A prepares and describes a statement; B pins the connection it is on (LISTEN: through the
+    pooler, A's next turn is on a newly dialled one, where the pooler prepares A's statement
+    again); the table changes; A uses its statement, then does what asyncpg does after 0A000.
+    What A (and a newcomer) read at each step."""
+    with direct(cluster) as conn:
+        conn.execute("DROP TABLE IF EXISTS shape_t; CREATE TABLE shape_t (a int, b text); "
+                     "INSERT INTO shape_t VALUES (1, 'x'); ALTER TABLE shape_t OWNER TO app")
+    story = []
+    with connect() as a, connect() as b:
+        story.append(("prepare", _outcome(_prepare_described(a, "s1", sql, flush))))
+        messages, _ = b.query("LISTEN shape_ch")
+        assert not errors(messages), describe(messages)
+        with direct(cluster) as conn:
+            conn.execute("SET lock_timeout = '10s'")   # (a lock left by A's prepare fails the test)
+            conn.execute(change)
+        story.append(("execute", _run_binary(a, "s1")))
+        story.append(("again", _run_binary(a, "s1")))
+        a.send(message(b"D", b"S" + cstr("s1")) + SYNC)
+        story.append(("describe", _outcome(a.reply()[0])))
+        story.append(("begin", _outcome(a.query("BEGIN")[0])))
+        story.append(("in a transaction", _run_binary(a, "s1")))
+        story.append(("after it", _outcome(a.query("SELECT 1")[0])))
+        story.append(("rollback", _outcome(a.query("ROLLBACK")[0])))
+        # asyncpg's answer to 0A000: close the statement, prepare it again.
+        a.send(message(b"C", b"S" + cstr("s1")) + SYNC)
+        story.append(("close", _outcome(a.reply()[0])))
+        story.append(("prepared anew", _outcome(_prepare_described(a, "s1", sql, flush))))
+        story.append(("executed anew", _run_binary(a, "s1")))
+        with connect() as c:
+            story.append(("newcomer prepares", _outcome(_prepare_described(c, "s9", sql, flush))))
+            story.append(("newcomer executes", _run_binary(c, "s9")))
+    return story
+
+
+@pytest.mark.parametrize("flush", [False, True], ids=["sync", "flush"])
+@pytest.mark.parametrize("sql, change, stale", [
+    ("SELECT * FROM shape_t", "ALTER TABLE shape_t ALTER a TYPE real", True),
+    ("SELECT * FROM shape_t", "ALTER TABLE shape_t ADD COLUMN c int DEFAULT 7", True),
+    ("SELECT * FROM shape_t", "ALTER TABLE shape_t RENAME COLUMN b TO bb", True),
+    ("SELECT a, b FROM shape_t", "ALTER TABLE shape_t ADD COLUMN c int DEFAULT 7", False),
+], ids=["type", "column added", "column renamed", "unchanged"])
+def test_a_statement_whose_result_changed_fails_as_on_postgresql_when_prepared_again(
+        pool, cluster, sql, change, stale, flush):
+    """A driver that prepares and describes a statement once (asyncpg, JDBC, pgx) reads its rows
+    by the described types. When the statement had to be prepared again on another server
+    connection after its table changed, the pooler ran the new shape under the old description:
+    asyncpg read a real as the int 1065353216, or failed with "3 columns, 2 described". PostgreSQL
+    answers 0A000 "cached plan must not change result type" until the statement is prepared anew.
+    Found by the asyncpg verification run; every step is compared with PostgreSQL direct (where
+    a prepare with a Flush keeps its lock until the Sync, and the change would wait for it: the
+    pooler ends that implicit transaction itself, README Known limits, so the reference story
+    prepares with a Sync)."""
+    unix = os.path.join(cluster.socket_dir, f".s.PGSQL.{cluster.port}")
+    expected = _statement_shape_story(lambda: Raw(unix), cluster, sql, change, False)
+    seen = _statement_shape_story(lambda: Raw(pool.port), cluster, sql, change, flush)
+    executed = dict(expected)["execute"]
+    if stale:
+        assert executed[0] == ["0A000"] and not executed[2], f"PostgreSQL itself: {expected}"
+    else:
+        assert executed[0] == [] and executed[2], f"PostgreSQL itself: {expected}"
+    assert seen == expected

@@ -8,7 +8,7 @@ import pytest
 from pgforkpool.backend import client
 from pgforkpool.backend.client import MAY_PIN, MAY_SET, TERMINATE, ClientProtocol
 from pgforkpool.backend.server import BOUNDARY, ServerProtocol
-from pgforkpool.backend.statements import MISSING, CloseEntry, ParseEntry, ProtocolViolation, StatementRegistry
+from pgforkpool.backend.statements import MISSING, CloseEntry, DescribeEntry, ParseEntry, ProtocolViolation, StatementRegistry
 from pgforkpool.shared import protocol
 
 MB = 1 << 20
@@ -121,6 +121,8 @@ def pending_shape(srv: ServerProtocol):
         elif isinstance(entry, CloseEntry):
             shape.append(("close", entry.statement.name if entry.statement else None,
                           entry.client_name))
+        elif isinstance(entry, DescribeEntry):
+            shape.append(("describe", entry.hidden, entry.statement.name if entry.statement else None))
         else:
             shape.append(("hidden", entry.kind))
     return shape
@@ -150,12 +152,13 @@ NAMED_PIPELINE = (parse(b"s1", b"SELECT $1::int", (23,)) + bind(b"s1", [b"1"]) +
 
 
 def test_whole_unnamed_pipeline_passes_untouched():
-    """A pipeline with only unnamed statements is forwarded byte for byte, with one pending entry per Parse and Sync/Query."""
+    """A pipeline with only unnamed statements is forwarded byte for byte, with one pending entry
+    per Parse, Describe of a statement, Close and Sync/Query."""
     _reg, proto, srv = fresh()
     out, outcomes = feed(proto, srv, [UNNAMED_PIPELINE])
     assert out == UNNAMED_PIPELINE and outcomes == []
     assert [None if e is None else type(e).__name__ for e in srv.pending] == [
-        "ParseEntry", None, None, "ParseEntry", "CloseEntry", None]
+        "ParseEntry", None, None, "ParseEntry", "DescribeEntry", "CloseEntry", None]
     assert not proto.buf and not srv.unsynced
 
 

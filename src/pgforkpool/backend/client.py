@@ -13,7 +13,10 @@ on a client's bytes.  Along the way it
 - renames prepared statements (statements.py) and records the replies the
   server owes (ServerProtocol.pending);
 - flags statement text that may change session state, and carries the flag
-  on the prepared statement to every later Bind of it.
+  on the prepared statement to every later Bind of it;
+- holds a Bind or Describe of a statement it prepared again on this
+  connection until the server has described it there (statements.py: a
+  statement whose result changed fails with 0A000; resume()).
 
 ClientProtocol.buffer() keeps what a session sends while it waits for a
 server connection, bounded by the caller (it stops reading past
@@ -27,8 +30,9 @@ from typing import Final
 from ..shared import protocol
 from .context import custom_setting_names
 from .server import ServerProtocol
-from .statements import (MISSING, CloseEntry, ParseEntry, ProtocolViolation, Statement, StatementRegistry,
-                         length_word, parse_key, parse_message, with_statement_name)
+from .statements import (MISSING, STALE, STALE_NAME, CloseEntry, DescribeEntry, ParseEntry, ProtocolViolation,
+                         Statement, StatementRegistry, check_messages, length_word, parse_key, parse_message,
+                         with_statement_name)
 
 _header = struct.Struct("!cI").pack
 
@@ -70,6 +74,19 @@ WAITING_INPUT_LIMIT: Final = 1 << 16
 ABANDON_FILL_LIMIT: Final = 1 << 20
 
 TERMINATE: Final = "terminate"
+
+# ClientProtocol.need while the session's next message waits for the pooler's check of a
+# statement it prepared again (statements.py): more input is only buffered.
+HOLDING: Final = 1 << 40
+
+
+class Hold:
+    """What a Bind or Describe of a statement that must be checked first sends meanwhile."""
+
+    __slots__ = ("prefix",)
+
+    def __init__(self, prefix: bytes):
+        self.prefix = prefix
 
 # Flags of statement text that may change session state without a telling
 # command tag (SET, LISTEN, PREPARE, CREATE TABLE… have tags; see server.py).
@@ -162,7 +179,7 @@ class ClientProtocol:
     """One session's frontend stream and its statement names."""
 
     __slots__ = ("buf", "need", "passthrough", "scanning", "tail", "statements", "unnamed",
-                 "flags", "texts", "last_text", "registry", "scope")
+                 "flags", "texts", "last_text", "registry", "scope", "holding")
 
     def __init__(self, registry: StatementRegistry) -> None:
         self.buf = bytearray()   # received, not yet forwarded (an incomplete message, or input that waits)
@@ -177,6 +194,7 @@ class ClientProtocol:
         self.last_text = b""     # the last input with a Query or Parse (SET names a custom setting there)
         self.registry = registry
         self.scope = b""          # context.parse_scope of its settings: whose statements it shares
+        self.holding: Statement | None = None   # whose check its next message waits for (HOLDING)
 
     # ------------------------------------------------------------ waiting for a server
 
@@ -262,6 +280,7 @@ class ClientProtocol:
         pieces = None     # pieces to send, once a message had to be rewritten
         emit = 0          # data[emit:pos] is still to be sent as it is
         may_touch = None  # whether any text in data may change state (looked at once)
+        hold = False      # data[pos:] waits for a check (Hold)
         outcome: str | ProtocolViolation | None = None
         while n - pos >= 5:
             msg_type = data[pos]
@@ -300,6 +319,11 @@ class ClientProtocol:
                             if pieces is None:
                                 pieces = []
                             pieces.append(data[emit:pos])
+                            if type(replaced) is Hold:
+                                pieces.append(replaced.prefix)
+                                emit = pos
+                                hold = True
+                                break
                             pieces.append(replaced)
                             emit = name_end + 1
                         pos = self._stream(end, n)
@@ -386,7 +410,8 @@ class ClientProtocol:
                         server.copy_data_early = False
                 else:
                     replaced = self._describe_or_close(server, msg_type, data, pos, end)
-                    server.expect_reply()
+                    if type(replaced) is not Hold:
+                        server.expect_reply()
                 if replaced is not None:
                     if type(replaced) is ProtocolViolation:
                         outcome = replaced
@@ -394,6 +419,12 @@ class ClientProtocol:
                     if pieces is None:
                         pieces = []
                     pieces.append(data[emit:pos])
+                    if type(replaced) is Hold:
+                        # This message and the rest wait for the check's answer (resume).
+                        pieces.append(replaced.prefix)
+                        emit = pos
+                        hold = True
+                        break
                     pieces.append(replaced)
                     emit = resume
             elif msg_type == H or msg_type == X or msg_type == COPY_DONE:   # bodies must be empty (Sync's too, above)
@@ -420,6 +451,8 @@ class ClientProtocol:
                 self.need = 1 + length_word(data, pos + 1)
                 if data[pos] == B:   # its header is enough to start streaming it
                     self.need = min(self.need, 5 + BIND_HEADER_LIMIT)
+            if hold:
+                self.need = HOLDING
         if pieces is None:
             out = data if pos == n and emit == 0 else data[emit:pos]
         else:
@@ -428,6 +461,12 @@ class ClientProtocol:
         if head:
             out = head + out
         return out, outcome
+
+    def resume(self) -> None:
+        """The check its next message waited for is over (server event CHECKED): receive(b"")
+        goes on with what it buffered meanwhile."""
+        self.holding = None
+        self.need = 5
 
     @staticmethod
     def _copy_ended(server: ServerProtocol) -> None:
@@ -510,6 +549,18 @@ class ClientProtocol:
         server.expect_reply()
         return parse_message(statement.name, statement.key)
 
+    def _prepare_checked(self, server: ServerProtocol, statement: Statement) -> "bytes | Hold":
+        """ensure_prepared, for a Bind or Describe of the statement.  If it must be prepared here
+        and a client was told its shape, a Hold: the Parse and a Describe of it go first, and the
+        client's message waits for the answer (statements.py)."""
+        parse = self.ensure_prepared(server, statement)
+        if not parse or statement.shape is None or server.skipping or server.copy_in:
+            # (While the server skips to the Sync after an error, no answer would come.)
+            return parse
+        server.pending.append(DescribeEntry(True, server, statement, self.registry))
+        self.holding = statement
+        return Hold(parse + check_messages(statement.name))
+
     def _ensure_unnamed(self, server: ServerProtocol) -> bytes:
         """A Parse of the session's unnamed statement, if the connection's is another one."""
         statement = self.unnamed
@@ -537,17 +588,22 @@ class ClientProtocol:
             server.error_names[MISSING] = name   # the server says 26000 about it
             return self._renamed(B, data, pos, name_start, name_end, length, MISSING, b"")
         if held.flags:
+            if held.flags & STALE:
+                server.error_names[STALE_NAME] = name   # shown as 0A000
+                return self._renamed(B, data, pos, name_start, name_end, length, STALE_NAME, b"")
             self._flag_bind(held)
         new_name = held.name
         # _renamed, inline: a prepared statement's Bind is most of -M prepared traffic.
         header = _header(b"B", length - (name_end - name_start) + len(new_name))
         if new_name in server.prepared:
             return b"".join((header, data[pos + 5:name_start], new_name, b"\0"))
-        return b"".join((self.ensure_prepared(server, held), header, data[pos + 5:name_start],
-                         new_name, b"\0"))
+        checked = self._prepare_checked(server, held)
+        if isinstance(checked, Hold):
+            return checked
+        return b"".join((checked, header, data[pos + 5:name_start], new_name, b"\0"))
 
     def _flag_bind(self, statement: Statement) -> None:
-        self.flags |= statement.flags
+        self.flags |= statement.flags & (MAY_SET | MAY_PIN)
         if statement.flags & MAY_SET:
             self.texts.append(statement.key)
 
@@ -588,8 +644,10 @@ class ClientProtocol:
                 return with_statement_name(C, before, MISSING, b"")
             if statement is None:
                 server.error_names[MISSING] = b""
+                server.pending.append(DescribeEntry(False, server, None))
                 return with_statement_name(D, before, MISSING, b"")
             prefix = self._ensure_unnamed(server)
+            server.pending.append(DescribeEntry(False, server, None))
             return prefix + data[pos:end] if prefix else None
         held = self.statements.get(name)
         if msg_type == C:
@@ -605,8 +663,18 @@ class ClientProtocol:
             return with_statement_name(C, before, MISSING, b"")
         if held is None:
             server.error_names[MISSING] = name
+            server.pending.append(DescribeEntry(False, server, None))
             return with_statement_name(D, before, MISSING, b"")
-        return self.ensure_prepared(server, held) + with_statement_name(D, before, held.name, b"")
+        if held.flags & STALE:
+            server.error_names[STALE_NAME] = name   # shown as 0A000
+            server.pending.append(DescribeEntry(False, server, None))
+            return with_statement_name(D, before, STALE_NAME, b"")
+        checked = self._prepare_checked(server, held)
+        if isinstance(checked, Hold):
+            return checked
+        # Its answer is the shape the client is told (ServerProtocol records it).
+        server.pending.append(DescribeEntry(False, server, held))
+        return checked + with_statement_name(D, before, held.name, b"")
 
     def abandon(self) -> bytes | None:
         """The client vanished in the middle of a streamed message: bytes that end it harmlessly.
@@ -650,8 +718,8 @@ class ClientProtocol:
         boundary, with no Parse or Close of its own in flight."""
         registry, scope = self.registry, self.scope
         for name, statement in list(self.statements.items()):
-            if statement.scope != scope:
-                self.statements[name] = registry.acquire(statement.key, statement.flags, scope)
+            if statement.scope != scope and not statement.flags & STALE:
+                self.statements[name] = registry.adopt(statement.key, statement.flags, scope, statement.shape)
                 registry.release(statement)
 
     def release_statements(self) -> None:

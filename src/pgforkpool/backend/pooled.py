@@ -34,12 +34,12 @@ from typing import Callable, Final
 from ..shared import channel, log, process, protocol, status
 from ..shared.errors import PgError
 from . import server as srv
-from .client import MAY_PIN, MAY_SET, TERMINATE, WAITING_INPUT_LIMIT
+from .client import HOLDING, MAY_PIN, MAY_SET, TERMINATE, WAITING_INPUT_LIMIT
 from .context import (PIN_CHECK_QUERY, UNKNOWN_NAME, Context, capture_query,
                       captured_settings, custom_setting_names, duration_setting, fixup_query,
                       reserved_placeholder, restore_query)
 from .scheduler import Decision, Scheduler, ServerState, SessionState, boundary_decision
-from .server import (BOUNDARY, BROKEN, FLUSHED, NOTE_DISCARDED, NOTE_PIN, NOTE_STALE, NOTE_SETTINGS, NOTE_UNPIN,
+from .server import (BOUNDARY, BROKEN, CHECKED, FLUSHED, NOTE_DISCARDED, NOTE_PIN, NOTE_STALE, NOTE_SETTINGS, NOTE_UNPIN,
                      TransactionStatus)
 from .session import Session
 from .statements import ProtocolViolation, Statement, StatementRegistry, length_word
@@ -755,7 +755,7 @@ class PooledBackend:
             "last_xact": session.last_xact, "since": session.since,
             "address": session.address, "connected": session.connected,
             "context": session.context.to_dict(), "buf": bytes(proto.buf),
-            "statements": [(name, st.key, st.flags) for name, st in proto.statements.items()],
+            "statements": [(name, st.key, st.flags, st.shape) for name, st in proto.statements.items()],
             "unnamed": None if proto.unnamed is None else (proto.unnamed.key, proto.unnamed.flags),
         }
         try:
@@ -790,8 +790,8 @@ class PooledBackend:
         session.greeted = True
         session.state = IDLE
         proto = session.proto
-        for name, key, flags in state["statements"]:
-            proto.statements[name] = self.registry.acquire(key, flags, proto.scope)
+        for name, key, flags, shape in state["statements"]:
+            proto.statements[name] = self.registry.adopt(key, flags, proto.scope, shape)
         if state["unnamed"] is not None:
             proto.unnamed = Statement(b"", state["unnamed"][0], state["unnamed"][1])
         if session.origin_pid == self.pid:   # back where it began
@@ -925,6 +925,9 @@ class PooledBackend:
             else:   # TERMINATE
                 self._client_gone(session)
             return
+        if proto.need == HOLDING and len(proto.buf) >= WAITING_INPUT_LIMIT and not session.paused:
+            session.paused = True   # until the check it waits for is answered (_checked)
+            session.stream.pause_reading()
         if (not server.pending and not server.unsynced and server.status == TX_IDLE
                 and server.owner is session and len(session.proto.buf) < WAITING_INPUT_LIMIT):
             # Only messages that expect no answer (Flush, stray CopyData): nothing holds the server.
@@ -1193,6 +1196,8 @@ class PooledBackend:
                 self._server_lost(server)
             elif event is FLUSHED:
                 self._sync_after_flush(server)
+            elif event is CHECKED:
+                self._checked(server)
             else:
                 self._hidden_done(server, event)
             if server.state is SERVER_CLOSED or not server.inbuf:
@@ -1212,6 +1217,19 @@ class PooledBackend:
             sync = server.sync_after_flush()
             if sync:
                 self._server_send(server, sync)
+
+    def _checked(self, server: srv.ServerConnection) -> None:
+        """The server described a statement the pooler prepared again on this connection: the
+        owner's Bind or Describe of it, and what it sent after, go on (statements.py)."""
+        owner = server.owner
+        if owner is None or owner.gone or owner.proto.holding is None:
+            return
+        owner.proto.resume()
+        self._forward(owner, server, b"")
+        if (owner.paused and not owner.gone and owner.proto.need != HOLDING
+                and len(owner.proto.buf) < WAITING_INPUT_LIMIT and len(server.stream.outbuf) < LOW_WATER):
+            owner.paused = False
+            owner.stream.resume_reading()
 
     def _server_failed(self, server: srv.ServerConnection | None, error: PgError) -> None:
         """The server refused us or could not be reached: every waiting session hears why."""

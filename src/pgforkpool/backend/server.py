@@ -12,7 +12,8 @@ from ..shared import auth, protocol
 from ..shared.errors import PgError
 from .scheduler import ServerState
 from .context import REPORTED_SETTABLE, quoted_setting
-from .statements import STATEMENT_ENTRIES, CloseEntry, ParseEntry, Statement, length_word
+from .statements import (STALE_NAME, STATEMENT_ENTRIES, CloseEntry, DescribeEntry, ParseEntry, Statement,
+                         length_word, result_shape)
 
 if TYPE_CHECKING:
     from .session import Session
@@ -55,6 +56,9 @@ BROKEN: Final = "broken"       # the server sent what is not the protocol: drop 
 # Every reply to the owner's Parses, Describes and Closes of statements before its Flush came,
 # without an error: the pooler may end their implicit transaction (sync_after_flush).
 FLUSHED: Final = "flushed"
+# The pooler's check of a statement it prepared again is over (statements.DescribeEntry): the
+# owner's input that waits for it goes on (ClientProtocol.resume).
+CHECKED: Final = "checked"
 
 # Facts about the owner's session state gathered from the server's replies
 # (ServerProtocol.notes), acted on at the transaction boundary.
@@ -74,6 +78,7 @@ NOTIFICATION: Final = protocol.NOTIFICATION_RESPONSE
 PARSE_COMPLETE: Final = ord("1")
 CLOSE_COMPLETE: Final = ord("3")
 NO_DATA: Final = ord("n")
+PARAMETER_DESCRIPTION: Final = ord("t")
 DATA_ROW: Final = ord("D")
 ROW_DESCRIPTION: Final = ord("T")
 FUNCTION_CALL_RESPONSE: Final = ord("V")
@@ -82,7 +87,7 @@ COPY_BOTH: Final = protocol.COPY_BOTH_RESPONSE
 COPY_DATA: Final = ord("d")
 # Server messages the owner's stream is watched for; everything else passes untouched.
 NOTED: Final = frozenset({Z, PS, ERR, CC, NOTICE, COPY_IN, COPY_BOTH, PARSE_COMPLETE, CLOSE_COMPLETE,
-                          ROW_DESCRIPTION, NO_DATA})
+                          ROW_DESCRIPTION, NO_DATA, PARAMETER_DESCRIPTION})
 # The same as a table indexed by the type byte: one list index per message (native when
 # compiled) instead of a set lookup that boxes the byte.
 _NOTED_BY_TYPE: Final = [t in NOTED for t in range(256)]
@@ -130,6 +135,7 @@ _PLACEHOLDER_REMOVED: Final = b"C42602\0"
 # "cached plan must not change result type": a table's columns changed since a statement was
 # prepared (feature_not_supported; the message is in lc_messages' language, so the code is used).
 _STALE_PLAN: Final = b"\0C0A000\0"   # the code field, after the NUL that ends the one before
+STALE_PLAN_ERROR: Final = protocol.message(b"E", b"SERROR\0VERROR\0C0A000\0Mcached plan must not change result type\0\0")
 
 
 class OwnSync:
@@ -156,7 +162,7 @@ class ServerProtocol:
     """
 
     __slots__ = ("state", "owner", "pinned", "pending", "unsynced", "portals", "flush_count", "flushed",
-                 "status", "copy_in",
+                 "status", "copy_in", "describing", "check_over", "skipping",
                  "copy_via_execute", "copy_syncs", "copies_ended", "synced_after_copy",
                  "copy_data_early", "copy_abandoned", "prepared_checked",
                  "prepared", "unnamed", "error_names", "params", "context", "reported", "notes",
@@ -181,6 +187,13 @@ class ServerProtocol:
         self.flush_count = -1
         self.flushed = False
         self.status: int = TransactionStatus.IDLE
+        # The Describe of a statement whose ParameterDescription came: its RowDescription or
+        # NoData is next.
+        self.describing: DescribeEntry | None = None
+        self.check_over = False             # an error skipped a check (DescribeEntry.failed)
+        # An error came for the messages sent since the last Sync: the server skips what follows
+        # until one (no check is sent meanwhile).
+        self.skipping = False
         self.copy_in = False                # COPY FROM STDIN in progress
         # Kept by the client side's framing for copy_started (PostgreSQL ignores Sync in
         # copy-in mode, so a Sync sent between a COPY's Execute and its CopyDone has no reply):
@@ -277,7 +290,7 @@ class ServerProtocol:
                     pos = end
                     continue
                 if end > n:
-                    if msg_type in STREAMED:
+                    if msg_type in STREAMED and (msg_type != ROW_DESCRIPTION or self.describing is None):
                         self.passthrough = end - n
                         pos = n
                     elif length > MAX_KEPT_MESSAGE:
@@ -287,8 +300,12 @@ class ServerProtocol:
                     pos = end   # rows, descriptions, notifications: only forwarded
                     continue
                 if msg_type == Z:
-                    if type(head) is ParseEntry or type(head) is CloseEntry:   # what an error skipped
+                    skipped_check = False
+                    if (type(head) is ParseEntry or type(head) is CloseEntry
+                            or type(head) is DescribeEntry):   # what an error skipped
                         self._skipped()
+                        skipped_check = self.check_over
+                        self.check_over = False
                     own = bool(pending) and pending.popleft() is OWN_SYNC
                     if own:
                         # The pooler's Sync after a Flush (sync_after_flush): the client sent none
@@ -307,6 +324,10 @@ class ServerProtocol:
                     if status != _IDLE and status != _IN_BLOCK and status != _FAILED:
                         return b"", BROKEN
                     self.status = status
+                    if skipped_check and (pending or self.unsynced):
+                        pos = end
+                        event = CHECKED
+                        break
                     if not pending and not self.unsynced:
                         if self.copy_via_execute or self.copies_ended:
                             self.forget_copy()   # nothing outstanding: no Execute is still to turn out a COPY
@@ -346,6 +367,24 @@ class ServerProtocol:
                         if type(head) is CloseEntry:
                             pending.popleft().completed()
                             head = pending[0] if pending else None
+                    elif self.describing is not None:
+                        # A statement's description ends: the shape a client is told, or the
+                        # answer to the pooler's check (not forwarded).
+                        entry = self.describing
+                        self.describing = None
+                        shape = result_shape(data, pos + 5, end) if msg_type == ROW_DESCRIPTION else b""
+                        if entry.hidden:
+                            if pos > start:
+                                if pieces is None:
+                                    pieces = []
+                                pieces.append(data[start:pos])
+                            start = end
+                            if entry.answered(shape):
+                                self.notes |= NOTE_STALE   # as the 0A000 PostgreSQL would send
+                            pos = end
+                            event = CHECKED
+                            break
+                        entry.answered(shape)
                     # The last reply of a counted batch (RowDescription or NoData end a Describe's
                     # answer; outside such a batch they are a result's columns, only forwarded).
                     if self.flush_count > 0 and self._batch_reply():
@@ -354,9 +393,13 @@ class ServerProtocol:
                         break
                 elif msg_type == ERR:
                     self.flush_count = -1   # the server skips the rest until the client's Sync
-                    if type(head) is ParseEntry or type(head) is CloseEntry:   # failed, or skipped until the Sync
+                    if (type(head) is ParseEntry or type(head) is CloseEntry
+                            or type(head) is DescribeEntry):   # failed, or skipped until the Sync
                         head = self._skipped()
                         hidden = type(head) is HiddenQuery
+                    if self.unsynced and all(type(entry) in STATEMENT_ENTRIES for entry in pending):
+                        # No ReadyForQuery is owed before it: the error is of the open batch.
+                        self.skipping = True
                     if data.find(_STALE_PLAN, pos + 4, end) >= 0:
                         self.notes |= NOTE_STALE
                     if self.error_names:
@@ -365,8 +408,26 @@ class ServerProtocol:
                         pieces.append(data[start:pos])
                         pieces.append(self._client_error(data[pos + 5:end]))
                         start = end
+                    if self.check_over:
+                        self.check_over = False
+                        pos = end
+                        event = CHECKED
+                        break
                 elif msg_type == PS:
                     self._parameter_status(data, pos + 5, end, True)
+                elif msg_type == PARAMETER_DESCRIPTION:
+                    # A Describe of a statement is answered (its RowDescription or NoData follows).
+                    if type(head) is DescribeEntry:
+                        pending.popleft()
+                        self.describing = head
+                        if head.hidden:
+                            if pos > start:
+                                if pieces is None:
+                                    pieces = []
+                                pieces.append(data[start:pos])
+                            start = end
+                        head = pending[0] if pending else None
+                        hidden = type(head) is HiddenQuery
                 elif msg_type == NOTICE:
                     if data.find(_PLACEHOLDER_REMOVED, pos + 5, end) >= 0:
                         self.notes |= NOTE_SETTINGS
@@ -431,7 +492,7 @@ class ServerProtocol:
 
     def synced(self) -> None:
         """A Sync went to the server (the client's, or one of the pooler's): no batch is open."""
-        self.unsynced = self.portals = self.flushed = False
+        self.unsynced = self.portals = self.flushed = self.skipping = False
         self.flush_count = -1
 
     def forget_copy(self) -> None:
@@ -541,6 +602,8 @@ class ServerProtocol:
         """The server's error with the pooler's statement names shown as the client's."""
         fields = protocol.parse_error_fields(payload)
         text = fields.get("M", "")
+        if STALE_NAME in self.error_names and f'"{STALE_NAME.decode()}"' in text:
+            return STALE_PLAN_ERROR   # a STALE statement's Bind or Describe (statements.py)
         for server_name, client_name in self.error_names.items():
             quoted = f'"{server_name.decode()}"'
             if quoted in text and not client_name:

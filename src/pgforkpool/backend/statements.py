@@ -21,6 +21,19 @@ A statement carries the flags its text earned (client.text_flags): each
 Bind of it marks the session as one that may have changed state, whatever
 round trip the Bind comes in.
 
+A statement also keeps the result description a client was last told for it
+(its shape: the columns' names and types of a Describe's RowDescription).
+PostgreSQL fixes a statement's result when it is prepared and answers 0A000
+"cached plan must not change result type" to every later use of it once DDL
+has changed that result; drivers that prepare once and describe once
+(asyncpg, JDBC, pgx, Npgsql) rely on it, reading rows by the described types.
+When the pooler prepares such a statement again on another server connection
+(the session moved, the shared connection was pinned or dialled anew), it asks
+for the description there before the session's Bind goes, and a statement
+whose result changed is STALE: every use of it fails with 0A000, as the
+session's own statement would on PostgreSQL, never returns rows of another
+shape under the old description.
+
 Nothing here raises on a client's bytes: callers pass message bodies they have
 framed, and a malformed one comes back as a ProtocolViolation.
 """
@@ -32,6 +45,13 @@ from typing import Final
 # Server name that is never prepared: a client's unknown name becomes it, and
 # the server answers as PostgreSQL would (26000, or CloseComplete for Close).
 MISSING: Final = b"pgforkpool.missing"
+# Likewise never prepared: the Bind or Describe of a STALE statement names it, so that the
+# server fails it (aborting the transaction and skipping to the Sync, as 0A000 does), and its
+# 26000 is shown to the client as 0A000 (ServerProtocol._client_error).
+STALE_NAME: Final = b"pgforkpool.stale"
+# Statement.flags bit (next to client.MAY_SET and MAY_PIN): its result changed since the
+# session's client was told it.
+STALE: Final = 4
 
 _header = struct.Struct("!cI")
 _int16 = struct.Struct("!h").unpack_from
@@ -56,16 +76,19 @@ class ProtocolViolation:
 
 
 class Statement:
-    __slots__ = ("name", "key", "scope", "refs", "flags", "settings", "retired")
+    __slots__ = ("name", "key", "scope", "refs", "flags", "settings", "retired", "shape")
 
     def __init__(self, name: bytes, key: bytes, flags: int = 0, scope: bytes = b""):
         self.name = name      # server-side name (b"" for a session's unnamed statement)
         self.key = key        # query text NUL parameter types: the Parse payload after the name
         self.scope = scope    # the context.parse_scope of the sessions that share it
         self.refs = 0         # sessions that hold it under a name of theirs
-        self.flags = flags    # client.text_flags of its text
+        self.flags = flags    # client.text_flags of its text, and STALE
         self.settings: frozenset | None = None   # custom setting names its text sets, once asked
         self.retired = False  # no longer given to new Parses (StatementRegistry.retire_all)
+        # The result description clients were last told (result_shape; b"" for NoData),
+        # None while no client has described it.
+        self.shape: bytes | None = None
 
 
 class ParseEntry:
@@ -138,8 +161,45 @@ class CloseEntry:
             client.registry.release(statement)
 
 
-# What the server answers with ParseComplete or CloseComplete, or skips after an error.
-STATEMENT_ENTRIES: Final = (ParseEntry, CloseEntry)
+class DescribeEntry:
+    """A Describe of a statement sent to the server whose ParameterDescription has not arrived
+    yet: the client's (its answer is the shape the client is told), or the pooler's own check
+    of a statement it prepared again on this connection (hidden: answered to nobody)."""
+
+    __slots__ = ("hidden", "server", "statement", "registry")
+
+    def __init__(self, hidden: bool, server, statement: Statement | None,
+                 registry: "StatementRegistry | None" = None):
+        self.hidden = hidden
+        self.server = server
+        self.statement = statement   # None: the unnamed statement, or a name the server lacks
+        self.registry = registry     # a check's: where a STALE statement is retired
+
+    def answered(self, shape: bytes) -> bool:
+        """The server described the statement as shape: whether a check found it changed (the
+        statement is STALE from now on, for every session that holds it)."""
+        statement = self.statement
+        if statement is None:
+            return False
+        if not self.hidden or statement.shape is None:
+            statement.shape = shape   # what the client is told now
+            return False
+        if shape == statement.shape:
+            return False
+        statement.flags |= STALE
+        if self.registry is not None:
+            self.registry.retire(statement)
+        return True
+
+    def failed(self) -> None:
+        """An error made the server skip it: a check ends without a verdict."""
+        if self.hidden:
+            self.server.check_over = True
+
+
+# What the server answers with ParseComplete, CloseComplete or a ParameterDescription, or skips
+# after an error.
+STATEMENT_ENTRIES: Final = (ParseEntry, CloseEntry, DescribeEntry)
 
 
 class StatementRegistry:
@@ -159,7 +219,8 @@ class StatementRegistry:
         statement = self.by_key.get(slot)
         if statement is None:
             self.counter += 1
-            statement = self.by_key[slot] = Statement(b"pgforkpool.s%d" % self.counter, key, flags, scope)
+            statement = self.by_key[slot] = Statement(b"pgforkpool.s%d" % self.counter, key,
+                                                      flags & ~STALE, scope)
         elif statement.refs == 0:
             self.unused.pop(slot, None)
         statement.refs += 1
@@ -189,6 +250,37 @@ class StatementRegistry:
         evicted.clear()
         evicted.extend(keep)
         return names
+
+    def retire(self, statement: Statement) -> None:
+        """Give new Parses of its text a statement of their own (it is STALE); the sessions that
+        hold it keep it."""
+        slot = _slot(statement.key, statement.scope)
+        if self.by_key.get(slot) is statement:
+            del self.by_key[slot]
+        if self.unused.get(slot) is statement:
+            del self.unused[slot]
+        if not statement.retired:
+            statement.retired = True
+            if statement.refs <= 0:
+                self.evicted.append(statement.name)
+
+    def adopt(self, key: bytes, flags: int, scope: bytes, shape: bytes | None) -> Statement:
+        """The statement of a session that moved here (pooled: its name, text, flags and shape):
+        the shared one of its text, unless that one is known to answer with another shape than
+        the session's client was told; then one of its own that fails as STALE."""
+        if not flags & STALE:
+            statement = self.acquire(key, flags, scope)
+            if shape is None or statement.shape is None or statement.shape == shape:
+                if statement.shape is None:
+                    statement.shape = shape
+                return statement
+            self.release(statement)
+        self.counter += 1
+        statement = Statement(b"pgforkpool.s%d" % self.counter, key, flags | STALE, scope)
+        statement.retired = True
+        statement.refs = 1
+        statement.shape = shape
+        return statement
 
     def retire_all(self) -> None:
         """A statement's result type changed under it (0A000 "cached plan must not change result
@@ -220,6 +312,29 @@ def length_word(data: bytes, pos: int) -> int:
 
 def parse_message(name: bytes, key: bytes) -> bytes:
     return _header.pack(b"P", len(name) + len(key) + 5) + name + b"\0" + key
+
+
+def check_messages(name: bytes) -> bytes:
+    """Describe of a statement, then Flush: the pooler's check of what it prepared again."""
+    return _header.pack(b"D", len(name) + 6) + b"S" + name + b"\0" + b"H\0\0\0\x04"
+
+
+def result_shape(data, pos: int, end: int) -> bytes:
+    """What a RowDescription body data[pos:end] says of a result as PostgreSQL compares it (its
+    columns' names, types, lengths and modifiers; not their tables and column numbers, which a
+    table dropped and made again changes without changing the result).  Raises ValueError or
+    IndexError on a malformed one (the server's: the caller drops the connection)."""
+    count = (data[pos] << 8) | data[pos + 1]
+    out = []
+    i = pos + 2
+    for _ in range(count):
+        name_end = data.index(b"\0", i, end)
+        if name_end + 19 > end:
+            raise ValueError("short RowDescription")
+        out.append(bytes(data[i:name_end + 1]))
+        out.append(bytes(data[name_end + 7:name_end + 17]))
+        i = name_end + 19
+    return b"".join(out) if out else b"\0"
 
 
 def with_statement_name(msg_type: int, before: bytes, name: bytes, after) -> bytes:

@@ -1,0 +1,253 @@
+"""A statement's result shape, driven with bytes and no socket: what a client was told of a
+statement is recorded, a statement prepared again on another connection is described there
+before the client's Bind or Describe of it goes, and one whose result changed fails with 0A000."""
+
+import struct
+
+from hypothesis import given, settings, strategies as st
+
+from pgforkpool.backend.client import HOLDING, ClientProtocol
+from pgforkpool.backend.server import BOUNDARY, CHECKED, NOTE_STALE, STALE_PLAN_ERROR, ServerProtocol
+from pgforkpool.backend.statements import (STALE, STALE_NAME, DescribeEntry, ParseEntry, StatementRegistry,
+                                           result_shape)
+from pgforkpool.shared import protocol
+
+# ================================================================ messages
+
+
+def msg(kind: bytes, body: bytes = b"") -> bytes:
+    return kind + struct.pack("!I", len(body) + 4) + body
+
+
+def parse(name: bytes, text: bytes) -> bytes:
+    return msg(b"P", name + b"\0" + text + b"\0" + struct.pack("!h", 0))
+
+
+def bind(statement: bytes) -> bytes:
+    return msg(b"B", b"\0" + statement + b"\0" + struct.pack("!hhh", 0, 0, 0))
+
+
+def describe_statement(name: bytes) -> bytes:
+    return msg(b"D", b"S" + name + b"\0")
+
+
+def execute() -> bytes:
+    return msg(b"E", b"\0" + struct.pack("!i", 0))
+
+
+SYNC, FLUSH = msg(b"S"), msg(b"H")
+PARSE_COMPLETE, BIND_COMPLETE, NO_DATA = msg(b"1"), msg(b"2"), msg(b"n")
+PARAMETERS = msg(b"t", struct.pack("!h", 0))
+TEXT = b"SELECT * FROM t"
+
+
+def columns(*cols: tuple[bytes, int], table: int = 16384) -> bytes:
+    """A RowDescription: (name, type oid) per column, of table `table`."""
+    body = struct.pack("!h", len(cols))
+    for number, (name, oid) in enumerate(cols, 1):
+        body += name + b"\0" + struct.pack("!ihihih", table, number, oid, 4, -1, 0)
+    return msg(b"T", body)
+
+
+def rfq(status: bytes = b"I") -> bytes:
+    return msg(b"Z", status)
+
+
+def error(sqlstate: str, text: str) -> bytes:
+    return protocol.error_response("ERROR", sqlstate, text)
+
+
+INT_TEXT = columns((b"a", 23), (b"b", 25))
+REAL_TEXT = columns((b"a", 700), (b"b", 25))
+
+
+# ================================================================ helpers
+
+
+def described_elsewhere():
+    """A session that prepared TEXT as s1 and was told INT_TEXT on connection `first`; then a
+    connection `second` that lacks it."""
+    registry = StatementRegistry(100)
+    proto = ClientProtocol(registry)
+    first = ServerProtocol()
+    out, outcome = proto.receive(parse(b"s1", TEXT) + describe_statement(b"s1") + SYNC, first)
+    assert outcome is None
+    reply = PARSE_COMPLETE + PARAMETERS + INT_TEXT + rfq()
+    forwarded, _event = first.receive(reply)
+    assert forwarded == reply, "the client's own description reaches it whole"
+    statement = proto.statements[b"s1"]
+    assert statement.shape == result_shape(INT_TEXT, 5, len(INT_TEXT))
+    return registry, proto, statement, ServerProtocol()
+
+
+def server_side(server: ServerProtocol, data: bytes):
+    """Feed the server's bytes; the bytes for the client and the events, each event's rest fed
+    with receive(b"") as the backend does."""
+    out, events = [], []
+    chunk, event = server.receive(data)
+    out.append(chunk)
+    while event is not None:
+        events.append(event)
+        if not server.inbuf:
+            break
+        chunk, event = server.receive(b"")
+        out.append(chunk)
+    return b"".join(out), events
+
+
+def check_sent(name: bytes) -> bytes:
+    return parse(name, TEXT) + describe_statement(name) + FLUSH
+
+
+# ================================================================ tests
+
+
+def test_a_bind_of_a_described_statement_prepared_again_waits_for_its_description():
+    """The pooler sends Parse, Describe, Flush, and holds the Bind and what follows (more input too)."""
+    _registry, proto, statement, second = described_elsewhere()
+    out, outcome = proto.receive(bind(b"s1") + execute(), second)
+    assert outcome is None and out == check_sent(statement.name)
+    assert proto.need == HOLDING and proto.holding is statement
+    out, outcome = proto.receive(SYNC, second)
+    assert (out, outcome) == (b"", None), "input while held is only buffered"
+    assert [type(e) for e in second.pending] == [ParseEntry, DescribeEntry]
+    assert all(e.hidden for e in second.pending)
+
+
+def test_the_same_shape_lets_the_bind_go_and_nothing_of_the_check_reaches_the_client():
+    _registry, proto, statement, second = described_elsewhere()
+    proto.receive(bind(b"s1") + execute() + SYNC, second)
+    out, events = server_side(second, PARSE_COMPLETE + PARAMETERS + columns((b"a", 23), (b"b", 25), table=99))
+    assert (out, events) == (b"", [CHECKED]), "another table with the same columns is the same result"
+    assert not statement.flags & STALE
+    proto.resume()
+    out, outcome = proto.receive(b"", second)
+    assert outcome is None
+    assert out == bind(statement.name) + execute() + SYNC
+    assert list(second.pending) == [None]
+
+
+def test_a_changed_shape_makes_the_statement_fail_with_0A000_for_its_holders_only():
+    registry, proto, statement, second = described_elsewhere()
+    other = ClientProtocol(registry)   # a session that holds it too
+    other.receive(parse(b"x", TEXT), ServerProtocol())
+    assert other.statements[b"x"] is statement
+    proto.receive(bind(b"s1") + execute() + SYNC, second)
+    out, events = server_side(second, PARSE_COMPLETE + PARAMETERS + REAL_TEXT)
+    assert (out, events) == (b"", [CHECKED])
+    assert statement.flags & STALE and second.notes & NOTE_STALE
+    proto.resume()
+    out, _ = proto.receive(b"", second)
+    assert out == bind(STALE_NAME) + execute() + SYNC, "the server fails the Bind and skips to the Sync"
+    missing = error("26000", f'prepared statement "{STALE_NAME.decode()}" does not exist')
+    out, events = server_side(second, missing + rfq())
+    assert out == STALE_PLAN_ERROR + rfq()
+    # Its Describe fails alike, for every session that holds it; a new Parse of the text gets a
+    # statement of its own.
+    out, _ = other.receive(describe_statement(b"x") + SYNC, second)
+    assert out == describe_statement(STALE_NAME) + SYNC
+    newcomer = ClientProtocol(registry)
+    newcomer.receive(parse(b"y", TEXT), second)
+    assert newcomer.statements[b"y"] is not statement and not newcomer.statements[b"y"].flags & STALE
+
+
+def test_an_error_that_skips_the_check_lets_the_held_input_go_without_a_second_check():
+    """The table is gone: the pooler's Parse fails, the client sees that error (as PostgreSQL's
+    revalidation would say it), and its Bind and Sync go on to a server that skips to the Sync."""
+    _registry, proto, statement, second = described_elsewhere()
+    proto.receive(bind(b"s1") + execute() + SYNC, second)
+    gone = error("42P01", 'relation "t" does not exist')
+    out, events = server_side(second, gone)
+    assert (out, events) == (gone, [CHECKED])
+    assert not second.pending and second.skipping
+    proto.resume()
+    out, _ = proto.receive(b"", second)
+    assert out == parse(statement.name, TEXT) + bind(statement.name) + execute() + SYNC
+    assert proto.need != HOLDING
+    out, events = server_side(second, rfq())
+    assert out == rfq() and not second.skipping
+
+
+def test_no_check_is_sent_while_the_server_skips_to_the_sync():
+    """An error of the open batch came before the Bind: a check would get no answer."""
+    _registry, proto, statement, second = described_elsewhere()
+    proto.receive(parse(b"", b"SELECT 1/0") + bind(b"") + execute(), second)
+    server_side(second, PARSE_COMPLETE + BIND_COMPLETE + error("22012", "division by zero"))
+    assert second.skipping
+    out, _ = proto.receive(bind(b"s1") + execute() + SYNC, second)
+    assert out == parse(statement.name, TEXT) + bind(statement.name) + execute() + SYNC
+
+
+def test_an_error_of_an_earlier_batch_does_not_stop_a_check():
+    _registry, proto, statement, second = described_elsewhere()
+    proto.receive(parse(b"", b"SELECT 1/0") + bind(b"") + execute() + SYNC, second)
+    out, _ = proto.receive(bind(b"s1") + execute() + SYNC, second)
+    assert out == check_sent(statement.name)
+    server_side(second, PARSE_COMPLETE + BIND_COMPLETE + error("22012", "division by zero"))
+    assert not second.skipping, "that error's batch is synced"
+    out, events = server_side(second, rfq() + PARSE_COMPLETE + PARAMETERS + INT_TEXT)
+    assert out == rfq() and events == [CHECKED]
+
+
+def test_a_describe_of_a_statement_prepared_again_is_held_too():
+    _registry, proto, statement, second = described_elsewhere()
+    out, _ = proto.receive(describe_statement(b"s1") + SYNC, second)
+    assert out == check_sent(statement.name)
+    assert server_side(second, PARSE_COMPLETE + PARAMETERS + INT_TEXT) == (b"", [CHECKED])
+    proto.resume()
+    out, _ = proto.receive(b"", second)
+    assert out == describe_statement(statement.name) + SYNC
+    reply = PARAMETERS + INT_TEXT + rfq()
+    assert server_side(second, reply) == (reply, [BOUNDARY])
+
+
+def test_a_statement_never_described_is_prepared_again_without_a_check():
+    registry = StatementRegistry(100)
+    proto = ClientProtocol(registry)
+    proto.receive(parse(b"s1", TEXT) + SYNC, ServerProtocol())
+    second = ServerProtocol()
+    out, _ = proto.receive(bind(b"s1") + execute() + SYNC, second)
+    name = proto.statements[b"s1"].name
+    assert out == parse(name, TEXT) + bind(name) + execute() + SYNC
+
+
+def test_result_shape_compares_what_postgresql_compares():
+    def shape(message: bytes) -> bytes:
+        return result_shape(message, 5, len(message))
+    assert shape(INT_TEXT) == shape(columns((b"a", 23), (b"b", 25), table=1))
+    assert shape(INT_TEXT) != shape(REAL_TEXT)
+    assert shape(INT_TEXT) != shape(columns((b"a", 23), (b"bb", 25)))
+    assert shape(INT_TEXT) != shape(columns((b"a", 23), (b"b", 25), (b"c", 23)))
+    assert shape(columns()) != b"", "no columns is not NoData"
+
+
+def test_a_moved_session_keeps_its_statements_shape():
+    registry = StatementRegistry(100)
+    told = result_shape(INT_TEXT, 5, len(INT_TEXT))
+    other = result_shape(REAL_TEXT, 5, len(REAL_TEXT))
+    shared = registry.adopt(TEXT + b"\0\0\0", 0, b"", told)
+    assert shared.shape == told and not shared.flags & STALE
+    assert registry.adopt(TEXT + b"\0\0\0", 0, b"", told) is shared
+    own = registry.adopt(TEXT + b"\0\0\0", 0, b"", other)
+    assert own is not shared and own.flags & STALE, "here it answers with another shape"
+    assert registry.adopt(TEXT + b"\0\0\0", STALE, b"", told).flags & STALE
+
+
+@settings(max_examples=200, deadline=None)
+@given(cuts=st.lists(st.integers(min_value=0, max_value=200), max_size=8), same=st.booleans())
+def test_the_check_reads_alike_however_the_server_bytes_are_cut(cuts, same):
+    """Split anywhere, the check's answer gives one CHECKED and nothing for the client; what
+    follows it (the Bind's replies) is forwarded whole."""
+    _registry, proto, statement, second = described_elsewhere()
+    proto.receive(bind(b"s1") + execute() + SYNC, second)
+    answer = PARSE_COMPLETE + PARAMETERS + (INT_TEXT if same else REAL_TEXT)
+    data = answer + BIND_COMPLETE + msg(b"C", b"SELECT 0\0") + rfq()
+    points = sorted({min(c, len(data)) for c in cuts} | {0, len(data)})
+    out, events = [], []
+    for start, end in zip(points, points[1:]):
+        chunk, event = server_side(second, data[start:end])
+        out.append(chunk)
+        events += event
+    assert events.count(CHECKED) == 1
+    assert b"".join(out) == data[len(answer):]
+    assert bool(statement.flags & STALE) is not same
