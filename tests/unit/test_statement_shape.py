@@ -221,16 +221,38 @@ def test_result_shape_compares_what_postgresql_compares():
     assert shape(columns()) != b"", "no columns is not NoData"
 
 
-def test_a_moved_session_keeps_its_statements_shape():
+def test_a_moved_session_shares_a_statement_only_with_those_told_the_same_shape():
+    """A moved session's statement is the shared one of its text only when that one is known to
+    answer as its client was told: one of unknown shape may have been prepared here after the
+    table changed (a libpq client's, never described), and one of another shape is right for
+    those who hold it.  Else the session gets one of its own, checked where it is prepared."""
     registry = StatementRegistry(100)
     told = result_shape(INT_TEXT, 5, len(INT_TEXT))
     other = result_shape(REAL_TEXT, 5, len(REAL_TEXT))
-    shared = registry.adopt(TEXT + b"\0\0\0", 0, b"", told)
-    assert shared.shape == told and not shared.flags & STALE
-    assert registry.adopt(TEXT + b"\0\0\0", 0, b"", told) is shared
-    own = registry.adopt(TEXT + b"\0\0\0", 0, b"", other)
-    assert own is not shared and own.flags & STALE, "here it answers with another shape"
-    assert registry.adopt(TEXT + b"\0\0\0", STALE, b"", told).flags & STALE
+    key = TEXT + b"\0\0\0"
+    unknown = registry.acquire(key, 0)
+    own = registry.adopt(key, 0, b"", told)
+    assert own is not unknown and own.shape == told and not own.flags & STALE
+    assert unknown.shape is None, "the shared one is not stamped with a shape nobody checked"
+    unknown.shape = other
+    own2 = registry.adopt(key, 0, b"", told)
+    assert own2 is not unknown and own2.name != own.name
+    unknown.shape = told
+    assert registry.adopt(key, 0, b"", told) is unknown and unknown.refs == 2
+    assert registry.adopt(key, 0, b"", None) is unknown, "told nothing: shared"
+    assert registry.adopt(key, STALE, b"", told).flags & STALE
+    # Its own is prepared where it is used, and the Bind waits for the check there.
+    proto = ClientProtocol(registry)
+    proto.statements[b"s1"] = own
+    out, _ = proto.receive(bind(b"s1") + execute() + SYNC, ServerProtocol())
+    assert out == check_sent(own.name)
+
+
+def test_the_0A000_of_a_stale_statement_names_the_routine_postgresql_names():
+    """asyncpg prepares again after 0A000 only when the error names RevalidateCachedQuery."""
+    fields = protocol.parse_error_fields(STALE_PLAN_ERROR[5:])
+    assert fields["C"] == "0A000" and fields["R"] == "RevalidateCachedQuery"
+    assert fields["M"] == "cached plan must not change result type"
 
 
 @settings(max_examples=200, deadline=None)

@@ -885,7 +885,7 @@ class PooledBackend:
             if (server is not None and server.state is SERVER_IDLE and not self.scheduler.queue
                     and session.pinned is None and not self.registry.evicted
                     and (server.context is session.context.settings
-                         or server.context == session.context.settings)
+                         or (server.unknown_by is None and server.context == session.context.settings))
                     and len(data) >= 5 and len(data) > length_word(data, 1)):
                 self.scheduler.assign(server, session)
                 self._hand_over(server)
@@ -1380,8 +1380,10 @@ class PooledBackend:
                 session.settings_changed()
                 server.context = session.context.settings
                 if session.unknown_settings:
+                    # A custom setting of unknown name may be there: the next restore for
+                    # another session resets everything; this one keeps it meanwhile.
                     session.unknown_settings = False
-                    server.context = None   # a custom setting of unknown name may be there
+                    server.unknown_by = session
                 session.capture_failures = 0
             else:
                 logger.warning("%s: could not read back its settings: %s", session, error.text)
@@ -1503,6 +1505,10 @@ class PooledBackend:
     def _activate(self, server: srv.ServerConnection, session: Session) -> None:
         """Give the server connection to session: restore its context, pass its waiting input."""
         settings = session.context.settings
+        unknown = server.unknown_by is not None and server.unknown_by is not session
+        if unknown or server.context is None:
+            server.context = None   # everything is reset first
+            server.unknown_by = None
         restoring = server.context is not settings and server.context != settings
         now = self.now
         self._hand_over(server)

@@ -135,7 +135,12 @@ _PLACEHOLDER_REMOVED: Final = b"C42602\0"
 # "cached plan must not change result type": a table's columns changed since a statement was
 # prepared (feature_not_supported; the message is in lc_messages' language, so the code is used).
 _STALE_PLAN: Final = b"\0C0A000\0"   # the code field, after the NUL that ends the one before
-STALE_PLAN_ERROR: Final = protocol.message(b"E", b"SERROR\0VERROR\0C0A000\0Mcached plan must not change result type\0\0")
+# The pooler's answer for a STALE statement (statements.py): PostgreSQL's, with the routine that
+# raises it (asyncpg prepares the statement again, outside a transaction, only when it names
+# RevalidateCachedQuery).
+STALE_PLAN_ERROR: Final = protocol.message(
+    b"E", b"SERROR\0VERROR\0C0A000\0Mcached plan must not change result type\0"
+          b"Fplancache.c\0RRevalidateCachedQuery\0\0")
 
 
 class OwnSync:
@@ -165,7 +170,7 @@ class ServerProtocol:
                  "status", "copy_in", "describing", "check_over", "skipping",
                  "copy_via_execute", "copy_syncs", "copies_ended", "synced_after_copy",
                  "copy_data_early", "copy_abandoned", "prepared_checked",
-                 "prepared", "unnamed", "error_names", "params", "context", "reported", "notes",
+                 "prepared", "unnamed", "error_names", "params", "context", "unknown_by", "reported", "notes",
                  "xacts", "held", "inbuf", "need", "passthrough", "cancels", "sock", "fd",
                  "pid", "key", "deadline", "stream", "since", "queries", "_reader", "_auth", "_startup",
                  "__weakref__")
@@ -212,6 +217,9 @@ class ServerProtocol:
         # Session settings in force on the server now; None when unknown (a
         # session that changed settings vanished before they were read back).
         self.context: dict[str, str] | None = {}
+        # The session that set custom settings of names it did not give (set_config($1, …)): they
+        # may be on the connection besides context, so it is reset for any other session.
+        self.unknown_by: Session | None = None
         self.reported: dict | None = None   # ParameterStatus values the receiving client has seen
         self.notes = 0                      # NOTE_* facts since the last boundary
         self.xacts = 0                      # PREPARE TRANSACTION minus COMMIT/ROLLBACK PREPARED since then

@@ -265,18 +265,19 @@ class StatementRegistry:
                 self.evicted.append(statement.name)
 
     def adopt(self, key: bytes, flags: int, scope: bytes, shape: bytes | None) -> Statement:
-        """The statement of a session that moved here (pooled: its name, text, flags and shape):
-        the shared one of its text, unless that one is known to answer with another shape than
-        the session's client was told; then one of its own that fails as STALE."""
+        """The statement of a session that moved here, or changed scope (its text, flags and the
+        shape its client was told): the shared one of its text if its client was told nothing or
+        the same shape.  Else one of its own, not shared (retired): the shared one may have been
+        prepared here after its result changed, and be right for those who hold it; this one is
+        prepared again where it is used, and checked there (ClientProtocol._prepare_checked)."""
+        if shape is None:
+            return self.acquire(key, flags, scope)
         if not flags & STALE:
-            statement = self.acquire(key, flags, scope)
-            if shape is None or statement.shape is None or statement.shape == shape:
-                if statement.shape is None:
-                    statement.shape = shape
-                return statement
-            self.release(statement)
+            shared = self.by_key.get(_slot(key, scope))
+            if shared is not None and shared.shape == shape:
+                return self.acquire(key, flags, scope)
         self.counter += 1
-        statement = Statement(b"pgforkpool.s%d" % self.counter, key, flags | STALE, scope)
+        statement = Statement(b"pgforkpool.s%d" % self.counter, key, flags, scope)
         statement.retired = True
         statement.refs = 1
         statement.shape = shape
