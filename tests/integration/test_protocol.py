@@ -5,6 +5,7 @@ and check that what one does neither breaks nor shows in the other.
 """
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -263,6 +264,9 @@ def test_lost_server_connection_fails_only_its_owner(pooler_one, owner_first):
                  timeout=10)
         with pytest.raises(psycopg.OperationalError, match="terminating connection|server closed"):
             owner.execute("SELECT 1")
+        # The log names the session that lost its server connection, as PostgreSQL's would.
+        assert re.search(rf"session \d+ app/app@127\.0\.0\.1:\d+: lost server connection "
+                         rf"\(server process {old}\)", pooler_one.log()), pooler_one.log()
         assert other.execute("SELECT 'survived'").fetchone() == ("survived",)
         new = server_pid(other)
         assert new != old

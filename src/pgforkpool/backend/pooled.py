@@ -1668,15 +1668,18 @@ class PooledBackend:
 
     def _server_lost(self, server: srv.ServerConnection) -> None:
         """The server connection broke: fail its owner, reconnect for the others."""
+        owner = server.owner or server.pinned
         self._close_server(server)
         if self.server is None:   # it was the shared one
             # No long transaction holds it now: siblings send no long session here to wait.
             self.gather_long = False
             self.counters[_OWNER_SINCE_MS] = 0
             self.owner_published = 0.0
-        logger.log(log.LOG, "lost server connection to %s/%s (server process %d)",
-                   self.database, self.user, server.pid)
-        owner = server.owner or server.pinned
+        if owner is not None and owner.state is not CLOSED:
+            logger.log(log.LOG, "%s: lost server connection (server process %d)", owner, server.pid)
+        else:
+            logger.log(log.LOG, "lost server connection to %s/%s (server process %d)",
+                       self.database, self.user, server.pid)
         if owner is not None and owner.state is not CLOSED:
             self._client_send(owner, PgError(
                 "connection_failure", "server closed the connection unexpectedly",
