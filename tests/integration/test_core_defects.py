@@ -1759,3 +1759,28 @@ def test_a_statement_whose_result_changed_fails_as_on_postgresql_when_prepared_a
     else:
         assert executed[0] == [] and executed[2], f"PostgreSQL itself: {expected}"
     assert seen == expected
+
+
+def test_a_statement_described_otherwise_elsewhere_is_never_run_under_the_old_description(pool, cluster):
+    """A's statement was described before its table changed; after the change a newcomer
+    prepares and describes the same text on another server connection of the backend (the
+    first is pinned), where the pooler gives it the statement A holds.  A's next execution there
+    ran the new shape under A's old description.  Now the two descriptions disagreeing make the
+    statement fail with 0A000 for both (A as on PostgreSQL; the newcomer then prepares anew, as
+    asyncpg and JDBC do, and is served)."""
+    with direct(cluster) as conn:
+        conn.execute("DROP TABLE IF EXISTS shape_u; CREATE TABLE shape_u (a int); "
+                     "INSERT INTO shape_u VALUES (1077936128); ALTER TABLE shape_u OWNER TO app")
+    sql = "SELECT a FROM shape_u"
+    with Raw(pool.port) as a, Raw(pool.port) as b, Raw(pool.port) as c:
+        assert _outcome(_prepare_described(a, "s1", sql, False))[1] == [("a", 23)]
+        assert not errors(b.query("LISTEN shape_u")[0])   # pins the connection A's statement is on
+        with direct(cluster) as conn:
+            conn.execute("ALTER TABLE shape_u ALTER a TYPE real")
+        assert _outcome(_prepare_described(c, "n1", sql, False))[1] == [("a", 700)]
+        assert _run_binary(a, "s1")[0] == ["0A000"]
+        assert _run_binary(c, "n1")[0] == ["0A000"]
+        c.send(message(b"C", b"S" + cstr("n1")) + SYNC)
+        c.reply()
+        assert _outcome(_prepare_described(c, "n1", sql, False))[1] == [("a", 700)]
+        assert _run_binary(c, "n1") == ([], [], [[struct.pack("!f", 1077936128).decode(errors="replace")]])

@@ -273,3 +273,20 @@ def test_the_check_reads_alike_however_the_server_bytes_are_cut(cuts, same):
     assert events.count(CHECKED) == 1
     assert b"".join(out) == data[len(answer):]
     assert bool(statement.flags & STALE) is not same
+
+
+def test_a_client_told_another_shape_than_the_statements_holders_makes_it_stale():
+    """Two copies of a shared statement answer differently (one prepared on another connection
+    after the table changed): a client's own Describe shows it.  The statement is STALE for
+    everyone who holds it (0A000, after which asyncpg and JDBC prepare anew), never run under
+    a description its holder was not told."""
+    registry, proto, statement, second = described_elsewhere()
+    newcomer = ClientProtocol(registry)
+    out, _ = newcomer.receive(parse(b"n1", TEXT) + describe_statement(b"n1") + SYNC, second)
+    assert newcomer.statements[b"n1"] is statement
+    assert out == parse(statement.name, TEXT) + describe_statement(statement.name) + SYNC
+    reply = PARSE_COMPLETE + PARAMETERS + REAL_TEXT + rfq()
+    assert server_side(second, reply) == (reply, [BOUNDARY]), "the newcomer is told what it asked"
+    assert statement.flags & STALE and second.notes & NOTE_STALE
+    out, _ = proto.receive(bind(b"s1") + execute() + SYNC, second)
+    assert out == bind(STALE_NAME) + execute() + SYNC

@@ -673,7 +673,7 @@ class ClientProtocol:
         if isinstance(checked, Hold):
             return checked
         # Its answer is the shape the client is told (ServerProtocol records it).
-        server.pending.append(DescribeEntry(False, server, held))
+        server.pending.append(DescribeEntry(False, server, held, self.registry))
         return checked + with_statement_name(D, before, held.name, b"")
 
     def abandon(self) -> bytes | None:

@@ -392,7 +392,8 @@ class ServerProtocol:
                             pos = end
                             event = CHECKED
                             break
-                        entry.answered(shape)
+                        if entry.answered(shape):
+                            self.notes |= NOTE_STALE
                     # The last reply of a counted batch (RowDescription or NoData end a Describe's
                     # answer; outside such a batch they are a result's columns, only forwarded).
                     if self.flush_count > 0 and self._batch_reply():

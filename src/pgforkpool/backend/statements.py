@@ -176,12 +176,14 @@ class DescribeEntry:
         self.registry = registry     # a check's: where a STALE statement is retired
 
     def answered(self, shape: bytes) -> bool:
-        """The server described the statement as shape: whether a check found it changed (the
-        statement is STALE from now on, for every session that holds it)."""
+        """The server described the statement as shape: whether that is another shape than its
+        holders were told (the pooler's check, or a client's Describe of a copy prepared on
+        another connection after a change of its result: then the statement is STALE, for
+        every session that holds it, which is never told rows of a shape it was not told)."""
         statement = self.statement
         if statement is None:
             return False
-        if not self.hidden or statement.shape is None:
+        if statement.shape is None:
             statement.shape = shape   # what the client is told now
             return False
         if shape == statement.shape:
