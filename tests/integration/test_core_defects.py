@@ -1784,3 +1784,69 @@ def test_a_statement_described_otherwise_elsewhere_is_never_run_under_the_old_de
         c.reply()
         assert _outcome(_prepare_described(c, "n1", sql, False))[1] == [("a", 700)]
         assert _run_binary(c, "n1") == ([], [], [[struct.pack("!f", 1077936128).decode(errors="replace")]])
+
+
+def test_a_large_message_sent_while_a_bind_waits_for_its_check_does_not_stall_the_backend(pool, cluster):
+    """A Bind waits for the pooler's check of its statement, prepared again on a new connection
+    (the check's Parse waits for a migration's lock), and the client sends a large message
+    meanwhile: the pooler stops reading it past 64 kB.  Once the check was answered it read on
+    only if less than 64 kB were left, so the unfinished message kept the session, and every
+    session of the backend, waiting for good (found by review)."""
+    with direct(cluster) as conn:
+        conn.execute("DROP TABLE IF EXISTS shape_h; CREATE TABLE shape_h (a int); "
+                     "INSERT INTO shape_h VALUES (7); ALTER TABLE shape_h OWNER TO app")
+    with Raw(pool.port) as a, Raw(pool.port) as b:
+        assert not errors(_prepare_described(a, "s1", "SELECT a FROM shape_h", False))
+        assert not errors(b.query("LISTEN shape_h")[0])   # A's next turn is on a new connection
+        with direct(cluster) as locker:
+            locker.execute("BEGIN")
+            locker.execute("LOCK TABLE shape_h IN ACCESS EXCLUSIVE MODE")
+            a.send(message(b"B", cstr("") + cstr("s1") + _i16.pack(0) + _i16.pack(0) + _i16.pack(0))
+                   + message(b"E", cstr("") + _i32.pack(0)))
+            wait_for(lambda: cluster.psql("SELECT count(*) FROM pg_locks WHERE locktype = 'relation' "
+                                          "AND NOT granted") == "1", "the check to wait for the lock")
+            big = (message(b"P", cstr("") + cstr("SELECT 2 /*" + "x" * (8 * MB) + "*/") + _i16.pack(0))
+                   + message(b"B", cstr("") + cstr("") + _i16.pack(0) + _i16.pack(0) + _i16.pack(0))
+                   + message(b"E", cstr("") + _i32.pack(0)) + SYNC)
+            sender = Call(a.sock.sendall, big)
+            wait_for(lambda: not select.select([], [a.sock], [], 1.0)[1], "the pooler to stop reading A")
+            locker.execute("COMMIT")
+        sender.get(ANSWER_BOUND, "the rest of A's large message to be read")
+        messages, closed = a.reply()
+        assert not closed and not errors(messages), describe(messages)
+        assert data_rows(messages) == [["7"], ["2"]]
+        with Raw(pool.port) as c:
+            assert data_rows(c.query("SELECT 3")[0]) == [["3"]]
+
+
+def _insert_binary_int4(raw: Raw, name: str, value: int) -> list:
+    """Bind with one binary int4 parameter (as asyncpg sends what it was told is an int4)."""
+    raw.send(message(b"B", cstr("") + cstr(name) + _i16.pack(1) + _i16.pack(1) + _i16.pack(1)
+                     + _i32.pack(4) + _i32.pack(value) + _i16.pack(0))
+             + message(b"E", cstr("") + _i32.pack(0)) + SYNC)
+    messages, closed = raw.reply()
+    assert not closed
+    return [e["C"] for e in errors(messages)]
+
+
+@pytest.mark.parametrize("target", ["direct", "pooled"])
+def test_a_statement_prepared_again_keeps_the_parameter_types_its_client_was_told(pool, cluster, target):
+    """A client was told `$1` is an int4 and sends binary int4 values.  After the column became a
+    real, the pooler prepared the statement again on a new connection with `$1` inferred anew as
+    a real, and 1000 was stored as 1.4e-42; PostgreSQL keeps the types it told (found by review)."""
+    with direct(cluster) as conn:
+        conn.execute("DROP TABLE IF EXISTS shape_p; CREATE TABLE shape_p (a int); ALTER TABLE shape_p OWNER TO app")
+    port = pool.port if target == "pooled" else os.path.join(cluster.socket_dir, f".s.PGSQL.{cluster.port}")
+    with Raw(port) as a, Raw(port) as b:
+        a.send(message(b"P", cstr("i1") + cstr("INSERT INTO shape_p VALUES ($1)") + _i16.pack(0))
+               + message(b"D", b"S" + cstr("i1")) + SYNC)
+        messages, _ = a.reply()
+        told = [p for t, p in messages if t == ord("t")]
+        assert told and _i32.unpack_from(told[0], 2)[0] == 23, describe(messages)
+        assert not errors(b.query("LISTEN shape_p")[0])   # through the pooler: A moves to a new connection
+        with direct(cluster) as conn:
+            conn.execute("SET lock_timeout = '10s'")
+            conn.execute("ALTER TABLE shape_p ALTER a TYPE real")
+        assert _insert_binary_int4(a, "i1", 1000) == []
+    with direct(cluster) as conn:
+        assert conn.execute("SELECT a FROM shape_p").fetchall() == [(1000.0,)]

@@ -284,9 +284,74 @@ def test_a_client_told_another_shape_than_the_statements_holders_makes_it_stale(
     newcomer = ClientProtocol(registry)
     out, _ = newcomer.receive(parse(b"n1", TEXT) + describe_statement(b"n1") + SYNC, second)
     assert newcomer.statements[b"n1"] is statement
-    assert out == parse(statement.name, TEXT) + describe_statement(statement.name) + SYNC
-    reply = PARSE_COMPLETE + PARAMETERS + REAL_TEXT + rfq()
-    assert server_side(second, reply) == (reply, [BOUNDARY]), "the newcomer is told what it asked"
+    # Prepared there as its holders were told, and described for the pooler on the way.
+    assert out == (parse(statement.name, TEXT) + describe_statement(statement.name)
+                   + describe_statement(statement.name) + SYNC)
+    check = PARAMETERS + REAL_TEXT
+    reply = PARSE_COMPLETE + check + PARAMETERS + REAL_TEXT + rfq()
+    assert server_side(second, reply) == (PARSE_COMPLETE + PARAMETERS + REAL_TEXT + rfq(), [CHECKED, BOUNDARY]), \
+        "the newcomer is told what it asked"
     assert statement.flags & STALE and second.notes & NOTE_STALE
+    out, _ = proto.receive(bind(b"s1") + execute() + SYNC, second)
+    assert out == bind(STALE_NAME) + execute() + SYNC
+
+
+def test_a_describe_that_fails_after_its_parameter_description_leaves_no_description_pending():
+    """PostgreSQL answers a Describe of a statement whose result changed with its
+    ParameterDescription and then 0A000 (or 42P01 when its table is gone): the next
+    RowDescription, of another query, is not that statement's shape (found by review)."""
+    registry, proto, statement, second = described_elsewhere()
+    first = ServerProtocol()
+    first.prepared.add(statement.name)
+    proto.receive(describe_statement(b"s1") + SYNC, first)
+    stale = error("0A000", "cached plan must not change result type")
+    assert server_side(first, PARAMETERS + stale + rfq()) == (PARAMETERS + stale + rfq(), [BOUNDARY])
+    assert first.describing is None
+    proto.receive(msg(b"Q", b"SELECT 1.5::real AS a, 'x' AS b\0"), first)
+    server_side(first, REAL_TEXT + msg(b"C", b"SELECT 1\0") + rfq())
+    assert statement.shape == result_shape(INT_TEXT, 5, len(INT_TEXT)) and not statement.flags & STALE
+
+
+def test_a_check_that_fails_after_its_parameter_description_releases_the_hold():
+    _registry, proto, statement, second = described_elsewhere()
+    proto.receive(bind(b"s1") + execute() + SYNC, second)
+    stale = error("0A000", "cached plan must not change result type")
+    out, events = server_side(second, PARSE_COMPLETE + PARAMETERS + stale)
+    assert events == [CHECKED] and second.checked is statement and out == stale
+    assert second.skipping, "the server skips the held Bind to the Sync"
+
+
+def test_a_statement_is_prepared_again_with_the_parameter_types_its_client_was_told():
+    """After ALTER … TYPE real, `$1` inferred anew would be a real, and the client's binary int4
+    be stored as a tiny float; PostgreSQL keeps the types it told (found by review)."""
+    registry = StatementRegistry(100)
+    proto = ClientProtocol(registry)
+    first, second = ServerProtocol(), ServerProtocol()
+    text = b"INSERT INTO t VALUES ($1)"
+    proto.receive(parse(b"i1", text) + describe_statement(b"i1") + SYNC, first)
+    int4 = msg(b"t", struct.pack("!hI", 1, 23))
+    server_side(first, PARSE_COMPLETE + int4 + NO_DATA + rfq())
+    statement = proto.statements[b"i1"]
+    out, _ = proto.receive(bind(b"i1") + execute() + SYNC, second)
+    typed = msg(b"P", statement.name + b"\0" + text + b"\0" + struct.pack("!hI", 1, 23))
+    assert out == typed + describe_statement(statement.name) + FLUSH
+    # A check told other parameter types makes it STALE, as another result shape does.
+    assert server_side(second, PARSE_COMPLETE + msg(b"t", struct.pack("!hI", 1, 700)) + NO_DATA) == (b"", [CHECKED])
+    assert statement.flags & STALE
+
+
+def test_another_sessions_parse_of_a_described_statement_is_checked_on_the_way():
+    """A session that was never told the description prepares the shared statement on a
+    connection that lacks it: as its holders were told, with a Describe for the pooler that
+    nothing waits for; a changed result makes it STALE before any holder binds it there."""
+    registry, proto, statement, second = described_elsewhere()
+    other = ClientProtocol(registry)
+    out, _ = other.receive(parse(b"o1", TEXT) + bind(b"o1") + execute() + SYNC, second)
+    assert out == (parse(statement.name, TEXT) + describe_statement(statement.name)
+                   + bind(statement.name) + execute() + SYNC)
+    rows = BIND_COMPLETE + msg(b"D", struct.pack("!hi", 1, 1) + b"1") + msg(b"C", b"SELECT 1\0") + rfq()
+    out, events = server_side(second, PARSE_COMPLETE + PARAMETERS + REAL_TEXT + rows)
+    assert out == PARSE_COMPLETE + rows and events == [CHECKED, BOUNDARY]
+    assert statement.flags & STALE
     out, _ = proto.receive(bind(b"s1") + execute() + SYNC, second)
     assert out == bind(STALE_NAME) + execute() + SYNC

@@ -31,10 +31,11 @@ from ..shared import protocol
 from .context import custom_setting_names
 from .server import ServerProtocol
 from .statements import (MISSING, STALE, STALE_NAME, CloseEntry, DescribeEntry, ParseEntry, ProtocolViolation,
-                         Statement, StatementRegistry, check_messages, length_word, parse_key, parse_message,
+                         Statement, StatementRegistry, describe_message, length_word, parse_key, parse_message,
                          with_statement_name)
 
 _header = struct.Struct("!cI").pack
+FLUSH_MESSAGE: Final = b"H\0\0\0\x04"
 
 # PostgreSQL's PQ_SMALL_MESSAGE_LIMIT and PQ_LARGE_MESSAGE_LIMIT (MaxAllocSize - 1).
 SMALL_MESSAGE_LIMIT: Final = 10000
@@ -525,6 +526,8 @@ class ClientProtocol:
         if held is not None:
             # A duplicate: the server itself says 42P05, about the statement the session holds.
             prefix = self.ensure_prepared(server, held)
+            if prefix:
+                prefix += self._check_later(server, held)
             server.error_names[held.name] = name
             server.pending.append(ParseEntry(False, server))
             return prefix + parse_message(held.name, key)
@@ -538,7 +541,10 @@ class ClientProtocol:
             return parse_message(b"", key)
         server.prepared.add(statement.name)
         server.pending.append(ParseEntry(False, server, statement, self, name, True))
-        return parse_message(statement.name, key)
+        if statement.shape is None:
+            return parse_message(statement.name, key)
+        # Others hold it and were told its description: prepared as they were told, checked.
+        return parse_message(statement.name, statement.prepared_key()) + self._check_later(server, statement)
 
     def ensure_prepared(self, server: ServerProtocol, statement: Statement) -> bytes:
         """A Parse to send first if this server connection lacks the statement."""
@@ -547,7 +553,16 @@ class ClientProtocol:
         server.prepared.add(statement.name)
         server.pending.append(ParseEntry(True, server, statement, prepared_here=True))
         server.expect_reply()
-        return parse_message(statement.name, statement.key)
+        return parse_message(statement.name, statement.prepared_key())
+
+    def _check_later(self, server: ServerProtocol, statement: Statement) -> bytes:
+        """A Describe of a statement a client was told the description of, just prepared here
+        on the way (the session's own Parse of it, or a duplicate): nothing waits for the
+        answer, which makes the statement STALE if it differs (DescribeEntry.answered)."""
+        if statement.shape is None or server.skipping or server.copy_in:
+            return b""
+        server.pending.append(DescribeEntry(True, server, statement, self.registry))
+        return describe_message(statement.name)
 
     def _prepare_checked(self, server: ServerProtocol, statement: Statement) -> "bytes | Hold":
         """ensure_prepared, for a Bind or Describe of the statement.  If it must be prepared here
@@ -559,7 +574,7 @@ class ClientProtocol:
             return parse
         server.pending.append(DescribeEntry(True, server, statement, self.registry))
         self.holding = statement
-        return Hold(parse + check_messages(statement.name))
+        return Hold(parse + describe_message(statement.name) + FLUSH_MESSAGE)
 
     def _ensure_unnamed(self, server: ServerProtocol) -> bytes:
         """A Parse of the session's unnamed statement, if the connection's is another one."""
@@ -719,7 +734,8 @@ class ClientProtocol:
         registry, scope = self.registry, self.scope
         for name, statement in list(self.statements.items()):
             if statement.scope != scope and not statement.flags & STALE:
-                self.statements[name] = registry.adopt(statement.key, statement.flags, scope, statement.shape)
+                self.statements[name] = registry.adopt(statement.key, statement.flags, scope, statement.shape,
+                                                       statement.params)
                 registry.release(statement)
 
     def release_statements(self) -> None:

@@ -755,7 +755,8 @@ class PooledBackend:
             "last_xact": session.last_xact, "since": session.since,
             "address": session.address, "connected": session.connected,
             "context": session.context.to_dict(), "buf": bytes(proto.buf),
-            "statements": [(name, st.key, st.flags, st.shape) for name, st in proto.statements.items()],
+            "statements": [(name, st.key, st.flags, st.shape, st.params)
+                           for name, st in proto.statements.items()],
             "unnamed": None if proto.unnamed is None else (proto.unnamed.key, proto.unnamed.flags),
         }
         try:
@@ -790,8 +791,8 @@ class PooledBackend:
         session.greeted = True
         session.state = IDLE
         proto = session.proto
-        for name, key, flags, shape in state["statements"]:
-            proto.statements[name] = self.registry.adopt(key, flags, proto.scope, shape)
+        for name, key, flags, shape, params in state["statements"]:
+            proto.statements[name] = self.registry.adopt(key, flags, proto.scope, shape, params)
         if state["unnamed"] is not None:
             proto.unnamed = Statement(b"", state["unnamed"][0], state["unnamed"][1])
         if session.origin_pid == self.pid:   # back where it began
@@ -1221,13 +1222,16 @@ class PooledBackend:
     def _checked(self, server: srv.ServerConnection) -> None:
         """The server described a statement the pooler prepared again on this connection: the
         owner's Bind or Describe of it, and what it sent after, go on (statements.py)."""
+        checked, server.checked = server.checked, None
         owner = server.owner
-        if owner is None or owner.gone or owner.proto.holding is None:
-            return
+        if owner is None or owner.gone or owner.proto.holding is None or owner.proto.holding is not checked:
+            return   # (a check of a statement prepared on the way: nothing waits for it)
         owner.proto.resume()
         self._forward(owner, server, b"")
         if (owner.paused and not owner.gone and owner.proto.need != HOLDING
-                and len(owner.proto.buf) < WAITING_INPUT_LIMIT and len(server.stream.outbuf) < LOW_WATER):
+                and len(server.stream.outbuf) < LOW_WATER):
+            # (What it buffered meanwhile has gone on: an unfinished message of any size may
+            # be left, which needs more input.)
             owner.paused = False
             owner.stream.resume_reading()
 
@@ -1278,7 +1282,7 @@ class PooledBackend:
         stream.flush()
         owner = server.owner
         if (len(stream.outbuf) < LOW_WATER and owner is not None and owner.paused and not owner.gone
-                and len(owner.proto.buf) < WAITING_INPUT_LIMIT):
+                and (owner.proto.need != HOLDING or len(owner.proto.buf) < WAITING_INPUT_LIMIT)):
             owner.paused = False
             owner.stream.resume_reading()
 

@@ -167,7 +167,8 @@ class ServerProtocol:
     """
 
     __slots__ = ("state", "owner", "pinned", "pending", "unsynced", "portals", "flush_count", "flushed",
-                 "status", "copy_in", "describing", "check_over", "skipping",
+                 "status", "copy_in", "describing", "described_params", "check_over", "checked",
+                 "skipping",
                  "copy_via_execute", "copy_syncs", "copies_ended", "synced_after_copy",
                  "copy_data_early", "copy_abandoned", "prepared_checked",
                  "prepared", "unnamed", "error_names", "params", "context", "unknown_by", "reported", "notes",
@@ -195,7 +196,10 @@ class ServerProtocol:
         # The Describe of a statement whose ParameterDescription came: its RowDescription or
         # NoData is next.
         self.describing: DescribeEntry | None = None
-        self.check_over = False             # an error skipped a check (DescribeEntry.failed)
+        self.described_params = b""         # its ParameterDescription's body
+        self.check_over = False             # an error ended a check: CHECKED is owed
+        # The statement whose check ended last (for ClientProtocol.holding); the backend clears it.
+        self.checked: Statement | None = None
         # An error came for the messages sent since the last Sync: the server skips what follows
         # until one (no check is sent meanwhile).
         self.skipping = False
@@ -380,20 +384,21 @@ class ServerProtocol:
                         # answer to the pooler's check (not forwarded).
                         entry = self.describing
                         self.describing = None
-                        shape = result_shape(data, pos + 5, end) if msg_type == ROW_DESCRIPTION else b""
+                        if entry.statement is not None:
+                            shape = (result_shape(data, pos + 5, end) if msg_type == ROW_DESCRIPTION
+                                     else b"")
+                            if entry.answered(shape, self.described_params):
+                                self.notes |= NOTE_STALE   # as the 0A000 PostgreSQL would send
                         if entry.hidden:
                             if pos > start:
                                 if pieces is None:
                                     pieces = []
                                 pieces.append(data[start:pos])
                             start = end
-                            if entry.answered(shape):
-                                self.notes |= NOTE_STALE   # as the 0A000 PostgreSQL would send
+                            self.checked = entry.statement
                             pos = end
                             event = CHECKED
                             break
-                        if entry.answered(shape):
-                            self.notes |= NOTE_STALE
                     # The last reply of a counted batch (RowDescription or NoData end a Describe's
                     # answer; outside such a batch they are a result's columns, only forwarded).
                     if self.flush_count > 0 and self._batch_reply():
@@ -406,6 +411,13 @@ class ServerProtocol:
                             or type(head) is DescribeEntry):   # failed, or skipped until the Sync
                         head = self._skipped()
                         hidden = type(head) is HiddenQuery
+                    if self.describing is not None:
+                        # A Describe's ParameterDescription came, then this (0A000, or 42P01 when
+                        # its table is gone, from the revalidation of its result): no description.
+                        if self.describing.hidden:
+                            self.check_over = True
+                            self.checked = self.describing.statement
+                        self.describing = None
                     if self.unsynced and all(type(entry) in STATEMENT_ENTRIES for entry in pending):
                         # No ReadyForQuery is owed before it: the error is of the open batch.
                         self.skipping = True
@@ -429,6 +441,7 @@ class ServerProtocol:
                     if type(head) is DescribeEntry:
                         pending.popleft()
                         self.describing = head
+                        self.described_params = data[pos + 5:end]
                         if head.hidden:
                             if pos > start:
                                 if pieces is None:

@@ -76,7 +76,7 @@ class ProtocolViolation:
 
 
 class Statement:
-    __slots__ = ("name", "key", "scope", "refs", "flags", "settings", "retired", "shape")
+    __slots__ = ("name", "key", "scope", "refs", "flags", "settings", "retired", "shape", "params")
 
     def __init__(self, name: bytes, key: bytes, flags: int = 0, scope: bytes = b""):
         self.name = name      # server-side name (b"" for a session's unnamed statement)
@@ -86,9 +86,20 @@ class Statement:
         self.flags = flags    # client.text_flags of its text, and STALE
         self.settings: frozenset | None = None   # custom setting names its text sets, once asked
         self.retired = False  # no longer given to new Parses (StatementRegistry.retire_all)
-        # The result description clients were last told (result_shape; b"" for NoData),
-        # None while no client has described it.
+        # The result description clients were told (result_shape; b"" for NoData), None while
+        # no client has described it; and its parameter types then (a ParameterDescription's
+        # body, the same bytes as a Parse's count and types).
         self.shape: bytes | None = None
+        self.params = b""
+
+    def prepared_key(self) -> bytes:
+        """The Parse payload (after the name) that prepares it again: with the parameter types
+        its clients were told, as PostgreSQL keeps them when it analyses a statement again
+        (after ALTER … TYPE, `$1` inferred anew would take the column's new type, and the
+        client's binary int4 be read as a float4)."""
+        if not self.params:   # (no client described it)
+            return self.key
+        return self.key[:self.key.index(b"\0") + 1] + self.params
 
 
 class ParseEntry:
@@ -175,18 +186,20 @@ class DescribeEntry:
         self.statement = statement   # None: the unnamed statement, or a name the server lacks
         self.registry = registry     # a check's: where a STALE statement is retired
 
-    def answered(self, shape: bytes) -> bool:
-        """The server described the statement as shape: whether that is another shape than its
-        holders were told (the pooler's check, or a client's Describe of a copy prepared on
-        another connection after a change of its result: then the statement is STALE, for
-        every session that holds it, which is never told rows of a shape it was not told)."""
+    def answered(self, shape: bytes, params: bytes) -> bool:
+        """The server described the statement as shape and parameter types params: whether that
+        is another description than its holders were told (the pooler's check, or a client's
+        Describe of a copy prepared on another connection after a change of its result: then
+        the statement is STALE, for every session that holds it, which is never told rows of
+        a shape it was not told)."""
         statement = self.statement
         if statement is None:
             return False
         if statement.shape is None:
             statement.shape = shape   # what the client is told now
+            statement.params = params
             return False
-        if shape == statement.shape:
+        if shape == statement.shape and params == statement.params:
             return False
         statement.flags |= STALE
         if self.registry is not None:
@@ -197,6 +210,7 @@ class DescribeEntry:
         """An error made the server skip it: a check ends without a verdict."""
         if self.hidden:
             self.server.check_over = True
+            self.server.checked = self.statement
 
 
 # What the server answers with ParseComplete, CloseComplete or a ParameterDescription, or skips
@@ -266,23 +280,25 @@ class StatementRegistry:
             if statement.refs <= 0:
                 self.evicted.append(statement.name)
 
-    def adopt(self, key: bytes, flags: int, scope: bytes, shape: bytes | None) -> Statement:
-        """The statement of a session that moved here, or changed scope (its text, flags and the
-        shape its client was told): the shared one of its text if its client was told nothing or
-        the same shape.  Else one of its own, not shared (retired): the shared one may have been
-        prepared here after its result changed, and be right for those who hold it; this one is
-        prepared again where it is used, and checked there (ClientProtocol._prepare_checked)."""
+    def adopt(self, key: bytes, flags: int, scope: bytes, shape: bytes | None, params: bytes = b"") -> Statement:
+        """The statement of a session that moved here, or changed scope (its text, flags, and the
+        description its client was told): the shared one of its text if its client was told
+        nothing, or the same; else one of its own, not shared (retired): the shared one may
+        have been prepared here after its result changed, and be right for those who hold it.
+        A statement told a description is prepared with its parameter types where it is used,
+        and checked there (ClientProtocol._prepare_checked)."""
         if shape is None:
             return self.acquire(key, flags, scope)
-        if not flags & STALE:
-            shared = self.by_key.get(_slot(key, scope))
-            if shared is not None and shared.shape == shape:
-                return self.acquire(key, flags, scope)
+        shared = self.by_key.get(_slot(key, scope))
+        if not flags & STALE and (shared is None or (shared.shape == shape and shared.params == params)):
+            statement = self.acquire(key, flags, scope)
+            statement.shape, statement.params = shape, params   # (one just made: prepared nowhere yet)
+            return statement
         self.counter += 1
         statement = Statement(b"pgforkpool.s%d" % self.counter, key, flags, scope)
         statement.retired = True
         statement.refs = 1
-        statement.shape = shape
+        statement.shape, statement.params = shape, params
         return statement
 
     def retire_all(self) -> None:
@@ -317,9 +333,9 @@ def parse_message(name: bytes, key: bytes) -> bytes:
     return _header.pack(b"P", len(name) + len(key) + 5) + name + b"\0" + key
 
 
-def check_messages(name: bytes) -> bytes:
-    """Describe of a statement, then Flush: the pooler's check of what it prepared again."""
-    return _header.pack(b"D", len(name) + 6) + b"S" + name + b"\0" + b"H\0\0\0\x04"
+def describe_message(name: bytes) -> bytes:
+    """Describe of a statement: the pooler's check of one it prepared again."""
+    return _header.pack(b"D", len(name) + 6) + b"S" + name + b"\0"
 
 
 def result_shape(data, pos: int, end: int) -> bytes:
