@@ -28,11 +28,15 @@ PostgreSQL fixes a statement's result when it is prepared and answers 0A000
 has changed that result; drivers that prepare once and describe once
 (asyncpg, JDBC, pgx, Npgsql) rely on it, reading rows by the described types.
 When the pooler prepares such a statement again on another server connection
-(the session moved, the shared connection was pinned or dialled anew), it asks
-for the description there before the session's Bind goes, and a statement
-whose result changed is STALE: every use of it fails with 0A000, as the
-session's own statement would on PostgreSQL, never returns rows of another
-shape under the old description.
+(the session moved, the shared connection was pinned or dialled anew), it
+prepares it with the parameter types the client was told (as PostgreSQL keeps
+them) and asks for the description there before the session's Bind goes; a
+statement whose result changed is STALE: every use of it fails with 0A000, as
+the session's own statement would on PostgreSQL, never returns rows of another
+shape under the old description.  When another session's Parse prepares it on
+a connection, a Describe for the pooler goes on the way, and so does every
+client's own Describe: any description other than the one its holders were
+told makes it STALE.
 
 Nothing here raises on a client's bytes: callers pass message bodies they have
 framed, and a malformed one comes back as a ProtocolViolation.
