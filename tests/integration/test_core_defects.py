@@ -1850,3 +1850,52 @@ def test_a_statement_prepared_again_keeps_the_parameter_types_its_client_was_tol
         assert _insert_binary_int4(a, "i1", 1000) == []
     with direct(cluster) as conn:
         assert conn.execute("SELECT a FROM shape_p").fetchall() == [(1000.0,)]
+
+
+MIGRATIONS = {
+    "column type": ("CREATE TABLE outdated_t (id int, n varchar); INSERT INTO outdated_t VALUES (1, '1')",
+                    "UPDATE outdated_t SET n = %s WHERE id = 1",
+                    "ALTER TABLE outdated_t ALTER n TYPE integer USING n::integer", "42804"),
+    "enum made again": ("CREATE TYPE outdated_e AS ENUM ('a', 'b'); CREATE TABLE outdated_t (n outdated_e)",
+                        "INSERT INTO outdated_t VALUES (%s)",
+                        "DROP TABLE outdated_t; DROP TYPE outdated_e; CREATE TYPE outdated_e AS ENUM ('a', 'b'); "
+                        "CREATE TABLE outdated_t (n outdated_e)", "XX000"),
+}
+
+
+@pytest.mark.parametrize("migration", list(MIGRATIONS))
+def test_statements_outdated_by_a_migration_made_elsewhere_are_prepared_afresh(pool, cluster, migration):
+    """A migration over a direct connection changes a column's type, or drops and makes again an
+    enum.  A new session's statement of the same text was the one prepared before (its parameter
+    type inferred from the old column, or the old enum), and every new session failed (42804,
+    or XX000 "cache lookup failed for type") for as long as the backend lived.  Now the first
+    such error makes every session's statement be prepared afresh at its next use: one
+    execution fails (PostgreSQL would have served it), none after it (found by running
+    SQLAlchemy's tests through the pooler)."""
+    setup, statement, change, sqlstate = MIGRATIONS[migration]
+    value = "1" if migration == "column type" else "a"
+    with direct(cluster) as conn:
+        conn.execute("DROP TABLE IF EXISTS outdated_t; DROP TYPE IF EXISTS outdated_e")
+        conn.execute(setup)
+        conn.execute("ALTER TABLE outdated_t OWNER TO app")
+    keeper = pool.connect()
+    keeper.execute(statement, (value,), prepare=True)
+    with direct(cluster) as conn:
+        conn.execute(change)
+        conn.execute("ALTER TABLE outdated_t OWNER TO app")
+    outcomes = []
+    for _ in range(6):
+        with pool.connect() as conn:
+            try:
+                conn.execute(statement, (value,), prepare=True)
+                outcomes.append("ok")
+            except psycopg.Error as exc:
+                outcomes.append(exc.sqlstate)
+    assert outcomes.count("ok") >= 5 and set(outcomes) <= {"ok", sqlstate}, outcomes
+    # The session that prepared it before the change is served too, from its next execution.
+    try:
+        keeper.execute(statement, (value,), prepare=True)
+    except psycopg.Error as exc:
+        assert exc.sqlstate == sqlstate
+    keeper.execute(statement, (value,), prepare=True)
+    keeper.close()

@@ -355,3 +355,38 @@ def test_another_sessions_parse_of_a_described_statement_is_checked_on_the_way()
     assert statement.flags & STALE
     out, _ = proto.receive(bind(b"s1") + execute() + SYNC, second)
     assert out == bind(STALE_NAME) + execute() + SYNC
+
+
+def test_after_a_revalidation_error_every_holder_prepares_its_statement_afresh():
+    """42804 or XX000 from the server (a statement outdated by a migration made elsewhere): its
+    text's statements are retired and renewed, so neither a new session nor the one that holds
+    it keeps failing; one told a description is prepared with it and checked."""
+    registry, proto, statement, second = described_elsewhere()
+    plain = ClientProtocol(registry)
+    plain.receive(parse(b"p1", b"SELECT 1") + SYNC, second)
+    server_side(second, PARSE_COMPLETE + rfq())
+    old_plain = plain.statements[b"p1"]
+    plain.receive(bind(b"p1") + execute() + SYNC, second)
+    outdated = error("42804", 'column "n" is of type integer but expression is of type character varying')
+    server_side(second, outdated + rfq())
+    from pgforkpool.backend.server import NOTE_OUTDATED
+    assert second.take_notes()[0] & NOTE_OUTDATED
+    registry.retire_all(renew=True)
+    out, _ = plain.receive(bind(b"p1") + execute() + SYNC, second)
+    renewed = plain.statements[b"p1"]
+    assert renewed is not old_plain and renewed.name != old_plain.name
+    assert out == parse(renewed.name, b"SELECT 1") + bind(renewed.name) + execute() + SYNC
+    out, _ = proto.receive(bind(b"s1") + execute() + SYNC, second)
+    assert proto.statements[b"s1"] is not statement and out == check_sent(proto.statements[b"s1"].name)
+
+
+def test_a_pipelined_batchs_error_about_a_stale_statement_is_shown_as_0A000():
+    """The ReadyForQuery of an earlier batch came between the framing of the Bind and its error:
+    the pooler's name for a stale statement reached the client (found running SQLAlchemy's tests)."""
+    registry, proto, statement, second = described_elsewhere()
+    statement.flags |= STALE
+    out, _ = proto.receive(msg(b"Q", b"SELECT 1\0") + bind(b"s1") + execute() + SYNC, second)
+    missing = error("26000", f'prepared statement "{STALE_NAME.decode()}" does not exist')
+    first_reply = msg(b"C", b"SELECT 1\0") + rfq()
+    out, _events = server_side(second, first_reply + missing + rfq())
+    assert out == first_reply + STALE_PLAN_ERROR + rfq()

@@ -30,7 +30,7 @@ from typing import Final
 from ..shared import protocol
 from .context import custom_setting_names
 from .server import ServerProtocol
-from .statements import (MISSING, STALE, STALE_NAME, CloseEntry, DescribeEntry, ParseEntry, ProtocolViolation,
+from .statements import (MISSING, RENEW, STALE, STALE_NAME, CloseEntry, DescribeEntry, ParseEntry, ProtocolViolation,
                          Statement, StatementRegistry, describe_message, length_word, parse_key, parse_message,
                          with_statement_name)
 
@@ -606,6 +606,8 @@ class ClientProtocol:
             if held.flags & STALE:
                 server.error_names[STALE_NAME] = name   # shown as 0A000
                 return self._renamed(B, data, pos, name_start, name_end, length, STALE_NAME, b"")
+            if held.flags & RENEW:
+                held = self._renew(name, held)
             self._flag_bind(held)
         new_name = held.name
         # _renamed, inline: a prepared statement's Bind is most of -M prepared traffic.
@@ -616,6 +618,14 @@ class ClientProtocol:
         if isinstance(checked, Hold):
             return checked
         return b"".join((checked, header, data[pos + 5:name_start], new_name, b"\0"))
+
+    def _renew(self, name: bytes, old: Statement) -> Statement:
+        """The session's statement, prepared afresh (RENEW): shared with those of its text that
+        answer as its client was told, if it was told anything (StatementRegistry.adopt)."""
+        statement = self.registry.adopt(old.key, old.flags, old.scope, old.shape, old.params)
+        self.statements[name] = statement
+        self.registry.release(old)
+        return statement
 
     def _flag_bind(self, statement: Statement) -> None:
         self.flags |= statement.flags & (MAY_SET | MAY_PIN)
@@ -684,6 +694,8 @@ class ClientProtocol:
             server.error_names[STALE_NAME] = name   # shown as 0A000
             server.pending.append(DescribeEntry(False, server, None))
             return with_statement_name(D, before, STALE_NAME, b"")
+        if held.flags & RENEW:
+            held = self._renew(name, held)
         checked = self._prepare_checked(server, held)
         if isinstance(checked, Hold):
             return checked

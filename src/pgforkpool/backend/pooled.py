@@ -39,7 +39,8 @@ from .context import (PIN_CHECK_QUERY, UNKNOWN_NAME, Context, capture_query,
                       captured_settings, custom_setting_names, duration_setting, fixup_query,
                       reserved_placeholder, restore_query)
 from .scheduler import Decision, Scheduler, ServerState, SessionState, boundary_decision
-from .server import (BOUNDARY, BROKEN, CHECKED, FLUSHED, NOTE_DISCARDED, NOTE_PIN, NOTE_STALE, NOTE_SETTINGS, NOTE_UNPIN,
+from .server import (BOUNDARY, BROKEN, CHECKED, FLUSHED, NOTE_DISCARDED, NOTE_OUTDATED, NOTE_PIN, NOTE_STALE,
+                     NOTE_SETTINGS, NOTE_UNPIN,
                      TransactionStatus)
 from .session import Session
 from .statements import ProtocolViolation, Statement, StatementRegistry, length_word
@@ -1353,7 +1354,9 @@ class PooledBackend:
             owner.pin_check = True
         if notes & NOTE_DISCARDED:
             owner.proto.release_statements()
-        if notes & NOTE_STALE:
+        if notes & NOTE_OUTDATED:
+            self.registry.retire_all(renew=True)
+        elif notes & NOTE_STALE:
             self.registry.retire_all()
         if xacts and self.settings.hold_prepared_transactions:
             owner.prepared_xacts = max(0, owner.prepared_xacts + xacts)

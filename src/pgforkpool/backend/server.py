@@ -68,6 +68,7 @@ NOTE_PIN: Final = 4            # state that cannot be copied may exist now
 NOTE_UNPIN: Final = 8          # such state may be gone now
 NOTE_DISCARDED: Final = 16     # the server holds no prepared statement any more
 NOTE_STALE: Final = 32         # 0A000: a prepared statement's result type changed (DDL since it was prepared)
+NOTE_OUTDATED: Final = 64      # the server refused to run a prepared statement it must revalidate
 
 Z: Final = protocol.READY_FOR_QUERY
 PS: Final = protocol.PARAMETER_STATUS
@@ -138,6 +139,10 @@ _STALE_PLAN: Final = b"\0C0A000\0"   # the code field, after the NUL that ends t
 # The pooler's answer for a STALE statement (statements.py): PostgreSQL's, with the routine that
 # raises it (asyncpg prepares the statement again, outside a transaction, only when it names
 # RevalidateCachedQuery).
+# Errors of a prepared statement's revalidation after DDL, that a statement prepared afresh
+# would not raise: its result changed, a type it used was dropped ("cache lookup failed for
+# type"), parameter types inferred when it was prepared no longer fit (42804, 42883, 42846).
+_OUTDATED: Final = frozenset({b"0A000", b"XX000", b"42804", b"42883", b"42846", b"42P18"})
 STALE_PLAN_ERROR: Final = protocol.message(
     b"E", b"SERROR\0VERROR\0C0A000\0Mcached plan must not change result type\0"
           b"Fplancache.c\0RRevalidateCachedQuery\0\0")
@@ -329,7 +334,8 @@ class ServerProtocol:
                         start = end
                     else:
                         self.queries += 1
-                    if self.error_names:
+                    if self.error_names and not pending:
+                        # (Kept while a later batch is outstanding: its errors may name them.)
                         self.error_names.clear()
                     self.copy_in = False
                     status = data[pos + 5]
@@ -423,6 +429,11 @@ class ServerProtocol:
                         self.skipping = True
                     if data.find(_STALE_PLAN, pos + 4, end) >= 0:
                         self.notes |= NOTE_STALE
+                    code = data.find(b"\0C", pos + 4, end)
+                    if code >= 0 and bytes(data[code + 2:code + 7]) in _OUTDATED:
+                        # (Whether a prepared statement raised it is not said: a simple Query's
+                        # such error renews them too, which costs each a Parse, no more.)
+                        self.notes |= NOTE_OUTDATED
                     if self.error_names:
                         if pieces is None:
                             pieces = []

@@ -53,9 +53,12 @@ MISSING: Final = b"pgforkpool.missing"
 # server fails it (aborting the transaction and skipping to the Sync, as 0A000 does), and its
 # 26000 is shown to the client as 0A000 (ServerProtocol._client_error).
 STALE_NAME: Final = b"pgforkpool.stale"
-# Statement.flags bit (next to client.MAY_SET and MAY_PIN): its result changed since the
-# session's client was told it.
+# Statement.flags bits (next to client.MAY_SET and MAY_PIN).  STALE: its result changed since
+# the session's client was told it.  RENEW: the server found it outdated (an error its
+# revalidation raised: StatementRegistry.retire_all): each session that holds it is given a
+# statement prepared afresh at its next use (ClientProtocol._renew).
 STALE: Final = 4
+RENEW: Final = 8
 
 _header = struct.Struct("!cI")
 _int16 = struct.Struct("!h").unpack_from
@@ -240,7 +243,7 @@ class StatementRegistry:
         if statement is None:
             self.counter += 1
             statement = self.by_key[slot] = Statement(b"pgforkpool.s%d" % self.counter, key,
-                                                      flags & ~STALE, scope)
+                                                      flags & ~(STALE | RENEW), scope)
         elif statement.refs == 0:
             self.unused.pop(slot, None)
         statement.refs += 1
@@ -299,19 +302,28 @@ class StatementRegistry:
             statement.shape, statement.params = shape, params   # (one just made: prepared nowhere yet)
             return statement
         self.counter += 1
-        statement = Statement(b"pgforkpool.s%d" % self.counter, key, flags, scope)
+        statement = Statement(b"pgforkpool.s%d" % self.counter, key, flags & ~RENEW, scope)
         statement.retired = True
         statement.refs = 1
         statement.shape, statement.params = shape, params
         return statement
 
-    def retire_all(self) -> None:
+    def retire_all(self, renew: bool = False) -> None:
         """A statement's result type changed under it (0A000 "cached plan must not change result
-        type": DDL since it was prepared).  PostgreSQL prepares a new session's Parse afresh
-        against the table as it is now; so does the pooler from here on: the statements sessions
-        hold stay theirs (and fail as they would directly), no new Parse is given one of them."""
+        type": DDL since it was prepared, or DDL through this backend that may have done so).
+        PostgreSQL prepares a new session's Parse afresh against the table as it is now; so does
+        the pooler from here on: no new Parse is given one of them.
+
+        renew: the server refused to run one (0A000, or another error of its revalidation: a
+        type dropped since, "cache lookup failed", or parameter types inferred then that no
+        longer fit, 42804).  Which one is not said, and a session that prepared the text after
+        the change would be served on PostgreSQL: every session's statement is prepared afresh
+        at its next use (RENEW; one its client was told the description of is checked there,
+        and fails with 0A000 if it changed)."""
         for statement in self.by_key.values():
             statement.retired = True
+            if renew:
+                statement.flags |= RENEW
         self.evicted.extend(statement.name for statement in self.unused.values())
         self.unused.clear()
         self.by_key.clear()
