@@ -8,7 +8,7 @@ from pgforkpool.backend import client as client_mod
 from pgforkpool.backend import server as srv_mod
 from pgforkpool.backend.client import ClientProtocol
 from pgforkpool.backend.pooled import ABORT_PIPELINE
-from pgforkpool.backend.server import (BOUNDARY, BROKEN, NOTE_DISCARDED, NOTE_PIN, NOTE_RESET, NOTE_STALE,
+from pgforkpool.backend.server import (BOUNDARY, BROKEN, NOTE_DISCARDED, NOTE_OUTDATED, NOTE_PIN, NOTE_RESET, NOTE_STALE,
                                        NOTE_SETTINGS, NOTE_UNPIN, HiddenQuery, ServerProtocol,
                                        TransactionStatus)
 from pgforkpool.backend.statements import ProtocolViolation, Statement, StatementRegistry
@@ -622,10 +622,11 @@ def test_vanished_client_with_work_running_ends_in_a_boundary():
 
 def test_a_changed_result_type_is_noted():
     """0A000 (cached plan must not change result type, in any lc_messages): NOTE_STALE, so the
-    backend gives new Parses statements of their own; other errors note nothing."""
+    backend gives new Parses statements of their own, and NOTE_OUTDATED, so that sessions'
+    statements are prepared afresh; other errors note nothing."""
     srv = owner_server(1)
     srv.receive(error("0A000", "cached plan must not change result type") + rfq())
-    assert srv.take_notes()[0] == NOTE_STALE
+    assert srv.take_notes()[0] == NOTE_STALE | NOTE_OUTDATED
     srv = owner_server(1)
     srv.receive(error("42P01", 'relation "t" does not exist') + rfq())
     assert srv.take_notes()[0] == 0
