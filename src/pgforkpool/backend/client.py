@@ -560,7 +560,7 @@ class ClientProtocol:
         on the way (the session's own Parse of it, or a duplicate): nothing waits for the
         answer, which makes the statement STALE if it differs (DescribeEntry.answered)."""
         if statement.shape is None or server.skipping or server.copy_in:
-            return b""
+            return b""   # (while the server skips to the Sync after an error, no answer would come)
         server.pending.append(DescribeEntry(True, server, statement, self.registry))
         return describe_message(statement.name)
 
@@ -569,12 +569,11 @@ class ClientProtocol:
         and a client was told its shape, a Hold: the Parse and a Describe of it go first, and the
         client's message waits for the answer (statements.py)."""
         parse = self.ensure_prepared(server, statement)
-        if not parse or statement.shape is None or server.skipping or server.copy_in:
-            # (While the server skips to the Sync after an error, no answer would come.)
+        check = self._check_later(server, statement) if parse else b""
+        if not check:
             return parse
-        server.pending.append(DescribeEntry(True, server, statement, self.registry))
         self.holding = statement
-        return Hold(parse + describe_message(statement.name) + FLUSH_MESSAGE)
+        return Hold(parse + check + FLUSH_MESSAGE)
 
     def _ensure_unnamed(self, server: ServerProtocol) -> bytes:
         """A Parse of the session's unnamed statement, if the connection's is another one."""

@@ -1225,7 +1225,7 @@ class PooledBackend:
         owner's Bind or Describe of it, and what it sent after, go on (statements.py)."""
         checked, server.checked = server.checked, None
         owner = server.owner
-        if owner is None or owner.gone or owner.proto.holding is None or owner.proto.holding is not checked:
+        if owner is None or owner.gone or checked is None or owner.proto.holding is not checked:
             return   # (a check of a statement prepared on the way: nothing waits for it)
         owner.proto.resume()
         self._forward(owner, server, b"")
@@ -1682,12 +1682,11 @@ class PooledBackend:
             self.gather_long = False
             self.counters[_OWNER_SINCE_MS] = 0
             self.owner_published = 0.0
-        if owner is not None and owner.state is not CLOSED:
-            logger.log(log.LOG, "%s: lost server connection (server process %d)", owner, server.pid)
-        else:
+        if owner is None or owner.state is CLOSED:
             logger.log(log.LOG, "lost server connection to %s/%s (server process %d)",
                        self.database, self.user, server.pid)
-        if owner is not None and owner.state is not CLOSED:
+        else:
+            logger.log(log.LOG, "%s: lost server connection (server process %d)", owner, server.pid)
             self._client_send(owner, PgError(
                 "connection_failure", "server closed the connection unexpectedly",
                 detail="The upstream server connection of this session was lost.").packet())

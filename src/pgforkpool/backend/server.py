@@ -286,10 +286,7 @@ class ServerProtocol:
                             return b"", BROKEN
                         break
                     # A reply to the pooler's own query: forward what came before, keep this.
-                    if pos > start:
-                        if pieces is None:
-                            pieces = []
-                        pieces.append(data[start:pos])
+                    pieces = _cut(pieces, data, start, pos)
                     start = end
                     if msg_type == NOTIFICATION:
                         start = pos   # the session's, whatever the pooler is doing
@@ -327,10 +324,7 @@ class ServerProtocol:
                     if own:
                         # The pooler's Sync after a Flush (sync_after_flush): the client sent none
                         # and awaits no ReadyForQuery.
-                        if pos > start:
-                            if pieces is None:
-                                pieces = []
-                            pieces.append(data[start:pos])
+                        pieces = _cut(pieces, data, start, pos)
                         start = end
                     else:
                         self.queries += 1
@@ -351,10 +345,7 @@ class ServerProtocol:
                             self.forget_copy()   # nothing outstanding: no Execute is still to turn out a COPY
                         if self.notes & NOTE_RESET and self.status != _FAILED and not own:
                             # Held until the startup values are back (the caller decides).
-                            if pos > start:
-                                if pieces is None:
-                                    pieces = []
-                                pieces.append(data[start:pos])
+                            pieces = _cut(pieces, data, start, pos)
                             self.held = data[pos:end]
                             start = end
                         pos = end
@@ -375,10 +366,7 @@ class ServerProtocol:
                             pending.popleft()
                             if head.hidden:
                                 # The pooler's own Parse (a statement this connection lacked).
-                                if pos > start:
-                                    if pieces is None:
-                                        pieces = []
-                                    pieces.append(data[start:pos])
+                                pieces = _cut(pieces, data, start, pos)
                                 start = end
                             head = pending[0] if pending else None
                     elif msg_type == CLOSE_COMPLETE:
@@ -396,10 +384,7 @@ class ServerProtocol:
                             if entry.answered(shape, self.described_params):
                                 self.notes |= NOTE_STALE   # as the 0A000 PostgreSQL would send
                         if entry.hidden:
-                            if pos > start:
-                                if pieces is None:
-                                    pieces = []
-                                pieces.append(data[start:pos])
+                            pieces = _cut(pieces, data, start, pos)
                             start = end
                             self.checked = entry.statement
                             pos = end
@@ -435,9 +420,7 @@ class ServerProtocol:
                         # such error renews them too, which costs each a Parse, no more.)
                         self.notes |= NOTE_OUTDATED
                     if self.error_names:
-                        if pieces is None:
-                            pieces = []
-                        pieces.append(data[start:pos])
+                        pieces = _cut(pieces, data, start, pos)
                         pieces.append(self._client_error(data[pos + 5:end]))
                         start = end
                     if self.check_over:
@@ -454,10 +437,7 @@ class ServerProtocol:
                         self.describing = head
                         self.described_params = data[pos + 5:end]
                         if head.hidden:
-                            if pos > start:
-                                if pieces is None:
-                                    pieces = []
-                                pieces.append(data[start:pos])
+                            pieces = _cut(pieces, data, start, pos)
                             start = end
                         head = pending[0] if pending else None
                         hidden = type(head) is HiddenQuery
@@ -467,9 +447,7 @@ class ServerProtocol:
                         if self._others_placeholder(data[pos + 5:end]):
                             # Another session's placeholder, left on this server process: its name
                             # is not this session's to see.
-                            if pieces is None:
-                                pieces = []
-                            pieces.append(data[start:pos])
+                            pieces = _cut(pieces, data, start, pos)
                             start = end
                 else:   # CopyInResponse, CopyBothResponse
                     self.copy_started()
@@ -670,6 +648,16 @@ class ServerProtocol:
         notes, xacts = self.notes, self.xacts
         self.notes = self.xacts = 0
         return notes, xacts
+
+
+def _cut(pieces: list | None, data: bytes, start: int, pos: int) -> list:
+    """The pieces of receive()'s output with data[start:pos], what came before a message that
+    is not passed on."""
+    if pieces is None:
+        pieces = []
+    if pos > start:
+        pieces.append(data[start:pos])
+    return pieces
 
 
 def text_row(data: bytes, pos: int, end: int, codec: str = "utf-8") -> tuple:
