@@ -12,30 +12,15 @@ from pgforkpool.backend.statements import (STALE, STALE_NAME, DescribeEntry, Par
                                            result_shape)
 from pgforkpool.shared import protocol
 
-# ================================================================ messages
+# ================================================================ messages (the frontend builders of test_client_protocol)
 
-
-def msg(kind: bytes, body: bytes = b"") -> bytes:
-    return kind + struct.pack("!I", len(body) + 4) + body
-
-
-def parse(name: bytes, text: bytes) -> bytes:
-    return msg(b"P", name + b"\0" + text + b"\0" + struct.pack("!h", 0))
-
-
-def bind(statement: bytes) -> bytes:
-    return msg(b"B", b"\0" + statement + b"\0" + struct.pack("!hhh", 0, 0, 0))
+from test_client_protocol import FLUSH, SYNC, bind, error, execute, msg, parse, rfq  # noqa: E402
 
 
 def describe_statement(name: bytes) -> bytes:
     return msg(b"D", b"S" + name + b"\0")
 
 
-def execute() -> bytes:
-    return msg(b"E", b"\0" + struct.pack("!i", 0))
-
-
-SYNC, FLUSH = msg(b"S"), msg(b"H")
 PARSE_COMPLETE, BIND_COMPLETE, NO_DATA = msg(b"1"), msg(b"2"), msg(b"n")
 PARAMETERS = msg(b"t", struct.pack("!h", 0))
 TEXT = b"SELECT * FROM t"
@@ -47,14 +32,6 @@ def columns(*cols: tuple[bytes, int], table: int = 16384) -> bytes:
     for number, (name, oid) in enumerate(cols, 1):
         body += name + b"\0" + struct.pack("!ihihih", table, number, oid, 4, -1, 0)
     return msg(b"T", body)
-
-
-def rfq(status: bytes = b"I") -> bytes:
-    return msg(b"Z", status)
-
-
-def error(sqlstate: str, text: str) -> bytes:
-    return protocol.error_response("ERROR", sqlstate, text)
 
 
 INT_TEXT = columns((b"a", 23), (b"b", 25))
