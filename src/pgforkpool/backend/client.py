@@ -479,6 +479,12 @@ class ClientProtocol:
             server.copies_ended += 1
             server.synced_after_copy = False
 
+    def spliced(self, k: int) -> None:
+        """k bytes of the streamed message went to the server past this object (Stream.splice_in:
+        only while it is not scanning them)."""
+        assert not self.scanning and 0 < k <= self.passthrough
+        self.passthrough -= k
+
     def _stream(self, end: int, n: int) -> int:
         """The message ending at end has arrived up to n: send that much, the rest as it comes."""
         self.passthrough = end - n

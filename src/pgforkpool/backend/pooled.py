@@ -44,7 +44,7 @@ from .server import (BOUNDARY, BROKEN, CHECKED, FLUSHED, NOTE_DISCARDED, NOTE_OU
                      TransactionStatus)
 from .session import Session
 from .statements import ProtocolViolation, Statement, StatementRegistry, length_word
-from .stream import EPOLLIN, EPOLLOUT, HIGH_WATER, LOW_WATER, READABLE, RECV_SIZE, Stream, release_memory
+from .stream import EPOLLIN, EPOLLOUT, HIGH_WATER, LOW_WATER, READABLE, RECV_SIZE, SPLICE_REFUSED, Stream, release_memory
 
 logger = log.get("backend")
 
@@ -864,6 +864,9 @@ class PooledBackend:
             if not mask & READABLE or session.state is CLOSED:
                 return
         # Readable.  (A native call when compiled: no copy of Stream.recv inlined here.)
+        proto = session.proto
+        if proto.passthrough and not proto.scanning and session.state is ACTIVE and self._splice(session):
+            return
         data = session.stream.recv()
         if data is None:
             return
@@ -934,6 +937,32 @@ class PooledBackend:
                 and server.owner is session and len(session.proto.buf) < WAITING_INPUT_LIMIT):
             # Only messages that expect no answer (Flush, stray CopyData): nothing holds the server.
             self._boundary(server)
+
+    def _splice(self, session: Session) -> bool:
+        """The owner streams the body of a large message (a Bind's value, CopyData): pass what
+        it has of it to the server inside the kernel, without reading it here (Stream.splice_in).
+        False when it must go the copying way: output waits before it, or splice is refused."""
+        server = session.pinned or self.server
+        assert server is not None, "an active session has a server connection"
+        stream = server.stream
+        if stream.outbuf or stream.piped or stream.broken:
+            return False
+        proto = session.proto
+        taken = stream.splice_in(session.stream.fd, proto.passthrough)
+        if taken == SPLICE_REFUSED:
+            return False
+        if taken == 0:
+            self._client_gone(session)
+        elif taken > 0:
+            self.bytes_in += taken
+            proto.spliced(taken)
+            session.idle_since = self.now   # a piece of a streamed message: idle from now on
+            if stream.piped and not session.paused:
+                session.paused = True
+                session.stream.pause_reading()   # until the server has taken it (_server_writable)
+            if not proto.passthrough:
+                self._forward(session, server, b"")   # the message is whole: what ends with it
+        return True
 
     def _enqueue(self, session: Session) -> None:
         """The session has input to run: give it its connection, or queue it."""
@@ -1230,7 +1259,7 @@ class PooledBackend:
         owner.proto.resume()
         self._forward(owner, server, b"")
         if (owner.paused and not owner.gone and owner.proto.need != HOLDING
-                and len(server.stream.outbuf) < LOW_WATER):
+                and len(server.stream.outbuf) < LOW_WATER and not server.stream.piped):
             # (What it buffered meanwhile has gone on: an unfinished message of any size may
             # be left, which needs more input.)
             owner.paused = False
@@ -1282,7 +1311,8 @@ class PooledBackend:
         stream = server.stream
         stream.flush()
         owner = server.owner
-        if (len(stream.outbuf) < LOW_WATER and owner is not None and owner.paused and not owner.gone
+        if (len(stream.outbuf) < LOW_WATER and not stream.piped and owner is not None and owner.paused
+                and not owner.gone
                 and (owner.proto.need != HOLDING or len(owner.proto.buf) < WAITING_INPUT_LIMIT)):
             owner.paused = False
             owner.stream.resume_reading()

@@ -8,6 +8,9 @@ the read side sees the end of the connection and ends it once.
 
 import ctypes
 import ctypes.util
+import errno
+import fcntl
+import os
 import select
 from typing import Final
 
@@ -25,10 +28,17 @@ LOW_WATER: Final = 1 << 18
 # Output buffers that grew past this are dropped when drained, and memory is
 # handed back to the system afterwards (see release_memory).
 LARGE_BUFFER: Final = 1 << 22
+# What a pipe between two sockets holds (Stream.splice_in): the most an unprivileged
+# process may ask for by default (fs.pipe-max-size); the kernel's 64 kB if refused.
+PIPE_SIZE: Final = 1 << 20
+_SPLICE_FLAGS: Final = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+# Stream.splice_in: the kernel refuses splice between these sockets (or at all).
+SPLICE_REFUSED: Final = -2
+_REFUSING: Final = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
 
 
 class Stream:
-    __slots__ = ("sock", "fd", "epoll", "mask", "outbuf", "broken", "grew")
+    __slots__ = ("sock", "fd", "epoll", "mask", "outbuf", "broken", "grew", "pipe", "piped")
 
     def __init__(self, sock, epoll, mask: int = EPOLLIN):
         self.sock = sock
@@ -38,6 +48,8 @@ class Stream:
         self.outbuf = bytearray()
         self.broken = False      # a send failed: nothing more is sent
         self.grew = False        # the output buffer grew past LARGE_BUFFER
+        self.pipe: tuple[int, int] | None = None   # (read end, write end) once splice_in is used
+        self.piped = 0           # bytes in the pipe, not yet written: they leave before outbuf
         epoll.register(self.fd, mask)
 
     def recv(self) -> bytes | None:
@@ -54,7 +66,7 @@ class Stream:
     def send(self, data) -> None:
         if self.broken:
             return
-        if self.outbuf:
+        if self.outbuf or self.piped:
             self.outbuf += data
             if len(self.outbuf) > LARGE_BUFFER:
                 self.grew = True
@@ -70,8 +82,57 @@ class Stream:
             self.outbuf += memoryview(data)[sent:]
             self._set(self.mask | EPOLLOUT)
 
+    def splice_in(self, source: int, most: int) -> int:
+        """Move up to `most` bytes from the socket `source` to ours inside the kernel,
+        through a pipe, without copying them here: a large message's body whose
+        bytes the pooler need not read (splice(2); PgBouncer copies them instead).
+        Only when nothing waits to be written.  What our socket does not take at
+        once waits in the pipe and leaves first with the next EPOLLOUT (flush).
+        Returns the bytes taken from `source`: 0 once it is at its end or broken,
+        -1 if it has nothing now, SPLICE_REFUSED if the kernel will not (then
+        the caller reads and sends them)."""
+        pipe = self.pipe
+        if pipe is None:
+            try:
+                pipe = self.pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:   # out of file descriptors, say
+                return SPLICE_REFUSED
+            try:
+                fcntl.fcntl(pipe[1], fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+            except OSError:
+                pass   # over the user's pipe quota: the default size does too
+        try:
+            taken = os.splice(source, pipe[1], most, flags=_SPLICE_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            return -1
+        except OSError as exc:
+            return SPLICE_REFUSED if exc.errno in _REFUSING else 0
+        self.piped = taken
+        self._drain_pipe()
+        return taken
+
+    def _drain_pipe(self) -> None:
+        assert self.pipe is not None
+        try:
+            self.piped -= os.splice(self.pipe[0], self.fd, self.piped, flags=_SPLICE_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            self.broken = True   # the read side sees the connection is gone
+            self.piped = 0
+            self.outbuf = bytearray()
+        if self.piped:
+            self._set(self.mask | EPOLLOUT)
+
     def flush(self) -> bool:
         """Write what waits (on EPOLLOUT); True once nothing waits."""
+        if self.piped:
+            self._drain_pipe()
+            if self.piped:
+                return False
+            if not self.outbuf:
+                self._set(self.mask & ~EPOLLOUT)
+                return True
         try:
             sent = self.sock.send(self.outbuf)
         except (BlockingIOError, InterruptedError):
@@ -109,13 +170,20 @@ class Stream:
             self.epoll.unregister(self.fd)
         except (OSError, ValueError):
             pass
-        if self.outbuf and not self.broken:
+        if self.piped and not self.broken:
+            self._drain_pipe()   # (what follows in outbuf may not overtake it)
+        if self.outbuf and not self.broken and not self.piped:
             try:
                 self.sock.send(self.outbuf)
             except OSError:
                 pass
         self.outbuf = bytearray()
         self.broken = True
+        if self.pipe is not None:
+            os.close(self.pipe[0])
+            os.close(self.pipe[1])
+            self.pipe = None
+            self.piped = 0
         try:
             self.sock.close()
         except OSError:
