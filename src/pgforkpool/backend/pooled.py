@@ -44,7 +44,8 @@ from .server import (BOUNDARY, BROKEN, CHECKED, FLUSHED, NOTE_DISCARDED, NOTE_OU
                      TransactionStatus)
 from .session import Session
 from .statements import ProtocolViolation, Statement, StatementRegistry, length_word
-from .stream import EPOLLIN, EPOLLOUT, HIGH_WATER, LOW_WATER, READABLE, RECV_SIZE, SPLICE_REFUSED, Stream, release_memory
+from .stream import (EPOLLIN, EPOLLOUT, HIGH_WATER, LOW_WATER, READABLE, RECV_SIZE, SPLICE_REFUSED, Stream,
+                     release_memory)
 
 logger = log.get("backend")
 
@@ -1311,8 +1312,8 @@ class PooledBackend:
         stream = server.stream
         stream.flush()
         owner = server.owner
-        if (len(stream.outbuf) < LOW_WATER and not stream.piped and owner is not None and owner.paused
-                and not owner.gone
+        if (len(stream.outbuf) < LOW_WATER and not stream.piped and owner is not None
+                and owner.paused and not owner.gone
                 and (owner.proto.need != HOLDING or len(owner.proto.buf) < WAITING_INPUT_LIMIT)):
             owner.paused = False
             owner.stream.resume_reading()
