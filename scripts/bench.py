@@ -23,8 +23,11 @@ run after it.
 The large-message workload (`--only large`) measures bytea round trips instead of,
 or besides, pgbench: a client on a connection of its own makes round trips of 1, 4,
 16 and 64 MB (`SELECT $1::bytea`, the value bound as a binary parameter, the result
-in binary), and select-only with 10 clients runs alone and then while another such
-client loops 16 MB round trips through the same target. Those clients are
+in binary), and select-only with 10 clients runs alone, then while another such
+client loops 16 MB round trips through the same target one right after the other
+(large-during: a faster target moves more data, which costs the others more), and
+while it starts one every 0.5 s (large-paced: the same work through every target).
+Those clients are
 processes of their own (bench.py --bytea-client), bounded in round trips and in
 time, and killed past their bound.
 
@@ -84,6 +87,10 @@ BYTEA_SECONDS = 10.0              # none starts after this many seconds on one s
 GROWTH_SIZES_MB = (1, 16)         # time per MB at the second over that at the first: 1.00 is linear
 DURING_MB = 16                    # the size of the round trips looped during a pgbench run (large-during),
 DURING_TRIPS = 100                # at most this many
+# large-paced: one such round trip started every PACED_PERIOD seconds (the next at once if one takes
+# longer), so that every target carries the same large-message work during the run; large-during's
+# back-to-back loop moves more data through a faster target, which then costs the others more CPU.
+PACED_PERIOD = 0.5
 BYTEA_CLIENT = "--bytea-client"   # first argument of bench.py run as a bytea client (ByteaClient)
 
 
@@ -97,6 +104,7 @@ class Workload:
     latency: bool = False         # also report pgbench's "latency average"
     bytea_sizes: bool = False     # instead of pgbench: round trips of each size of BYTEA_SIZES_MB (--quick: less 64)
     bytea_during: int = 0         # MB of the round trips another client loops through the target during pgbench
+    bytea_period: float = 0.0     # seconds between the starts of those round trips; 0: one right after the other
     relative_to: str = ""         # the key of the workload whose tps this one's is also reported over
     extra_seconds: int = 0        # added to -T: pgbench's clock runs while its clients connect
     long_clients: int = 0         # clients looping LONG_TRANSACTION beside the pgbench ones (skewed load)
@@ -128,6 +136,9 @@ WORKLOADS = (
     Workload("large-alone", "select-only, 10 clients, alone", SELECT_10),
     Workload("large-during", f"select-only, 10 clients, during {DURING_MB} MB bytea round trips", SELECT_10,
              bytea_during=DURING_MB, relative_to="large-alone"),
+    Workload("large-paced", f"select-only, 10 clients, during {DURING_MB} MB bytea round trips, one every "
+             f"{PACED_PERIOD} s", SELECT_10, bytea_during=DURING_MB, bytea_period=PACED_PERIOD,
+             relative_to="large-alone"),
     Workload("large-sizes", "bytea round trips, 1 client", (), bytea_sizes=True),
 )
 LONG_TRANSACTION = "BEGIN;\nSELECT pg_sleep(0.05);\nCOMMIT;\n"
@@ -637,7 +648,7 @@ def last_line(output: str) -> str:
 # ------------------------------------------------------------ large messages
 
 def bytea_client(argv: list[str]) -> int:
-    """`bench.py --bytea-client PORT TRIPS SECONDS MB...`: the large-message client that ByteaClient runs.
+    """`bench.py --bytea-client PORT TRIPS SECONDS PERIOD MB...`: the large-message client that ByteaClient runs.
 
     Connects to 127.0.0.1:PORT as the pgbench clients do (same user and database,
     so into the same pgforkpool pool; client_env() from its parent), autocommit and
@@ -646,12 +657,14 @@ def bytea_client(argv: list[str]) -> int:
     "connected", then for each size makes up to TRIPS round trips of `SELECT $1::bytea`
     with an MB-megabyte value bound as a binary parameter and the result in binary,
     starting none after SECONDS on that size or once its standard input is closed (its
-    parent's way of saying stop), and prints "MB SECONDS" after each. An error is
+    parent's way of saying stop), one every PERIOD seconds if PERIOD is not 0 (the next at once
+    when one took longer), and prints "MB SECONDS" after each. An error is
     printed as "error: ..." (exit 1).
     """
     import psycopg   # only this client needs it
 
-    port, trips, seconds, *sizes = argv
+    port, trips, seconds, period_arg, *sizes = argv
+    period = float(period_arg)
 
     def round_trip(conn: psycopg.Connection, mb: int) -> float:
         payload = bytes(range(256)) * (4096 * mb)
@@ -669,9 +682,12 @@ def bytea_client(argv: list[str]) -> int:
             print("connected", flush=True)
             for mb in map(int, sizes):
                 deadline = time.monotonic() + float(seconds)
+                start_at = time.monotonic()
                 for _ in range(int(trips)):
-                    if select.select([sys.stdin], [], [], 0)[0]:   # end of file: stop
+                    # End of file on stdin: stop (waited for up to the next start when paced).
+                    if select.select([sys.stdin], [], [], max(0.0, start_at - time.monotonic()))[0]:
                         return 0
+                    start_at += period
                     print(f"{mb} {round_trip(conn, mb):.6f}", flush=True)
                     if time.monotonic() >= deadline:
                         break
@@ -685,9 +701,9 @@ class ByteaClient:
     """bytea_client in a process (and session) of its own, its output read by a thread as it
     comes; killed if it outlives its own bounds by RUN_GRACE or the run is interrupted."""
 
-    def __init__(self, port: int, sizes: tuple[int, ...], trips: int, seconds: float):
+    def __init__(self, port: int, sizes: tuple[int, ...], trips: int, seconds: float, period: float = 0.0):
         self.argv = [sys.executable, os.path.abspath(__file__), BYTEA_CLIENT, str(port), str(trips),
-                     str(seconds), *map(str, sizes)]
+                     str(seconds), str(period), *map(str, sizes)]
         self.bound = len(sizes) * seconds + RUN_GRACE
         self.deadline = time.monotonic() + self.bound
         self.lines: list[str] = []
@@ -763,10 +779,11 @@ def run_bytea_sizes(port: int, sizes: tuple[int, ...], log) -> RunResult:
 
 
 def run_pgbench_during_bytea(pgbench: str, port: int, args: tuple[str, ...], duration: int, log,
-                             mb: int) -> RunResult:
+                             mb: int, period: float = 0.0) -> RunResult:
     """A pgbench run while another client loops `mb` MB round trips through the same target, from
-    before pgbench starts until it ends (DURING_TRIPS at most); the tps, and those round trips."""
-    with ByteaClient(port, (mb,), DURING_TRIPS, duration + STOP_WAIT) as client:
+    before pgbench starts until it ends (DURING_TRIPS at most; one every `period` seconds unless
+    0); the tps, and those round trips."""
+    with ByteaClient(port, (mb,), DURING_TRIPS, duration + STOP_WAIT, period) as client:
         if not client.wait_connected():
             stuck = client.proc.poll() is None
             client.proc.kill()
@@ -822,7 +839,7 @@ def run_case(pgbench: str, case: Case, port: int, args: argparse.Namespace, log)
         return run_bytea_sizes(port, args.sizes, log)
     if case.workload.bytea_during:
         return run_pgbench_during_bytea(pgbench, port, case.pgbench_args, args.duration, log,
-                                        case.workload.bytea_during)
+                                        case.workload.bytea_during, case.workload.bytea_period)
     return run_pgbench(pgbench, port, case.pgbench_args, args.duration + case.workload.extra_seconds, log)
 
 
@@ -1577,7 +1594,10 @@ def render(args, started, load, versions, baseline_info, results, interrupted, p
             "a session of the same pool as theirs, sharing a pooled backend with some of them); "
             f"up to {BYTEA_TRIPS} round trips per size, none started after {BYTEA_SECONDS:.0f} s on a size. "
             f"For the select-only run during round trips, such a client loops {DURING_MB} MB round trips (at "
-            f"most {DURING_TRIPS}) from before pgbench starts until it ends. Goals: time per MB that does not grow "
+            f"most {DURING_TRIPS}) from before pgbench starts until it ends, one right after the other, or "
+            f"(the run 'one every {PACED_PERIOD} s') starting one every {PACED_PERIOD} s, so that every target "
+            f"carries the same work: back to back, a target that moves large messages faster moves more of them "
+            f"in the run, which takes more of the shared CPUs from the 10 clients. Goals: time per MB that does not grow "
             f"with the size (the {large} MB over {small} MB row near 1.00), and the 10 clients' tps during the "
             f"round trips at least 0.90 of theirs alone; direct's own figure is what the round trips cost "
             f"the shared CPUs without a pooler. In those rows, a ratio above 1 means pgforkpool is slower "
