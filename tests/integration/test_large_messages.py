@@ -8,11 +8,15 @@ the backend serving the others.
 
 import hashlib
 import os
+import socket
+import struct
 import threading
 
 import pytest
 
 from conftest import WAIT, backend_pid
+from test_core_defects import (Raw, _i16, _i32, assert_backend_unhurt, cstr, keeper_session, message,
+                               pooler_pids)
 
 MB = 1 << 20
 
@@ -76,3 +80,29 @@ def test_copy_from_stdin_in_large_pieces_reaches_the_table_intact(pooler):
         assert other.execute("SELECT count(*) FROM large_copy").fetchone() == (300,)
     finally:
         conn.execute("DROP TABLE large_copy")
+
+
+@pytest.mark.parametrize("how", ["FIN", "RST"])
+def test_a_client_gone_in_the_middle_of_a_large_value_leaves_the_backend_serving_and_nothing_stored(
+        start_pooler, how):
+    """A client sends a Bind promising an 8 MB value, 3 MB of it, and goes (a close, or a reset):
+    the other session of the backend keeps its setting and is answered, a new login lands on
+    the same backend, no pooler process changed, and no row was stored."""
+    pool = start_pooler(session_pool_size=1, auth_method="trust")
+    keeper = keeper_session(pool)
+    pids = pooler_pids(pool)
+    keeper.execute("CREATE TABLE half_sent (v bytea)")
+    try:
+        raw = Raw(pool.port)
+        size = 8 * MB
+        head = cstr("") + cstr("") + _i16.pack(1) + _i16.pack(1) + _i16.pack(1) + _i32.pack(size)
+        bind_length = 4 + len(head) + size + 2   # then the result formats: none
+        raw.send(message(b"P", cstr("") + cstr("INSERT INTO half_sent VALUES ($1)") + _i16.pack(0))
+                 + b"B" + _i32.pack(bind_length) + head + b"\x07" * (3 * MB))
+        if how == "RST":
+            raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        raw.close()
+        assert_backend_unhurt(pool, keeper, pids, f"a client gone ({how}) 3 MB into an 8 MB value")
+        assert keeper.execute("SELECT count(*) FROM half_sent").fetchone() == (0,)
+    finally:
+        keeper.execute("DROP TABLE half_sent")

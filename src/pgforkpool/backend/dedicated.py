@@ -16,7 +16,7 @@ from ..shared import channel, log, process, protocol, status
 from ..shared.errors import PgError
 from . import server as srv
 from .scheduler import ServerState
-from .stream import EPOLLIN, EPOLLOUT, HIGH_WATER, LOW_WATER, READABLE, Stream
+from .stream import EPOLLIN, EPOLLOUT, HIGH_WATER, READABLE, Stream
 
 logger = log.get("dedicated")
 
@@ -136,7 +136,7 @@ class DedicatedBackend:
                     source.flush()
                     if source.broken:
                         return
-                    if len(source.outbuf) < LOW_WATER:
+                    if source.has_room():
                         target.resume_reading()
                 if mask & READABLE:
                     data = source.recv()

@@ -39,13 +39,11 @@ from .context import (PIN_CHECK_QUERY, UNKNOWN_NAME, Context, capture_query,
                       captured_settings, custom_setting_names, duration_setting, fixup_query,
                       reserved_placeholder, restore_query)
 from .scheduler import Decision, Scheduler, ServerState, SessionState, boundary_decision
-from .server import (BOUNDARY, BROKEN, CHECKED, FLUSHED, NOTE_DISCARDED, NOTE_OUTDATED, NOTE_PIN, NOTE_STALE,
-                     NOTE_SETTINGS, NOTE_UNPIN,
-                     TransactionStatus)
+from .server import (BOUNDARY, BROKEN, CHECKED, FLUSHED, NOTE_DISCARDED, NOTE_OUTDATED, NOTE_PIN, NOTE_SETTINGS,
+                     NOTE_STALE, NOTE_UNPIN, TransactionStatus)
 from .session import Session
 from .statements import ProtocolViolation, Statement, StatementRegistry, length_word
-from .stream import (EPOLLIN, EPOLLOUT, HIGH_WATER, LOW_WATER, READABLE, RECV_SIZE, SPLICE_REFUSED, Stream,
-                     release_memory)
+from .stream import EPOLLIN, EPOLLOUT, HIGH_WATER, READABLE, RECV_SIZE, SPLICE_REFUSED, Stream, release_memory
 
 logger = log.get("backend")
 
@@ -331,9 +329,7 @@ class PooledBackend:
         queue): the client gets the error and ReadyForQuery, as PostgreSQL answers a failed
         request; what it sent after that request waits its turn afresh."""
         self._client_send(session, error.packet() + protocol.ready_for_query(b"I"))
-        if session.paused:
-            session.paused = False
-            session.stream.resume_reading()
+        session.resume_input()
         if session.proto.ready() is True:
             self._enqueue(session)
 
@@ -902,9 +898,8 @@ class PooledBackend:
         if type(ready) is ProtocolViolation:
             self._protocol_violation(session, ready.text)
             return
-        if len(proto.buf) >= WAITING_INPUT_LIMIT and not session.paused:
-            session.paused = True
-            session.stream.pause_reading()
+        if len(proto.buf) >= WAITING_INPUT_LIMIT:
+            session.pause_input()
         if ready and state is IDLE:
             server = self.server
             if session.pinned is None and server is not None and server.state is not SERVER_IDLE:
@@ -922,18 +917,16 @@ class PooledBackend:
         if out:
             stream = server.stream
             stream.send(out)
-            if stream.outbuf and len(stream.outbuf) > HIGH_WATER and not session.paused:
-                session.paused = True
-                session.stream.pause_reading()
+            if stream.outbuf and len(stream.outbuf) > HIGH_WATER:
+                session.pause_input()
         if outcome is not None:
             if type(outcome) is ProtocolViolation:
                 self._protocol_violation(session, outcome.text)
             else:   # TERMINATE
                 self._client_gone(session)
             return
-        if proto.need == HOLDING and len(proto.buf) >= WAITING_INPUT_LIMIT and not session.paused:
-            session.paused = True   # until the check it waits for is answered (_checked)
-            session.stream.pause_reading()
+        if proto.need == HOLDING and len(proto.buf) >= WAITING_INPUT_LIMIT:
+            session.pause_input()   # until the check it waits for is answered (_checked)
         if (not server.pending and not server.unsynced and server.status == TX_IDLE
                 and server.owner is session and len(session.proto.buf) < WAITING_INPUT_LIMIT):
             # Only messages that expect no answer (Flush, stray CopyData): nothing holds the server.
@@ -958,9 +951,8 @@ class PooledBackend:
             self.bytes_in += taken
             proto.spliced(taken)
             session.idle_since = self.now   # a piece of a streamed message: idle from now on
-            if stream.piped and not session.paused:
-                session.paused = True
-                session.stream.pause_reading()   # until the server has taken it (_server_writable)
+            if stream.piped:
+                session.pause_input()   # until the server has taken it (_server_writable)
             if not proto.passthrough:
                 self._forward(session, server, b"")   # the message is whole: what ends with it
         return True
@@ -999,7 +991,7 @@ class PooledBackend:
         if stream.broken:
             self._client_gone(session)
             return
-        if len(stream.outbuf) < LOW_WATER:
+        if stream.has_room():
             server = session.pinned or self.server
             if server is not None and (server.owner is session or server.pinned is session):
                 server.stream.resume_reading()
@@ -1259,12 +1251,10 @@ class PooledBackend:
             return   # (a check of a statement prepared on the way: nothing waits for it)
         owner.proto.resume()
         self._forward(owner, server, b"")
-        if (owner.paused and not owner.gone and owner.proto.need != HOLDING
-                and len(server.stream.outbuf) < LOW_WATER and not server.stream.piped):
+        if not owner.gone and owner.proto.need != HOLDING and server.stream.has_room():
             # (What it buffered meanwhile has gone on: an unfinished message of any size may
             # be left, which needs more input.)
-            owner.paused = False
-            owner.stream.resume_reading()
+            owner.resume_input()
 
     def _server_failed(self, server: srv.ServerConnection | None, error: PgError) -> None:
         """The server refused us or could not be reached: every waiting session hears why."""
@@ -1300,8 +1290,7 @@ class PooledBackend:
         stream.send(data)
         owner = server.owner
         if stream.outbuf and len(stream.outbuf) > HIGH_WATER and owner is not None and not owner.gone:
-            owner.paused = True
-            owner.stream.pause_reading()
+            owner.pause_input()
 
     def _hidden(self, server: srv.ServerConnection, kind: str, sql: str,
                 session: Session | None = None) -> None:
@@ -1312,11 +1301,9 @@ class PooledBackend:
         stream = server.stream
         stream.flush()
         owner = server.owner
-        if (len(stream.outbuf) < LOW_WATER and not stream.piped and owner is not None
-                and owner.paused and not owner.gone
+        if (owner is not None and owner.paused and not owner.gone and stream.has_room()
                 and (owner.proto.need != HOLDING or len(owner.proto.buf) < WAITING_INPUT_LIMIT)):
-            owner.paused = False
-            owner.stream.resume_reading()
+            owner.resume_input()
 
     # ================================================================ transaction boundaries
 
@@ -1578,9 +1565,7 @@ class PooledBackend:
                 f'DEALLOCATE "{name.decode()}"' for name in names))
 
     def _forward_buffered(self, server: srv.ServerConnection, session: Session) -> None:
-        if session.paused:
-            session.paused = False
-            session.stream.resume_reading()
+        session.resume_input()
         if session.proto.buf:
             self._forward(session, server, b"")
         elif not server.pending and not server.unsynced and server.owner is session:

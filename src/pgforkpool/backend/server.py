@@ -135,14 +135,14 @@ _TAG_NOTES: Final = (
 _PLACEHOLDER_REMOVED: Final = b"C42602\0"
 # "cached plan must not change result type": a table's columns changed since a statement was
 # prepared (feature_not_supported; the message is in lc_messages' language, so the code is used).
-_STALE_PLAN: Final = b"\0C0A000\0"   # the code field, after the NUL that ends the one before
-# The pooler's answer for a STALE statement (statements.py): PostgreSQL's, with the routine that
-# raises it (asyncpg prepares the statement again, outside a transaction, only when it names
-# RevalidateCachedQuery).
+_STALE_PLAN: Final = b"0A000"
 # Errors of a prepared statement's revalidation after DDL, that a statement prepared afresh
 # would not raise: its result changed, a type it used was dropped ("cache lookup failed for
 # type"), parameter types inferred when it was prepared no longer fit (42804, 42883, 42846).
-_OUTDATED: Final = frozenset({b"0A000", b"XX000", b"42804", b"42883", b"42846", b"42P18"})
+_OUTDATED: Final = frozenset({_STALE_PLAN, b"XX000", b"42804", b"42883", b"42846", b"42P18"})
+# The pooler's answer for a STALE statement (statements.py): PostgreSQL's, with the routine that
+# raises it (asyncpg prepares the statement again, outside a transaction, only when it names
+# RevalidateCachedQuery).
 STALE_PLAN_ERROR: Final = protocol.message(
     b"E", b"SERROR\0VERROR\0C0A000\0Mcached plan must not change result type\0"
           b"Fplancache.c\0RRevalidateCachedQuery\0\0")
@@ -412,13 +412,12 @@ class ServerProtocol:
                     if self.unsynced and all(type(entry) in STATEMENT_ENTRIES for entry in pending):
                         # No ReadyForQuery is owed before it: the error is of the open batch.
                         self.skipping = True
-                    if data.find(_STALE_PLAN, pos + 4, end) >= 0:
-                        self.notes |= NOTE_STALE
-                    code = data.find(b"\0C", pos + 4, end)
-                    if code >= 0 and bytes(data[code + 2:code + 7]) in _OUTDATED:
+                    at = data.find(b"\0C", pos + 4, end)   # the code field (S and V come first)
+                    code = bytes(data[at + 2:at + 7]) if at >= 0 else b""
+                    if code in _OUTDATED:
                         # (Whether a prepared statement raised it is not said: a simple Query's
                         # such error renews them too, which costs each a Parse, no more.)
-                        self.notes |= NOTE_OUTDATED
+                        self.notes |= NOTE_OUTDATED | (NOTE_STALE if code == _STALE_PLAN else 0)
                     if self.error_names:
                         pieces = _cut(pieces, data, start, pos)
                         pieces.append(self._client_error(data[pos + 5:end]))

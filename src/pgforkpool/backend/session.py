@@ -67,6 +67,17 @@ class Session:
         # a session stuck behind a longer one, not the long ones).
         self.last_xact = 0.0
 
+    def pause_input(self) -> None:
+        """Stop reading its socket (back-pressure: what it sends has nowhere to go yet)."""
+        if not self.paused:
+            self.paused = True
+            self.stream.pause_reading()
+
+    def resume_input(self) -> None:
+        if self.paused:
+            self.paused = False
+            self.stream.resume_reading()
+
     def settings_changed(self) -> None:
         """Its context's settings are new (read back, or from its startup packet).
 

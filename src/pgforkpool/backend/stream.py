@@ -107,7 +107,7 @@ class Stream:
             return -1
         except OSError as exc:
             return SPLICE_REFUSED if exc.errno in _REFUSING else 0
-        self.piped = taken
+        self.piped += taken   # (0 before: only when nothing waits)
         self._drain_pipe()
         return taken
 
@@ -149,6 +149,11 @@ class Stream:
             self.outbuf = bytearray()
         self._set(self.mask & ~EPOLLOUT)
         return True
+
+    def has_room(self) -> bool:
+        """Little waits to be written (under LOW_WATER, the pipe empty): the side that
+        produces for it, paused, may go on."""
+        return not self.piped and len(self.outbuf) < LOW_WATER
 
     def pause_reading(self) -> None:
         self._set(self.mask & ~EPOLLIN)
