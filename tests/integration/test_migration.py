@@ -2,6 +2,7 @@
 backend of its pool whose server connection is free, keeping everything it had."""
 
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -495,3 +496,120 @@ def test_a_moved_statement_whose_result_changed_fails_as_on_postgresql_and_only_
         psycopg.pq.DiagnosticField.SQLSTATE) == b"0A000", "until the client prepares it anew"
     assert waiter.pgconn.prepare(b"a2", text).status == psycopg.pq.ExecStatus.COMMAND_OK
     assert waiter.pgconn.exec_prepared(b"a2", []).get_value(0, 0) == b"5"
+
+
+# ---------------------------------------------------------------- session_pool_size lowered
+
+def pooled_backends(pooler) -> set[int]:
+    """Pids of the pooled backends in the status table (a slot is freed once its process is reaped)."""
+    table = status.StatusTable.attach(pooler.port)
+    assert table is not None
+    return {slot["pid"] for slot in table.slots() if slot["kind"] == "pooled"}
+
+
+def app_server_connections(pooler) -> int:
+    """Server processes of the app/app pool, counted on PostgreSQL itself."""
+    return int(pooler.cluster.psql("SELECT count(*) FROM pg_stat_activity WHERE usename = 'app' "
+                                   "AND datname = 'app' AND backend_type = 'client backend'"))
+
+
+def test_lowering_session_pool_size_moves_the_sessions_and_closes_the_surplus_connections(start_pooler):
+    """A reload from 3 backends to 1: the two surplus backends' sessions move to the one kept as
+    they finish their transactions (one in the middle of a transaction finishes it first), with
+    their settings and prepared statements; the surplus backends exit and their server
+    connections close; no session is dropped."""
+    pooler = start_pooler(session_pool_size=3, session_schedule="round-robin")
+    conns = [pooler.connect() for _ in range(6)]
+    try:
+        for n, conn in enumerate(conns):
+            conn.execute(f"SET work_mem = '{n + 1}MB'")
+            conn.execute(f"SET myapp.tenant = 't{n}'")
+            assert conn.execute("SELECT %s::int + 1", (n,), prepare=True).fetchone()[0] == n + 1
+        assert len(pooled_backends(pooler)) == 3
+        assert len({server_pid(conn) for conn in conns}) == 3
+        assert app_server_connections(pooler) == 3
+        holder = conns[0]
+        holder.execute("BEGIN")
+        holder.execute("CREATE TABLE shrink_t (n int)")
+
+        pooler.write_config(session_pool_size=1)
+        pooler.signal(signal.SIGHUP)
+        wait_for(lambda: "retiring pooled backend" in pooler.log(), "the pool to retire backends")
+        # The open transaction goes on where it is, whichever backend that is.
+        holder.execute("INSERT INTO shrink_t VALUES (1)")
+        holder.execute("COMMIT")
+        wait_for(lambda: len(pooled_backends(pooler)) == 1, "the surplus backends to exit")
+        wait_for(lambda: app_server_connections(pooler) == 1, "their server connections to close")
+        kept = server_pid(conns[0])
+        for n, conn in enumerate(conns):
+            assert server_pid(conn) == kept
+            assert conn.execute("SHOW work_mem").fetchone()[0] == f"{n + 1}MB"
+            assert conn.execute("SELECT current_setting('myapp.tenant')").fetchone()[0] == f"t{n}"
+            assert conn.execute("SELECT %s::int + 1", (n,), prepare=True).fetchone()[0] == n + 1
+        assert conns[3].execute("SELECT count(*) FROM shrink_t").fetchone()[0] == 1
+        fresh = pooler.connect()
+        conns.append(fresh)
+        assert server_pid(fresh) == kept
+        assert "terminat" not in pooler.log().lower()
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def test_a_pinned_session_keeps_its_retiring_backend_until_it_is_unpinned(start_pooler):
+    """Every backend holds a pinned session (a temporary table): the one retired stays while its
+    pinned session keeps the table, serving it; once the table is dropped the session moves
+    and the backend exits."""
+    pooler = start_pooler(session_pool_size=2, session_schedule="round-robin")
+    first, second, third = pooler.connect(), pooler.connect(), pooler.connect()
+    conns = [first, second, third]
+    try:
+        assert backend_pid(first) == backend_pid(third) != backend_pid(second)
+        for conn in (first, second):
+            conn.execute("CREATE TEMP TABLE mine (n int)")
+        second.execute("SET work_mem = '7MB'")
+        # The first backend has two sessions, the second one: the second is retired.
+        going = backend_pid(second)
+        pooler.write_config(session_pool_size=1)
+        pooler.signal(signal.SIGHUP)
+        wait_for(lambda: f"retiring pooled backend {going}" in pooler.log(), "the pool to retire one")
+        assert second.execute("INSERT INTO mine VALUES (1) RETURNING n").fetchone()[0] == 1
+        assert going in pooled_backends(pooler)
+        second.execute("DROP TABLE mine")   # unpinned: it can move now
+        wait_for(lambda: going not in pooled_backends(pooler), "the retired backend to exit")
+        assert second.execute("SHOW work_mem").fetchone()[0] == "7MB"
+        assert first.execute("INSERT INTO mine VALUES (2) RETURNING n").fetchone()[0] == 2
+        assert third.execute("SELECT 3").fetchone()[0] == 3
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def test_lowering_session_pool_size_under_load_drops_no_client(start_pooler, tmp_path):
+    """pgbench's 8 clients run back-to-back transactions on 4 backends while the pool is lowered
+    to 2: the busy sessions move between their transactions, the two surplus backends exit
+    while pgbench runs, and no client sees an error."""
+    pooler = start_pooler(session_pool_size=4, session_schedule="round-robin")
+    script = tmp_path / "busy.sql"
+    script.write_text("SELECT count(*) FROM items;\n")
+    env = dict(os.environ, PGPASSWORD=USERS["app"], PGCONNECT_TIMEOUT="10")
+    bench = subprocess.Popen(
+        ["pgbench", "-n", "-h", "127.0.0.1", "-p", str(pooler.port), "-U", "app", "-c", "8", "-j", "1",
+         "-T", "8", "-f", str(script), "app"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        wait_for(lambda: len(pooled_backends(pooler)) == 4, "pgbench's clients to fill the pool")
+        pooler.write_config(session_pool_size=2)
+        started = time.monotonic()
+        pooler.signal(signal.SIGHUP)
+        wait_for(lambda: len(pooled_backends(pooler)) == 2 and app_server_connections(pooler) == 2,
+                 "the surplus backends to exit while pgbench runs")
+        print(f"the pool shrank in {time.monotonic() - started:.2f} s")
+        assert bench.poll() is None, "pgbench ended before the pool shrank"
+        out, _ = bench.communicate(timeout=WAIT)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
+    assert bench.returncode == 0, out
+    assert "number of failed transactions: 0 " in out, out

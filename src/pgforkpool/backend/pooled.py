@@ -140,6 +140,9 @@ class PooledBackend:
         self.counters = (table.counters(slot) if table is not None and slot is not None
                          else memoryview(bytearray(status.INT_BYTES)).cast("q"))
         self.shutdown_mode: str | None = None
+        # session_pool_size was lowered: this backend takes no new session, and its sessions
+        # move to the pool's other backends between their transactions; it exits when empty.
+        self.retiring = False
         self.title_at = 0.0
         self.title = ""
         self.empty_since = time.monotonic()   # when the last session left (idle_pool_backend_timeout)
@@ -293,6 +296,8 @@ class PooledBackend:
         if self.settings.idle_in_transaction_session_timeout:
             self._expire_idle_transactions(now)
         self._expire_idle_sessions(now)
+        if self.retiring:
+            self._move_out(now)
         self._update_title()
         self.title_at = now + 1.0   # next housekeeping while busy
 
@@ -434,6 +439,8 @@ class PooledBackend:
                 self._adopt(msg[1], msg[2], fd, msg[3])
             elif kind == "shutdown":
                 self._shutdown(msg[1])
+            elif kind == "retire":
+                self._retire()
             elif kind == "ask":
                 self._ask(msg[1], msg[2], msg[3])
 
@@ -554,6 +561,7 @@ class PooledBackend:
 
     def _shutdown(self, mode: str) -> None:
         self.shutdown_mode = mode
+        self.retiring = False   # the whole pooler stops: its siblings take no session either
         if mode == "smart":
             return
         # Queries running for the sessions it ends are cancelled first: closing the
@@ -569,6 +577,40 @@ class PooledBackend:
             self._close_session(session)
 
     # ================================================================ session migration
+
+    def _retire(self) -> None:
+        """session_pool_size was lowered below the pool's number of backends: we are one too many.
+        No new session comes (the postmaster sends none); ours move to the other backends as
+        they finish their transactions, and we exit once the last has gone, which closes our
+        server connection.  A pinned session stays until its state is gone or it ends."""
+        if self.shutdown_mode is not None:
+            return
+        self.shutdown_mode = "smart"
+        self.retiring = True
+        logger.log(log.LOG, "pooled backend of %s/%s retiring (session_pool_size lowered): %d sessions "
+                   "move to the other backends of the pool", self.database, self.user, len(self.sessions))
+        self._move_out(self.now)
+
+    def _move_out(self, now: float, only: Session | None = None) -> None:
+        """A retiring backend hands its sessions that are between transactions (`only`: that
+        one) to the open siblings with the fewest sessions; the rest go later."""
+        if self.table is None or self.paused:
+            return
+        ints = self.table_ints
+        assert ints is not None
+        room = {pid: self.settings.max_sessions - ints[base + status.SESSIONS]
+                for base, pid in self._open_siblings(now)}
+        if not room:
+            return
+        candidates = [only] if only is not None else list(self.sessions.values())
+        for session in candidates:
+            if (session.state is not IDLE and session.state is not WAITING) or not self._movable(session):
+                continue
+            target = max(room, key=room.__getitem__)   # the fewest sessions: the most room
+            if room[target] <= 0:
+                return
+            room[target] -= 1
+            self._migrate(session, target)
 
     def _migrate_waiting(self, now: float) -> None:
         """Move sessions that waited session_migration_delay to backends of the pool that are idle."""
@@ -1573,7 +1615,7 @@ class PooledBackend:
 
     def _release(self, server: srv.ServerConnection) -> None:
         """The transaction is over: the server connection goes to the next waiting session."""
-        session = self.scheduler.release(server)
+        session = released = self.scheduler.release(server)
         gather: Session | None = None
         if server.queries:   # a transaction of the owner's, not only the pooler's own queries
             held = self.now - server.since
@@ -1615,6 +1657,8 @@ class PooledBackend:
             self._disarm_idle_session_timeout(server)
         if gather is not None and server is self.server:
             self._gather(gather)
+        elif self.retiring and released is not None:
+            self._move_out(self.now, released)
 
     def _disarm_idle_session_timeout(self, server: srv.ServerConnection) -> None:
         """The shared connection goes idle after the turn of a session with an idle_session_timeout:

@@ -679,14 +679,41 @@ class Postmaster:
         except OSError:
             pass
 
-    def _retire(self, backend: BackendSlot) -> None:
-        """No new sessions for this backend; it exits once its sessions have ended."""
+    def _retire(self, backend: BackendSlot, move_sessions: bool = False) -> None:
+        """No new sessions for this backend; it exits once its sessions have ended.
+
+        move_sessions: the pool keeps other backends (session_pool_size lowered), to which
+        its sessions move between their transactions, so that it is not kept up by them.
+        """
         backend.draining = True
         if backend.slot is not None:
             self.table.counters(backend.slot)[status.DRAINING] = 1
         if backend.pool is not None and backend in backend.pool.backends:
             backend.pool.backends.remove(backend)
-        self._tell(backend, ("shutdown", "smart"))
+        self._tell(backend, ("retire",) if move_sessions else ("shutdown", "smart"))
+
+    def _shrink_pools(self) -> None:
+        """session_pool_size lowered by a reload: each pool keeps that many backends, those
+        with the most sessions (pinned ones first, which cannot move), and retires the rest."""
+        size = self.settings.session_pool_size
+        for pool in self.pools.values():
+            surplus = len(pool.backends) - size
+            if surplus <= 0:
+                continue
+
+            def weight(backend: BackendSlot) -> tuple[int, int]:
+                pinned = self.table.counters(backend.slot)[status.PINNED] if backend.slot is not None else 0
+                return pinned, backend.sessions
+            going = sorted(pool.backends, key=weight)[:surplus]
+            logger.log(log.LOG, 'pool %s/%s: session_pool_size is %d: retiring pooled backend%s %s; '
+                       'their sessions move to the others', pool.database, pool.user, size,
+                       "s" if surplus > 1 else "", ", ".join(str(b.pid) for b in going))
+            # All marked before any is told: none moves its sessions to another one going.
+            for backend in going:
+                if backend.slot is not None:
+                    self.table.counters(backend.slot)[status.DRAINING] = 1
+            for backend in going:
+                self._retire(backend, move_sessions=True)
 
     # ================================================================ supervision
 
@@ -805,6 +832,8 @@ class Postmaster:
                 self._retire(backend)
             else:
                 self._tell(backend, ("reload", new, entries.get(backend.pool.user)))
+        if not new.restart_pooler_on_reload:
+            self._shrink_pools()
         logger.log(log.LOG, "received SIGHUP, reloading configuration files")
         _sd_notify("READY=1")
 
