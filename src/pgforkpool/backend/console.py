@@ -61,6 +61,13 @@ class ConsoleError(Exception):
         self.hint = hint
 
 
+class Cancelled(ConsoleError):
+    """A CancelRequest with the console's key came while a command waited for the backends."""
+
+    def __init__(self):
+        super().__init__("57014", "canceling statement due to user request")
+
+
 def version() -> str:
     try:
         return metadata.version("pgforkpool")
@@ -190,6 +197,8 @@ class Console:
         self.user = startup["user"]
         self.inbuf = bytearray()
         self.next_token = 0
+        # The key of our BackendKeyData: a CancelRequest with it (psql's Ctrl-C) ends a wait.
+        self.cancel_key = secrets.randbits(31)
         self.extended_error = False   # an extended-protocol message was refused: skip to Sync
         self.statements: dict[str, str] = {}      # prepared by Parse: name -> command text
         self.portals: dict[str, list] = {}        # bound: name -> [command text, reply if described]
@@ -334,13 +343,15 @@ class Console:
             "application_name": self.startup.get("application_name", ""),
         }
         out = [protocol.parameter_status(k, v) for k, v in params.items()]
-        out.append(protocol.backend_key_data(os.getpid(), secrets.randbits(31)))
+        out.append(protocol.backend_key_data(os.getpid(), self.cancel_key))
         out.append(protocol.ready_for_query(b"I"))
         self.send(b"".join(out))
 
     # -- commands
 
     def _postmaster_says(self, msg: tuple) -> None:
+        """A message that is not the answer awaited: a reload, or a cancel that came while no
+        command waited (it does nothing, as in PostgreSQL)."""
         if msg[0] == "reload":
             self.settings = msg[1]
 
@@ -507,7 +518,16 @@ class Console:
         return command_complete("KILL")
 
     def _pause(self, verb: str, database: str | None) -> bytes:
-        answers = self._ask(verb.lower(), database, PAUSE_TIMEOUT if verb == "PAUSE" else ASK_TIMEOUT)
+        try:
+            answers = self._ask(verb.lower(), database, PAUSE_TIMEOUT if verb == "PAUSE" else ASK_TIMEOUT)
+        except Cancelled:
+            if verb == "RESUME":
+                raise
+            # A statement cancelled has not happened: the backends paused so far resume, and
+            # those still waiting for a transaction to end give up waiting.
+            self._ask("resume", database)
+            raise ConsoleError("57014", "canceling statement due to user request",
+                               hint="The pools it was pausing were resumed.")
         if database is not None and not answers:
             # No backend serves it: nothing was paused or resumed, which an OK would hide.
             raise ConsoleError("42704", f'no pool serves database "{database}"',
@@ -539,6 +559,8 @@ class Console:
                 raise ConsoleError("57P01", "the postmaster has gone")
             if msg[0] == "answer" and msg[1] == token:
                 return msg[2]
+            if msg[0] == "cancel" and msg[1] == self.cancel_key:
+                raise Cancelled()
             self._postmaster_says(msg)
 
 

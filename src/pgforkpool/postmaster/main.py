@@ -351,6 +351,10 @@ class Postmaster:
             finally:
                 os.close(fd)
         elif kind == "cancel":
+            console_slot = self.consoles.get(msg[2])
+            if console_slot is not None:   # psql's Ctrl-C during a PAUSE: the console checks the key
+                self._tell(console_slot, ("cancel", msg[3]))
+                return
             # A session that moved is cancelled where it is now, by the key its client was told.
             backend = self.backends.get(self.cancel_routes.get((msg[2], msg[3]), msg[2]))
             if backend is not None:
