@@ -2,6 +2,7 @@
 
 import os
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -10,6 +11,7 @@ import psycopg
 import pytest
 
 from conftest import USERS, WAIT, backend_pid, server_pid, wait_for
+from pgforkpool.shared import status
 
 
 def test_a_session_that_waits_too_long_gets_57014_and_stays_usable(start_pooler):
@@ -83,6 +85,52 @@ def test_a_cancel_of_a_waiting_statement_keeps_it_from_running(start_pooler, clu
     assert waiter.execute("SELECT count(*) FROM cancelled_inserts").fetchone() == (0,)
     assert waiter.execute("SELECT 2").fetchone() == (2,)   # the session goes on
     assert "canceled while waiting for a server connection" in pool.log()
+    owner.execute("DROP TABLE cancelled_inserts")
+    owner.close()
+
+
+def test_a_cancel_while_the_sessions_settings_are_restored_keeps_its_statement_from_running(
+        start_pooler, cluster):
+    """A session gets the connection, and its statement waits there while the pooler puts its
+    settings back (the server process is stopped to hold the restore): a cancel then answers 57014
+    at once, before the server has done anything, and the statement never runs (the cancel was
+    dropped, as the session's own statement had not reached the server)."""
+    pool = start_pooler(session_pool_size=1)
+    owner = psycopg.connect(host=cluster.socket_dir, port=cluster.port, user="postgres", dbname="app",
+                            autocommit=True)
+    owner.execute("CREATE TABLE IF NOT EXISTS cancelled_inserts (x int)")
+    owner.execute("GRANT ALL ON cancelled_inserts TO PUBLIC")
+    mover, other = pool.connect(), pool.connect()
+    other.execute("SET work_mem = '9MB'")   # the connection now has other's settings
+    upstream = server_pid(other)
+    table = status.StatusTable.attach(pool.port)
+    slot = next(s for s in table.slots() if s["kind"] == "pooled")
+    outcome = []
+
+    def insert():
+        try:
+            mover.execute("INSERT INTO cancelled_inserts VALUES (1)")
+            outcome.append("ran")
+        except psycopg.Error as exc:
+            outcome.append(exc.sqlstate)
+
+    os.kill(upstream, signal.SIGSTOP)   # the restore for mover will wait there
+    t = threading.Thread(target=insert)
+    try:
+        t.start()
+        # mover owns the connection (ready to run: 1) while its restore waits on the server.
+        wait_for(lambda: next(s["waiting"] for s in table.slots() if s["pid"] == slot["pid"]) == 1,
+                 "the session to take the connection")
+        mover.cancel()
+        t.join(timeout=WAIT)
+        assert outcome == ["57014"], outcome   # answered while the server process is stopped
+    finally:
+        os.kill(upstream, signal.SIGCONT)
+        t.join(timeout=WAIT)
+    assert mover.execute("SELECT count(*) FROM cancelled_inserts").fetchone() == (0,)
+    assert mover.execute("SHOW work_mem").fetchone() == ("4MB",)
+    assert other.execute("SHOW work_mem").fetchone() == ("9MB",)
+    assert "canceled while its settings were being restored" in pool.log()
     owner.execute("DROP TABLE cancelled_inserts")
     owner.close()
 

@@ -1768,6 +1768,15 @@ class PooledBackend:
             logger.log(log.LOG, "%s: canceled while waiting for a server connection", session)
             self._answer_dropped(session, PgError("query_canceled", "canceling statement due to user request"))
             return
+        if (session is not None and session.state is SessionState.RESTORING and session.greeted
+                and session.proto.drop_request()):
+            # It has the connection, but its statement waits for its settings to be put back
+            # there: dropped the same way.  The restore goes on; what the client sent after
+            # the statement follows it (_forward_buffered), or the turn ends there.
+            logger.log(log.LOG, "%s: canceled while its settings were being restored", session)
+            self._client_send(session, PgError("query_canceled", "canceling statement due to user request")
+                              .packet() + protocol.ready_for_query(b"I"))
+            return
         server = None if session is None else (session.pinned or self.server)
         # Only while this session's own work runs on the server.
         if (session is not None and server is not None and server.owner is session
