@@ -331,3 +331,48 @@ def test_a_console_answer_waits_for_a_full_channel_instead_of_being_lost(table):
     assert [m[1] for m in received[:queued]] == list(range(queued))
     assert received[-1] == ("answer", 7, [{"pid": 1, "sessions": 2}])
     assert backend.chan.gettimeout() == 0.0   # non-blocking again for the event loop
+
+
+def test_a_retiring_backend_moves_its_idle_sessions_to_the_siblings_with_the_most_room(table):
+    """session_pool_size lowered: the backend told to retire hands each session that is between
+    transactions to the open sibling of its pool with the most room (never to one draining, of
+    another pool, or full), keeps what no sibling has room for, and takes no new session."""
+    from pgforkpool.shared import channel
+
+    backend, own, postmaster, startup = greeted_backend(table)
+    clients = []
+    for conn_id in range(1, 5):
+        client, server_side = socket.socketpair()
+        clients.append(client)
+        backend._new_session(conn_id, startup, server_side.detach())
+    max_sessions = backend.settings.max_sessions
+    backend_slot(table, 101, pool=1, sessions=max_sessions - 2)   # room for 2
+    backend_slot(table, 102, pool=1, sessions=max_sessions - 1)   # room for 1
+    backend_slot(table, 103, pool=1, draining=1)                  # retiring too
+    backend_slot(table, 104, pool=2)                              # another pool's
+    postmaster.setblocking(False)
+
+    def moves():
+        found = []
+        while True:
+            try:
+                msg, fd = channel.receive(postmaster)
+            except BlockingIOError:
+                return found
+            if fd is not None:
+                os.close(fd)
+            if msg[0] == "migrate":
+                found.append((msg[1], msg[2]))
+
+    channel.send(postmaster, ("retire",))
+    backend.chan.setblocking(False)   # as run() sets it: _on_channel reads until it is empty
+    backend._on_channel(0)
+    assert backend.retiring and backend.shutdown_mode == "smart"
+    moved = moves()
+    assert [target for _conn, target in moved] == [101, 101, 102]
+    assert len(backend.sessions) == 1 and backend.migrations == 3
+    # A whole pooler's shutdown ends the retiring: its siblings take no session either.
+    backend._shutdown("smart")
+    assert not backend.retiring
+    for client in clients:
+        client.close()
