@@ -18,7 +18,8 @@ from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 # The hot path: stream buffers, client and server framing, the outstanding-reply
-# queue, statement renaming, contexts, the scheduler, and the event loop that drives them.
+# queue, statement renaming, contexts, the scheduler, the siblings a waiting session may
+# move to, and the event loop that drives them.
 COMPILED = [
     "src/pgforkpool/backend/stream.py",
     "src/pgforkpool/backend/statements.py",
@@ -27,6 +28,7 @@ COMPILED = [
     "src/pgforkpool/backend/context.py",
     "src/pgforkpool/backend/scheduler.py",
     "src/pgforkpool/backend/session.py",
+    "src/pgforkpool/backend/siblings.py",
     "src/pgforkpool/backend/pooled.py",
 ]
 

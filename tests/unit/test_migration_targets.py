@@ -9,6 +9,7 @@ import pytest
 
 from pgforkpool.backend.pooled import PooledBackend
 from pgforkpool.backend.session import Session
+from pgforkpool.backend.siblings import Siblings
 from pgforkpool.backend.stream import Stream
 from pgforkpool.shared import config, status
 
@@ -27,6 +28,12 @@ def backend_slot(table, pid, pool, database="db", user="app", **fields):
     for name, value in fields.items():
         ints[status.FIELDS.index(name)] = value
     return index
+
+
+def siblings_of(table, pid=None, pool=1):
+    """The pool's other backends as the backend `pid` (this process by default) sees them."""
+    return Siblings(table.all_ints(), pool, os.getpid() if pid is None else pid,
+                    config.defaults().max_sessions)
 
 
 def make_backend(table, slot):
@@ -60,15 +67,15 @@ def test_targets_are_the_pools_free_backends_and_not_failed_full_or_foreign_ones
     backend_slot(table, 107, pool=1, sessions=config.defaults().max_sessions)
     # Same names, another pool number (a pool whose name shares a 63-byte prefix, say).
     backend_slot(table, 108, pool=3)
-    backend = make_backend(table, own)
-    assert backend.pool_number == 1
-    assert backend._sibling_targets(now=1.0) == [101]
+    assert make_backend(table, own).siblings.pool == 1   # the pool number its slot was given
+    siblings = siblings_of(table)
+    assert siblings.free_then_lighter(now=1.0) == [101]
     # load-balancing: with 6 ready here, a sibling with at least two fewer takes one too.
-    assert backend._sibling_targets(now=1.0, balance=6) == [101, 104]
-    assert backend._sibling_targets(now=1.0, balance=3) == [101]
+    assert siblings.free_then_lighter(now=1.0, balance=6) == [101, 104]
+    assert siblings.free_then_lighter(now=1.0, balance=3) == [101]
     # Its upstream is back: it is a target again (live figures, no refresh needed).
     table.counters(down)[status.SERVER_DOWN] = 0
-    assert backend._sibling_targets(now=1.5) == [101, 102]
+    assert siblings.free_then_lighter(now=1.5) == [101, 102]
 
 
 def test_siblings_passing_short_transactions_are_found_by_when_their_connection_changed_hands(table):
@@ -84,13 +91,15 @@ def test_siblings_passing_short_transactions_are_found_by_when_their_connection_
     backend_slot(table, 103, pool=1, waiting=3, owner_since_ms=recent)
     backend_slot(table, 104, pool=1, waiting=1, owner_since_ms=recent, paused=1)
     backend_slot(table, 105, pool=2, waiting=1, owner_since_ms=recent)    # another pool's
-    backend = make_backend(table, own)
-    assert backend._sibling_targets(now) == []          # none is free at this instant
-    assert backend._flowing_siblings(now, []) == [103, 101]
-    assert backend._flowing_siblings(now, [103]) == [101]
+    siblings = siblings_of(table)
+    recent_ms = int(now * 1000 - delay_ms)   # what PooledBackend._delay_ago_ms gives
+    assert make_backend(table, own)._delay_ago_ms(now) == recent_ms
+    assert siblings.free_then_lighter(now) == []          # none is free at this instant
+    assert siblings.flowing(now, recent_ms, []) == [103, 101]
+    assert siblings.flowing(now, recent_ms, [103]) == [101]
     # Its owner keeps it past the delay: no longer one.
     table.counters(crowded)[status.OWNER_SINCE_MS] = old
-    assert backend._flowing_siblings(now, []) == [103]
+    assert siblings.flowing(now, recent_ms, []) == [103]
 
 
 def test_a_long_session_joins_another_long_one_when_every_connection_is_held_by_one(table):
@@ -129,7 +138,7 @@ def test_a_long_session_joins_another_long_one_when_every_connection_is_held_by_
     backend_slot(table, 103, pool=1, waiting=3, owner_since_ms=old)
     backend_slot(table, 104, pool=1, waiting=2, owner_since_ms=old, paused=1)
     backend_slot(table, 105, pool=1, waiting=2, owner_since_ms=0)   # lost its connection: no figure
-    backend.siblings_at = 0.0   # the sibling list is read again (once a second otherwise)
+    backend.siblings.relist()   # the sibling list is read again (once a second otherwise)
     backend.paused = True       # a paused pool moves nobody
     backend._gather(session)
     assert moved_to() is None
@@ -200,16 +209,16 @@ def test_only_the_shared_connections_hand_overs_are_published_and_only_with_migr
 
 
 def test_a_backend_that_left_is_no_target_even_before_the_refresh(table):
-    own = backend_slot(table, os.getpid(), pool=1)
+    backend_slot(table, os.getpid(), pool=1)
     gone = backend_slot(table, 101, pool=1)
-    backend = make_backend(table, own)
-    assert backend._sibling_targets(now=1.0) == [101]
+    siblings = siblings_of(table)
+    assert siblings.free_then_lighter(now=1.0) == [101]
     table.release(gone)
-    assert backend._sibling_targets(now=1.2) == []
+    assert siblings.free_then_lighter(now=1.2) == []
     # Its slot taken by a new backend of the same pool: found at the next refresh (1 s on).
     backend_slot(table, 109, pool=1)
-    assert backend._sibling_targets(now=1.4) == []
-    assert backend._sibling_targets(now=2.1) == [109]
+    assert siblings.free_then_lighter(now=1.4) == []
+    assert siblings.free_then_lighter(now=2.1) == [109]
 
 
 def test_a_failed_upstream_dial_is_published_and_cleared(table):

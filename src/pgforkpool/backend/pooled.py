@@ -42,6 +42,7 @@ from .scheduler import Decision, Scheduler, ServerState, SessionState, boundary_
 from .server import (BOUNDARY, BROKEN, CHECKED, FLUSHED, NOTE_DISCARDED, NOTE_OUTDATED, NOTE_PIN, NOTE_SETTINGS,
                      NOTE_STALE, NOTE_UNPIN, TransactionStatus)
 from .session import Session
+from .siblings import Siblings
 from .statements import ProtocolViolation, Statement, StatementRegistry, length_word
 from .stream import EPOLLIN, EPOLLOUT, HIGH_WATER, READABLE, RECV_SIZE, SPLICE_REFUSED, Stream, release_memory
 
@@ -74,7 +75,6 @@ _TURNS: Final = status.TURNS
 _READY_SUM: Final = status.READY_SUM
 _WAITING: Final = status.WAITING
 _OWNER_SINCE_MS: Final = status.OWNER_SINCE_MS
-_SLOT_INTS: Final = status.SLOT_SIZE // 8
 _BOUNDS_S: Final = tuple(bound / 1e6 for bound in status.HISTOGRAM_BOUNDS_US)
 _STAT_INDEXES: Final = tuple(status.FIELDS.index(name) for name in status.STAT_FIELDS)
 
@@ -169,19 +169,14 @@ class PooledBackend:
         self.server_error: PgError | None = None   # why the last dial failed
         self.ever_connected = False   # a first dial that fails is a configuration error: told at once
         # Session migration: waiting sessions move to a backend of the pool that could
-        # serve them now.  Siblings are found in the status table (refreshed once a second).
+        # serve them now, found in the status table.
         self.table = table
-        self.pool_number = self.counters[status.POOL]   # the same in every slot of our pool
-        # The whole status table as int64s (slot i's field f at i * _SLOT_INTS + f): scanning
-        # it for siblings makes no object per slot.
-        self.table_ints = (memoryview(table.mm)[status.HEADER_SIZE:status.HEADER_SIZE
-                                                + table.nslots * status.SLOT_SIZE].cast("q")
-                           if table is not None else None)
+        self.siblings = (Siblings(table.all_ints(), self.counters[status.POOL], self.pid,
+                                  settings.max_sessions)
+                         if table is not None else None)
         self.migrate_at = 0.0
         self.owner_published = 0.0   # when OWNER_SINCE_MS was last written
         self._apply_migration_settings()
-        self.siblings: list[tuple[int, int]] = []   # (offset in table_ints, pid) of the pool's other backends
-        self.siblings_at = 0.0
         self.migrations = 0
 
     # ================================================================ event loop
@@ -431,6 +426,8 @@ class PooledBackend:
                 self.registry.cache_size = self.settings.prepared_statement_cache_size
                 self.idle_timeout = self.settings.idle_pool_backend_timeout
                 self._apply_migration_settings()
+                if self.siblings is not None:
+                    self.siblings.max_sessions = self.settings.max_sessions
             elif kind == "adopt":
                 if fd is None:
                     logger.warning("a moved session was handed over without its socket")
@@ -594,12 +591,9 @@ class PooledBackend:
     def _move_out(self, now: float, only: Session | None = None) -> None:
         """A retiring backend hands its sessions that are between transactions (`only`: that
         one) to the open siblings with the fewest sessions; the rest go later."""
-        if self.table is None or self.paused:
+        if self.siblings is None or self.paused:
             return
-        ints = self.table_ints
-        assert ints is not None
-        room = {pid: self.settings.max_sessions - ints[base + status.SESSIONS]
-                for base, pid in self._open_siblings(now)}
+        room = self.siblings.room(now)
         if not room:
             return
         candidates = [only] if only is not None else list(self.sessions.values())
@@ -618,7 +612,8 @@ class PooledBackend:
         self.migrate_at = now + delay
         self.gather_long = False
         server = self.server
-        if (self.table is None or server is None or server.state is not SERVER_ACTIVE
+        siblings = self.siblings
+        if (siblings is None or server is None or server.state is not SERVER_ACTIVE
                 or self.paused or self.shutdown_mode is not None):
             return
         # Only sessions whose last transaction was shorter than the current owner has held the
@@ -643,7 +638,7 @@ class PooledBackend:
         # Ready to run here: the waiting sessions and the owner.  With load-balancing, a
         # sibling with at least two fewer takes one too, which evens the queues out.
         balance = len(self.scheduler.queue) + 1 if self.settings.session_schedule == "load-balancing" else 0
-        targets = self._sibling_targets(now, balance)
+        targets = siblings.free_then_lighter(now, balance)
         for target in targets:
             if not movable:
                 break
@@ -657,7 +652,7 @@ class PooledBackend:
             # stay (only to a free sibling), so that they do not spread over the pool.
             short = [session for session in movable if 0.0 < session.last_xact < delay]
             if short:
-                flowing = self._flowing_siblings(now, targets)
+                flowing = siblings.flowing(now, self._delay_ago_ms(now), targets)
                 targets = targets + flowing
                 for target in flowing:
                     if not short:
@@ -694,31 +689,6 @@ class PooledBackend:
                 and len(proto.buf) + sum(len(st.key) for st in proto.statements.values())
                 < MIGRATION_STATE_LIMIT)
 
-    def _sibling_targets(self, now: float, balance: int = 0) -> list[int]:
-        """Pids of the pool's other backends whose server connection is free now, then (balance:
-        our number of sessions ready to run) those with at least two fewer ready than that."""
-        ints = self.table_ints
-        assert ints is not None
-        idle, lighter = [], []
-        for base, pid in self._open_siblings(now):
-            ready = ints[base + _WAITING]
-            if ready == 0:
-                idle.append(pid)
-            elif ready + 2 <= balance:
-                lighter.append((ready, pid))
-        return idle + [pid for _ready, pid in sorted(lighter)]
-
-    def _flowing_siblings(self, now: float, exclude: list[int]) -> list[int]:
-        """Pids of the pool's other backends (not in `exclude`) whose server connection changed
-        hands less than session_migration_delay ago: busy, but with short transactions; fewest
-        sessions ready to run first."""
-        ints = self.table_ints
-        assert ints is not None
-        recent_ms = self._delay_ago_ms(now)
-        flowing = [(ints[base + _WAITING], pid) for base, pid in self._open_siblings(now)
-                   if ints[base + _OWNER_SINCE_MS] > recent_ms and pid not in exclude]
-        return [pid for _ready, pid in sorted(flowing)]
-
     def _delay_ago_ms(self, now: float) -> int:
         """session_migration_delay before now, as OWNER_SINCE_MS counts: a sibling whose
         connection changed hands after it passes short transactions, one before it is held long."""
@@ -746,42 +716,13 @@ class PooledBackend:
         ones, and the short ones of the other backends move here once it is passing them.
         Only to a sibling with a lower pid, so that two backends never swap theirs."""
         self.gather_long = False
-        if (self.table is None or self.paused or self.shutdown_mode is not None
+        if (self.siblings is None or self.paused or self.shutdown_mode is not None
                 or (session.state is not IDLE and session.state is not WAITING)
                 or not self._movable(session)):
             return
-        ints = self.table_ints
-        assert ints is not None
-        now = self.now
-        long_ago_ms = self._delay_ago_ms(now)
-        held = [(ints[base + _WAITING], pid) for base, pid in self._open_siblings(now)
-                if pid < self.pid and ints[base + _WAITING] > 0
-                and 0 < ints[base + _OWNER_SINCE_MS] <= long_ago_ms]
-        if held:
-            self._migrate(session, min(held)[1])
-
-    def _open_siblings(self, now: float) -> list[tuple[int, int]]:
-        """(offset in the status table, pid) of the pool's other backends that may take a
-        session now: running, not draining or paused, their upstream reachable, not full.
-        The list of the pool's backends is read again once a second; their figures are live."""
-        ints = self.table_ints
-        assert ints is not None
-        if now >= self.siblings_at:
-            self.siblings_at = now + 1.0
-            siblings = []
-            pool, own = self.pool_number, self.pid
-            if pool:
-                for base in range(0, len(ints), _SLOT_INTS):
-                    if (ints[base + status.POOL] == pool and ints[base + status.IN_USE]
-                            and ints[base + status.PID] != own):
-                        siblings.append((base, ints[base + status.PID]))
-            self.siblings = siblings
-        max_sessions = self.settings.max_sessions
-        return [(base, pid) for base, pid in self.siblings
-                if ints[base + status.IN_USE] and ints[base + status.PID] == pid
-                and not ints[base + status.DRAINING] and not ints[base + status.PAUSED]
-                and not ints[base + status.SERVER_DOWN]   # its upstream connection failed
-                and ints[base + status.SESSIONS] < max_sessions]
+        target = self.siblings.held_long(self.now, self._delay_ago_ms(self.now))
+        if target is not None:
+            self._migrate(session, target)
 
     def _migrate(self, session: Session, target: int) -> None:
         """Hand a waiting session, with its socket and everything it holds here, to backend `target`.

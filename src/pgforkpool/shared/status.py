@@ -156,6 +156,11 @@ class StatusTable:
         start = self._offset(index)
         return memoryview(self.mm)[start:start + INT_BYTES].cast("q")
 
+    def all_ints(self) -> memoryview:
+        """Every slot as int64s, slot i's field f at i * SLOT_SIZE // 8 + f (a slot's names
+        are int64s there too, never read): a scan of the table makes no object per slot."""
+        return memoryview(self.mm)[HEADER_SIZE:HEADER_SIZE + self.nslots * SLOT_SIZE].cast("q")
+
     def slot(self, index: int) -> dict:
         ints = self.counters(index)
         names = self._offset(index) + INT_BYTES
