@@ -234,25 +234,30 @@ def test_pause_waits_for_running_transactions_then_resume_serves_waiting_session
 
 
 def test_a_pause_waiting_for_a_transaction_is_cancelled_by_the_console_client(pool):
-    """psql's Ctrl-C (a CancelRequest with the console's key) ends a PAUSE that waits for a running
-    transaction: the console gets 57014 and goes on, the pool is resumed (a cancelled statement
-    has not happened), and the transaction's session and a new query are served."""
+    """psql's Ctrl-C (a CancelRequest with the console's key) ends a PAUSE of every pool that waits
+    for a running transaction: the console gets 57014 and goes on, the pool it was pausing is
+    resumed (a cancelled statement has not happened) while one paused before stays paused, and
+    the transaction's session and a new query are served."""
+    elsewhere = pool.connect(dbname="other")
     a, b = pool.connect(autocommit=False), pool.connect()
     a.execute("SELECT 1")   # a transaction is open on the server: PAUSE waits for it
     admin = console(pool)
+    admin.execute("PAUSE other")   # nothing runs there: paused at once
+
+    def paused():
+        return {p["database"]: p["paused"] for p in rows(console_probe(pool), "SHOW POOLS")}
     outcome = []
 
     def pause():
         try:
-            admin.execute("PAUSE app")
+            admin.execute("PAUSE")
             outcome.append("completed")
         except psycopg.Error as exc:
             outcome.append(exc)
     t = threading.Thread(target=pause)
     t.start()
     try:
-        wait_for(lambda: any(p["paused"] for p in rows(console_probe(pool), "SHOW POOLS")),
-                 "the pool to be marked paused")
+        wait_for(lambda: paused().get("app"), "the pool to be marked paused")
         admin.cancel()
         t.join(timeout=WAIT)
         assert not t.is_alive(), "the PAUSE was not cancelled"
@@ -262,15 +267,19 @@ def test_a_pause_waiting_for_a_transaction_is_cancelled_by_the_console_client(po
             t.join(timeout=WAIT)
     assert len(outcome) == 1 and isinstance(outcome[0], psycopg.errors.QueryCanceled), outcome
     assert "canceling statement due to user request" in str(outcome[0])
-    assert not any(p["paused"] for p in rows(console_probe(pool), "SHOW POOLS"))
+    assert paused() == {"app": False, "other": True}
     a.execute("SELECT 2")   # the transaction goes on
     a.commit()
     assert b.execute("SELECT 3").fetchone() == (3,)
     assert rows(admin, "SHOW VERSION")   # the console session goes on
-    # A cancel that comes while the console waits for nothing does nothing.
+    # A cancel of a command that is not a PAUSE, or that comes while the console waits for
+    # nothing, does nothing: the commands that ask the backends answer whenever it arrives.
     admin.cancel()
-    assert rows(admin, "SHOW VERSION")
-    for conn in (admin, a, b):
+    for _ in range(3):
+        assert any(s["database"] == "other" for s in rows(admin, "SHOW SESSIONS"))
+    admin.execute("RESUME other")
+    assert elsewhere.execute("SELECT 4").fetchone() == (4,)
+    for conn in (admin, a, b, elsewhere):
         conn.close()
 
 

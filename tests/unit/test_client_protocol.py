@@ -802,6 +802,30 @@ def test_drop_request_waits_for_the_sync_of_an_unfinished_pipeline():
     assert proto.drop_request() is True and not proto.buf
 
 
+def test_a_dropped_unnamed_parse_leaves_no_unnamed_statement_to_bind_later():
+    """A pipeline P""/B""/E/S then B""/E/S whose first request is dropped (cancelled before it
+    reached the server): the later Bind of the unnamed statement must not run the statement the
+    session had before (the client meant the new one); it gets 26000, as after a failed Parse."""
+    _reg, proto, server = fresh()
+    out, _ = proto.receive(msg(b"P", b"\0DELETE FROM t\0\0\0") + msg(b"S"), server)
+    assert proto.unnamed is not None
+    server.receive(msg(b"1") + msg(b"Z", b"I"))
+    first = (msg(b"P", b"\0SELECT 1\0\0\0") + msg(b"B", b"\0\0\0\0\0\0\0\0") + msg(b"E", b"\0\0\0\0\0")
+             + msg(b"S"))
+    later = msg(b"B", b"\0\0\0\0\0\0\0\0") + msg(b"E", b"\0\0\0\0\0") + msg(b"S")
+    assert proto.buffer(first + later) is True
+    assert proto.drop_request() is True and bytes(proto.buf) == later
+    assert proto.unnamed is None
+    out, _ = proto.receive(b"", server)
+    assert b"DELETE" not in out and b"SELECT 1" not in out   # no Parse of either is sent again
+    # A dropped request without an unnamed Parse or a Query keeps the session's unnamed statement.
+    _reg, proto, server = fresh()
+    proto.receive(msg(b"P", b"\0SELECT 7\0\0\0") + msg(b"S"), server)
+    server.receive(msg(b"1") + msg(b"Z", b"I"))
+    proto.buffer(msg(b"P", b"named\0SELECT 8\0\0\0") + msg(b"S"))
+    assert proto.drop_request() is True and proto.unnamed is not None
+
+
 # ---------------------------------------------------------------- Sync in copy-in mode
 
 COPY_IN_RESPONSE = msg(b"G", b"\0\0\0")

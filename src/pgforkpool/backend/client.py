@@ -222,20 +222,28 @@ class ClientProtocol:
     def drop_request(self) -> bool:
         """Discard the buffered input up to and including its first Query, FunctionCall or Sync.
 
-        For a session whose wait for a server connection timed out: PostgreSQL
-        answers an error by skipping the rest of the request up to its Sync.
-        False (nothing discarded) when no whole request is buffered yet.
+        For a session whose wait for a server connection timed out, or whose statement
+        was cancelled before it reached the server: PostgreSQL answers an error by
+        skipping the rest of the request up to its Sync.  False (nothing discarded)
+        when no whole request is buffered yet.  A Query or a Parse of the unnamed
+        statement among what is discarded leaves the session without one, as when
+        PostgreSQL fails them (a later Bind of it gets 26000, never the old statement).
         """
         buf = self.buf
         pos, n = 0, len(buf)
+        unnamed_gone = False
         while n - pos >= 5:
             msg_type = buf[pos]
             end = pos + 1 + ((buf[pos + 1] << 24) | (buf[pos + 2] << 16) | (buf[pos + 3] << 8) | buf[pos + 4])
             if end > n or end < pos + 5:
                 return False
+            if msg_type == Q or (msg_type == P and end > pos + 5 and buf[pos + 5] == 0):
+                unnamed_gone = True
             if msg_type == Q or msg_type == F or msg_type == S:
                 del buf[:end]
                 self.need = 5
+                if unnamed_gone:
+                    self.unnamed = None
                 return True
             pos = end
         return False

@@ -518,16 +518,25 @@ class Console:
         return command_complete("KILL")
 
     def _pause(self, verb: str, database: str | None) -> bytes:
-        try:
-            answers = self._ask(verb.lower(), database, PAUSE_TIMEOUT if verb == "PAUSE" else ASK_TIMEOUT)
-        except Cancelled:
-            if verb == "RESUME":
-                raise
-            # A statement cancelled has not happened: the backends paused so far resume, and
-            # those still waiting for a transaction to end give up waiting.
-            self._ask("resume", database)
-            raise ConsoleError("57014", "canceling statement due to user request",
-                               hint="The pools it was pausing were resumed.")
+        if verb == "PAUSE":
+            paused_before = self._paused_databases()
+            try:
+                answers = self._ask("pause", database, PAUSE_TIMEOUT, cancellable=True)
+            except Cancelled:
+                # A statement cancelled has not happened: the pools this PAUSE paused resume
+                # (those paused before it stay paused), and their backends still waiting for
+                # a transaction to end give up waiting.
+                if self.table is None:   # nothing tells what was paused before: resume all it named
+                    self._ask("resume", database)
+                else:
+                    pausing = {database} if database is not None else {
+                        slot["database"] for slot in self.table.slots() if slot["kind"] == "pooled"}
+                    for name in sorted(pausing - paused_before):
+                        self._ask("resume", name)
+                raise ConsoleError("57014", "canceling statement due to user request",
+                                   hint="The pools it was pausing were resumed.")
+        else:
+            answers = self._ask("resume", database)
         if database is not None and not answers:
             # No backend serves it: nothing was paused or resumed, which an OK would hide.
             raise ConsoleError("42704", f'no pool serves database "{database}"',
@@ -539,8 +548,19 @@ class Console:
                                     "the running transactions and PAUSE again.")
         return command_complete(verb)
 
-    def _ask(self, what: str, argument, timeout: float = ASK_TIMEOUT) -> list:
-        """Ask every backend, through the postmaster; the rows they answered."""
+    def _paused_databases(self) -> set[str]:
+        """Databases with a paused pooled backend, as the status table shows them."""
+        if self.table is None:
+            return set()
+        return {slot["database"] for slot in self.table.slots()
+                if slot["kind"] == "pooled" and slot["paused"]}
+
+    def _ask(self, what: str, argument, timeout: float = ASK_TIMEOUT, cancellable: bool = False) -> list:
+        """Ask every backend, through the postmaster; the rows they answered.
+
+        cancellable: a CancelRequest with our key ends the wait (Cancelled); otherwise one
+        that comes meanwhile is ignored, as the command takes effect anyway (and the wait
+        is short)."""
         self.next_token += 1
         token = self.next_token
         channel.send(self.chan, ("ask", token, what, argument, timeout))
@@ -559,7 +579,7 @@ class Console:
                 raise ConsoleError("57P01", "the postmaster has gone")
             if msg[0] == "answer" and msg[1] == token:
                 return msg[2]
-            if msg[0] == "cancel" and msg[1] == self.cancel_key:
+            if msg[0] == "cancel" and msg[1] == self.cancel_key and cancellable:
                 raise Cancelled()
             self._postmaster_says(msg)
 

@@ -87,6 +87,8 @@ ABORT_PIPELINE: Final = protocol.message(b"E", protocol.cstring("pgforkpool.abor
 # others (no such database, authentication) are told to the waiting sessions.
 TRANSIENT_FAILURES: Final = frozenset({"57P01", "57P02", "57P03", "08000", "08001", "08003", "08004",
                                 "08006", "53300"})
+# A retiring backend (session_pool_size lowered) hands on at most this many sessions at once.
+MOVE_OUT_BATCH: Final = 32
 # Session migration: how often a backend whose waiting sessions found every sibling busy looks again.
 MIGRATION_RECHECK: Final = 0.05
 # Sessions whose buffered input and prepared-statement texts are larger than this stay
@@ -231,7 +233,7 @@ class PooledBackend:
             if (not events and not short_poll) or now > self.title_at:
                 counters[_TURNS], counters[_READY_SUM] = turns, ready_sum
                 self._housekeeping()
-                if self.shutdown_mode is not None and not self.sessions:
+                if self.shutdown_mode is not None and not self.sessions and not self.retiring:
                     self._on_channel(0)   # a session on its way here (moved) keeps us going
                     if not self.sessions:
                         break
@@ -578,8 +580,10 @@ class PooledBackend:
     def _retire(self) -> None:
         """session_pool_size was lowered below the pool's number of backends: we are one too many.
         No new session comes (the postmaster sends none); ours move to the other backends as
-        they finish their transactions, and we exit once the last has gone, which closes our
-        server connection.  A pinned session stays until its state is gone or it ends."""
+        they finish their transactions.  Once the last has gone, the postmaster, which
+        knows whether one is coming back (its target was full), tells us to shut down, and
+        we exit with our server connection.  A pinned session stays until its state is gone
+        or it ends."""
         if self.shutdown_mode is not None:
             return
         self.shutdown_mode = "smart"
@@ -590,21 +594,25 @@ class PooledBackend:
 
     def _move_out(self, now: float, only: Session | None = None) -> None:
         """A retiring backend hands its sessions that are between transactions (`only`: that
-        one) to the open siblings with the fewest sessions; the rest go later."""
+        one) to the open siblings with the fewest sessions, at most MOVE_OUT_BATCH at a time
+        (each is a message with a socket on the postmaster's channel); the rest go later."""
         if self.siblings is None or self.paused:
             return
         room = self.siblings.room(now)
         if not room:
             return
         candidates = [only] if only is not None else list(self.sessions.values())
+        moved = 0
         for session in candidates:
             if (session.state is not IDLE and session.state is not WAITING) or not self._movable(session):
                 continue
             target = max(room, key=room.__getitem__)   # the fewest sessions: the most room
-            if room[target] <= 0:
+            if room[target] <= 0 or moved >= MOVE_OUT_BATCH:
                 return
+            if not self._migrate(session, target):
+                return   # the channel is full: the next housekeeping goes on
             room[target] -= 1
-            self._migrate(session, target)
+            moved += 1
 
     def _migrate_waiting(self, now: float) -> None:
         """Move sessions that waited session_migration_delay to backends of the pool that are idle."""
@@ -724,7 +732,7 @@ class PooledBackend:
         if target is not None:
             self._migrate(session, target)
 
-    def _migrate(self, session: Session, target: int) -> None:
+    def _migrate(self, session: Session, target: int) -> bool:
         """Hand a waiting session, with its socket and everything it holds here, to backend `target`.
 
         The postmaster passes it on (or back to us, if the target is gone).  What
@@ -744,7 +752,7 @@ class PooledBackend:
             channel.send(self.chan, ("migrate", session.conn_id, target, state), session.fd)
         except OSError as exc:
             logger.warning("%s: could not be moved to backend %d: %s", session, target, exc)
-            return
+            return False
         if state["origin_pid"] == self.pid:
             self.moved_keys.add(session.key)
         self._detach(session)   # our copy of the socket closes: the client's connection lives on
@@ -752,6 +760,7 @@ class PooledBackend:
         self.counters[status.MIGRATIONS] = self.migrations
         logger.debug("%s: moved to backend %d after waiting %.1f ms", session, target,
                      (self.now - session.since) * 1000)
+        return True
 
     def _adopt(self, conn_id: int, state: dict, fd: int, returned: bool = False) -> None:
         """A session another backend of the pool handed over: it goes on here as if it had always been.

@@ -351,12 +351,13 @@ class Postmaster:
             finally:
                 os.close(fd)
         elif kind == "cancel":
-            console_slot = self.consoles.get(msg[2])
+            # A session that moved is cancelled where it is now, by the key its client was told.
+            route = self.cancel_routes.get((msg[2], msg[3]))
+            console_slot = self.consoles.get(msg[2]) if route is None else None
             if console_slot is not None:   # psql's Ctrl-C during a PAUSE: the console checks the key
                 self._tell(console_slot, ("cancel", msg[3]))
                 return
-            # A session that moved is cancelled where it is now, by the key its client was told.
-            backend = self.backends.get(self.cancel_routes.get((msg[2], msg[3]), msg[2]))
+            backend = self.backends.get(msg[2] if route is None else route)
             if backend is not None:
                 try:
                     channel.send(backend.chan, ("cancel", msg[2], msg[3]))
@@ -518,6 +519,8 @@ class Postmaster:
         source.sessions -= 1
         self.connections -= 1
         self._drop_route(conn_id)
+        if source.draining and source.sessions == 0 and source.pool is not None:
+            self._tell(source, ("shutdown", "smart"))
 
     def _drop_route(self, conn_id: int) -> None:
         """A session that moved has ended: its cancel route goes, and the backend it began on
@@ -694,7 +697,12 @@ class Postmaster:
             self.table.counters(backend.slot)[status.DRAINING] = 1
         if backend.pool is not None and backend in backend.pool.backends:
             backend.pool.backends.remove(backend)
-        self._tell(backend, ("retire",) if move_sessions else ("shutdown", "smart"))
+        if move_sessions:
+            self._tell(backend, ("retire",))
+            if backend.sessions == 0:   # a retiring backend exits when told it has none left
+                self._tell(backend, ("shutdown", "smart"))
+        else:
+            self._tell(backend, ("shutdown", "smart"))
 
     def _shrink_pools(self) -> None:
         """session_pool_size lowered by a reload: each pool keeps that many backends, those
