@@ -2,6 +2,7 @@
 backend of its pool whose server connection is free, keeping everything it had."""
 
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -534,8 +535,11 @@ def test_lowering_session_pool_size_moves_the_sessions_and_closes_the_surplus_co
 
         pooler.write_config(session_pool_size=1)
         pooler.signal(signal.SIGHUP)
-        wait_for(lambda: "retiring pooled backend" in pooler.log(), "the pool to retire backends")
-        # The open transaction goes on where it is, whichever backend that is.
+        retired = wait_for(lambda: re.search(r"retiring pooled backends ([\d, ]+);", pooler.log()),
+                           "the pool to retire backends")
+        # The open transaction goes on on its backend, one of those retired (they had two
+        # sessions each: the first two spawned go).
+        assert str(backend_pid(holder)) in retired.group(1).split(", ")
         holder.execute("INSERT INTO shrink_t VALUES (1)")
         holder.execute("COMMIT")
         wait_for(lambda: len(pooled_backends(pooler)) == 1, "the surplus backends to exit")

@@ -345,7 +345,7 @@ def test_a_console_answer_waits_for_a_full_channel_instead_of_being_lost(table):
 def test_a_retiring_backend_moves_its_idle_sessions_to_the_siblings_with_the_most_room(table):
     """session_pool_size lowered: the backend told to retire hands each session that is between
     transactions to the open sibling of its pool with the most room (never to one draining, of
-    another pool, or full), keeps what no sibling has room for, and takes no new session."""
+    another pool, or full), and keeps what no sibling has room for."""
     from pgforkpool.shared import channel
 
     backend, own, postmaster, startup = greeted_backend(table)
@@ -355,6 +355,8 @@ def test_a_retiring_backend_moves_its_idle_sessions_to_the_siblings_with_the_mos
         clients.append(client)
         backend._new_session(conn_id, startup, server_side.detach())
     max_sessions = backend.settings.max_sessions
+    # What the backend asks its siblings as: itself, with the pool's limit of sessions.
+    assert (backend.siblings.own_pid, backend.siblings.max_sessions) == (os.getpid(), max_sessions)
     backend_slot(table, 101, pool=1, sessions=max_sessions - 2)   # room for 2
     backend_slot(table, 102, pool=1, sessions=max_sessions - 1)   # room for 1
     backend_slot(table, 103, pool=1, draining=1)                  # retiring too

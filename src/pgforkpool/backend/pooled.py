@@ -51,6 +51,7 @@ logger = log.get("backend")
 IDLE: Final = SessionState.IDLE
 ACTIVE: Final = SessionState.ACTIVE
 WAITING: Final = SessionState.WAITING
+RESTORING: Final = SessionState.RESTORING
 CLOSED: Final = SessionState.CLOSED
 SERVER_IDLE: Final = ServerState.IDLE
 SERVER_ACTIVE: Final = ServerState.ACTIVE
@@ -1718,7 +1719,7 @@ class PooledBackend:
             logger.log(log.LOG, "%s: canceled while waiting for a server connection", session)
             self._answer_dropped(session, PgError("query_canceled", "canceling statement due to user request"))
             return
-        if (session is not None and session.state is SessionState.RESTORING and session.greeted
+        if (session is not None and session.state is RESTORING and session.greeted
                 and session.proto.drop_request()):
             # It has the connection, but its statement waits for its settings to be put back
             # there: dropped the same way.  The restore goes on; what the client sent after
