@@ -236,6 +236,18 @@ def test_a_login_whose_settings_the_server_refuses_is_logged_with_the_reason(sta
     assert_serves(pooler)
 
 
+def test_a_dedicated_login_the_server_refuses_is_logged_with_the_reason(start_pooler):
+    """The same for a dedicated backend (dedicated_databases): its refusal was not logged at all."""
+    pooler = start_pooler(session_pool_size=1, dedicated_databases="other")
+    assert_refused(pooler, "22023", 'invalid value for parameter "work_mem"',
+                   dbname="other", options="-c work_mem=banana")
+    log_text = wait_for(lambda: (text := pooler.log()) and "login refused" in text and text,
+                        "the refusal to be logged")
+    assert 'other/app@127.0.0.1' in log_text and 'invalid value for parameter "work_mem"' in log_text
+    assert "SQLSTATE 22023" in log_text
+    assert_serves(pooler)
+
+
 def test_unknown_database_is_3D000_and_its_backend_goes_away(start_pooler):
     pooler = start_pooler(session_pool_size=1)
     assert_refused(pooler, "3D000", 'database "nosuchdb" does not exist', dbname="nosuchdb")
