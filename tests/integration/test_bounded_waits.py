@@ -51,28 +51,39 @@ def test_no_timeout_by_default_for_a_short_wait(start_pooler):
     assert result == [(2,)]
 
 
-def test_a_cancel_of_a_waiting_statement_keeps_it_from_running(start_pooler, cluster):
+@pytest.fixture
+def cancelled_inserts(cluster):
+    """A table every user may insert into, made and dropped directly on the server."""
+    with psycopg.connect(host=cluster.socket_dir, port=cluster.port, user="postgres", dbname="app",
+                         autocommit=True) as owner:
+        owner.execute("CREATE TABLE IF NOT EXISTS cancelled_inserts (x int)")
+        owner.execute("GRANT ALL ON cancelled_inserts TO PUBLIC")
+        yield
+        owner.execute("DROP TABLE cancelled_inserts")
+
+
+def insert_in_thread(conn) -> tuple[threading.Thread, list]:
+    """An INSERT into cancelled_inserts started in a thread; the list gets "ran" or the SQLSTATE."""
+    outcome: list = []
+
+    def insert():
+        try:
+            conn.execute("INSERT INTO cancelled_inserts VALUES (1)")
+            outcome.append("ran")
+        except psycopg.Error as exc:
+            outcome.append(exc.sqlstate)
+    return threading.Thread(target=insert), outcome
+
+
+def test_a_cancel_of_a_waiting_statement_keeps_it_from_running(start_pooler, cancelled_inserts):
     """Cancelling a statement that waits for a server connection answers 57014 at once, and the
     statement never runs, as in PostgreSQL (the cancel was dropped, and the statement ran when
     the connection came free: an INSERT the user had cancelled was committed)."""
     pool = start_pooler(session_pool_size=1)
-    owner = psycopg.connect(host=cluster.socket_dir, port=cluster.port, user="postgres", dbname="app",
-                            autocommit=True)
-    owner.execute("CREATE TABLE IF NOT EXISTS cancelled_inserts (x int)")
-    owner.execute("GRANT ALL ON cancelled_inserts TO PUBLIC")
     holder = pool.connect(autocommit=False)
     waiter = pool.connect()
     holder.execute("SELECT 1")   # a transaction holds the backend's one server connection
-    outcome = []
-
-    def insert():
-        try:
-            waiter.execute("INSERT INTO cancelled_inserts VALUES (1)")
-            outcome.append("ran")
-        except psycopg.Error as exc:
-            outcome.append(exc.sqlstate)
-
-    t = threading.Thread(target=insert)
+    t, outcome = insert_in_thread(waiter)
     t.start()
     try:
         wait_for(lambda: "1 waiting" in _backend_title(pool), "the INSERT to queue")
@@ -85,37 +96,22 @@ def test_a_cancel_of_a_waiting_statement_keeps_it_from_running(start_pooler, clu
     assert waiter.execute("SELECT count(*) FROM cancelled_inserts").fetchone() == (0,)
     assert waiter.execute("SELECT 2").fetchone() == (2,)   # the session goes on
     assert "canceled while waiting for a server connection" in pool.log()
-    owner.execute("DROP TABLE cancelled_inserts")
-    owner.close()
 
 
 def test_a_cancel_while_the_sessions_settings_are_restored_keeps_its_statement_from_running(
-        start_pooler, cluster):
+        start_pooler, cancelled_inserts):
     """A session gets the connection, and its statement waits there while the pooler puts its
     settings back (the server process is stopped to hold the restore): a cancel then answers 57014
     at once, before the server has done anything, and the statement never runs (the cancel was
     dropped, as the session's own statement had not reached the server)."""
     pool = start_pooler(session_pool_size=1)
-    owner = psycopg.connect(host=cluster.socket_dir, port=cluster.port, user="postgres", dbname="app",
-                            autocommit=True)
-    owner.execute("CREATE TABLE IF NOT EXISTS cancelled_inserts (x int)")
-    owner.execute("GRANT ALL ON cancelled_inserts TO PUBLIC")
     mover, other = pool.connect(), pool.connect()
     other.execute("SET work_mem = '9MB'")   # the connection now has other's settings
     upstream = server_pid(other)
     table = status.StatusTable.attach(pool.port)
     slot = next(s for s in table.slots() if s["kind"] == "pooled")
-    outcome = []
-
-    def insert():
-        try:
-            mover.execute("INSERT INTO cancelled_inserts VALUES (1)")
-            outcome.append("ran")
-        except psycopg.Error as exc:
-            outcome.append(exc.sqlstate)
-
     os.kill(upstream, signal.SIGSTOP)   # the restore for mover will wait there
-    t = threading.Thread(target=insert)
+    t, outcome = insert_in_thread(mover)
     try:
         t.start()
         # mover owns the connection (ready to run: 1) while its restore waits on the server.
@@ -131,8 +127,6 @@ def test_a_cancel_while_the_sessions_settings_are_restored_keeps_its_statement_f
     assert mover.execute("SHOW work_mem").fetchone() == ("4MB",)
     assert other.execute("SHOW work_mem").fetchone() == ("9MB",)
     assert "canceled while its settings were being restored" in pool.log()
-    owner.execute("DROP TABLE cancelled_inserts")
-    owner.close()
 
 
 def _backend_title(pool):
@@ -228,3 +222,33 @@ def test_an_upstream_restart_under_pgbench_ends_only_the_transactions_it_cut(sta
     processed = int(re.search(r"number of transactions actually processed: (\d+)", stdout).group(1))
     assert processed >= (clients - len(aborted)) * per_client, stdout + "".join(lines[-30:])
     assert "is back" in pool.log()
+
+
+def test_a_dropped_request_leaves_no_unnamed_statement_for_a_later_bind(start_pooler):
+    """A pipeline `Parse("")/Bind/Execute/Sync` then `Bind("")/Execute/Sync` whose first request
+    times out waiting (57014, dropped unrun): the later Bind must not run the session's previous
+    unnamed statement with the new request's meaning; it gets 26000, as on PostgreSQL after the
+    Parse of the unnamed statement failed."""
+    from test_core_defects import Raw, cstr, data_rows, errors, message
+
+    def parse(sql: str) -> bytes:
+        return message(b"P", cstr("") + cstr(sql) + b"\0\0")
+    bind_execute = message(b"B", cstr("") + cstr("") + b"\0\0\0\0\0\0") + message(b"E", cstr("") + b"\0\0\0\0")
+    sync = message(b"S")
+    pool = start_pooler(session_pool_size=1, query_wait_timeout="1s", auth_method="trust")
+    with Raw(pool.port) as raw:
+        raw.send(parse("SELECT 'old'") + bind_execute + sync)
+        messages, closed = raw.reply()
+        assert not closed and data_rows(messages) == [["old"]]
+        holder = pool.connect(autocommit=False)
+        holder.execute("SELECT 1")   # a transaction holds the backend's one server connection
+        raw.send(parse("SELECT 'new'") + bind_execute + sync + bind_execute + sync)
+        messages, closed = raw.reply()
+        assert not closed and [e["C"] for e in errors(messages)] == ["57014"]
+        holder.commit()
+        messages, closed = raw.reply()
+        assert not closed and data_rows(messages) == []          # the old statement did not run
+        assert [e["C"] for e in errors(messages)] == ["26000"]
+        messages, closed = raw.query("SELECT 'goes on'")
+        assert data_rows(messages) == [["goes on"]]
+        holder.close()

@@ -46,9 +46,9 @@ class DedicatedBackend:
             self._login()
         except PgError as exc:
             # As PostgreSQL logs the FATAL of a login it refuses (and the pooled backend does).
-            logger.log(log.LOG, "session %d %s/%s@%s: login refused: %s (SQLSTATE %s)", self.conn_id,
-                       self.startup["database"], self.startup["user"], self.address or "local",
-                       exc.text, exc.sqlstate)
+            logger.log(log.LOG, "%s: login refused: %s (SQLSTATE %s)",
+                       log.session_label(self.conn_id, self.startup["database"], self.startup["user"],
+                                         self.address), exc.text, exc.sqlstate)
             exc.severity = "FATAL"
             self._send_now(self.client_sock, exc.packet())
             return

@@ -605,7 +605,7 @@ class PooledBackend:
         candidates = [only] if only is not None else list(self.sessions.values())
         moved = 0
         for session in candidates:
-            if (session.state is not IDLE and session.state is not WAITING) or not self._movable(session):
+            if not self._movable(session):
                 continue
             target = max(room, key=room.__getitem__)   # the fewest sessions: the most room
             if room[target] <= 0 or moved >= MOVE_OUT_BATCH:
@@ -688,9 +688,12 @@ class PooledBackend:
 
     @staticmethod
     def _movable(session: Session) -> bool:
-        """Between transactions, sharing, greeted, and with nothing half-done on either side."""
+        """Between transactions (idle or waiting), sharing, greeted, and with nothing half-done
+        on either side."""
         proto = session.proto
-        return (session.pinned is None and session.greeted and not session.gone
+        state = session.state
+        return ((state is IDLE or state is WAITING)
+                and session.pinned is None and session.greeted and not session.gone
                 and not session.paused and not session.dirty and not session.pin_check
                 and not session.prepared_xacts and not session.stream.outbuf
                 and not proto.passthrough
@@ -726,7 +729,6 @@ class PooledBackend:
         Only to a sibling with a lower pid, so that two backends never swap theirs."""
         self.gather_long = False
         if (self.siblings is None or self.paused or self.shutdown_mode is not None
-                or (session.state is not IDLE and session.state is not WAITING)
                 or not self._movable(session)):
             return
         target = self.siblings.held_long(self.now, self._delay_ago_ms(self.now))

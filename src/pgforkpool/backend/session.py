@@ -4,6 +4,7 @@ import secrets
 import time
 from typing import TYPE_CHECKING
 
+from ..shared import log
 from .client import ClientProtocol
 from .context import Context, duration_setting, parse_scope, private_scope, temp_schema_in_path
 from .scheduler import SessionState
@@ -109,5 +110,4 @@ class Session:
         return self.context.settings
 
     def __str__(self) -> str:
-        # As PgBouncer's C-0x… prefixes and PostgreSQL's log_line_prefix name a connection.
-        return f"session {self.conn_id} {self.database}/{self.user}@{self.address or 'local'}"
+        return log.session_label(self.conn_id, self.database, self.user, self.address)

@@ -55,3 +55,9 @@ def disconnection(seconds: float, user: str, database: str, address: str) -> str
     where = f"host={host} port={port}" if host else "host=[local]"
     return (f"disconnection: session time: {hours}:{minutes:02d}:{secs:02d}.{millis:03d} "
             f"user={user} database={database} {where}")
+
+
+def session_label(conn_id: int, database: str, user: str, address: str) -> str:
+    """How a log line names a client session, as PgBouncer's C-0x… prefixes and PostgreSQL's
+    log_line_prefix name a connection: 'session 12 app/alice@10.0.0.5:51234'."""
+    return f"session {conn_id} {database}/{user}@{address or 'local'}"
