@@ -5,6 +5,7 @@ import random
 import signal
 import socket
 import subprocess
+import threading
 import time
 
 import psutil
@@ -12,7 +13,7 @@ import psycopg
 import pytest
 
 from conftest import PGFORKPOOL, Pooler, WAIT, backend_pid, server_pid, title, wait_for
-from pgforkpool.shared import status
+from pgforkpool.shared import protocol, status
 
 
 
@@ -138,6 +139,63 @@ def test_killed_pooled_backend(start_pooler):
         assert conn.execute("SELECT 1").fetchone() == (1,)
         assert backend_pid(conn) != victim
         assert list(children_titled(pooler, "pgforkpool: backend app/app")) == [backend_pid(conn)]
+
+
+def test_a_backend_that_stops_reading_its_channel_gets_its_messages_when_it_reads_again(start_pooler):
+    """The postmaster never blocks on a child, and drops nothing for one that is slow: while a
+    pooled backend is stopped, thousands of cancel requests for it fill its channel; the
+    messages after them, a login the pool sends there among them, wait in the postmaster in
+    order. Once the backend runs again, the new client is served (it was refused with
+    "could not pass the connection to a backend"), and the first session goes on."""
+    pooler = start_pooler(session_pool_size=1, log_connections="on")
+    first = pooler.connect()
+    first.execute("SET work_mem = '7MB'")
+    pid = backend_pid(first)
+    postmaster = psutil.Process(pooler.pid)
+
+    def held_clients() -> int:
+        """Client connections the postmaster holds a socket of (normally none: it passes them on)."""
+        return sum(1 for c in postmaster.net_connections("tcp")
+                   if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == pooler.port)
+
+    wrong_key = protocol.cancel_request(pid, 0)
+    outcome: list = []
+
+    def login() -> None:
+        try:
+            with pooler.connect() as conn:
+                outcome.append(conn.execute("SELECT current_setting('work_mem')").fetchone()[0])
+        except psycopg.Error as exc:
+            outcome.append(exc)
+
+    os.kill(pid, signal.SIGSTOP)
+    newcomer = threading.Thread(target=login)
+    try:
+        deadline = time.monotonic() + 60
+        sent = 0
+        while "is not reading its channel" not in pooler.log():
+            assert time.monotonic() < deadline and sent < 20_000, \
+                f"{sent} cancel requests did not fill the stopped backend's channel"
+            for _ in range(100):
+                with socket.create_connection(("127.0.0.1", pooler.port), timeout=10) as sock:
+                    sock.sendall(wrong_key)
+            sent += 100
+        newcomer.start()
+        # The login's socket waits in the postmaster, behind the cancels, for the backend.
+        wait_for(held_clients, "the new session to wait in the postmaster for the stopped backend")
+        assert not outcome, outcome
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    newcomer.join(timeout=WAIT)
+    assert outcome == ["4MB"], outcome
+    wait_for(lambda: "reads its channel again" in pooler.log(), "the outbox to empty")
+    assert held_clients() == 0
+    assert first.execute("SHOW work_mem").fetchone() == ("7MB",)
+    assert backend_pid(first) == pid and not gone(pid)
+    log = pooler.log()
+    assert f"pooled backend {pid} (app/app) is not reading its channel" in log
+    assert "could not pass the connection" not in log
+    first.close()
 
 
 def test_children_die_with_the_postmaster(start_pooler):

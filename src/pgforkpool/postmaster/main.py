@@ -32,22 +32,30 @@ ACCEPT_BATCH = 64
 
 
 class ListenerSlot:
-    __slots__ = ("number", "pid", "chan", "in_flight")
+    __slots__ = ("number", "pid", "chan", "outbox", "in_flight")
 
     def __init__(self, number: int, pid: int, chan: socket.socket):
         self.number = number
         self.pid = pid
         self.chan = chan
+        self.outbox = channel.Outbox()
         self.in_flight: set[int] = set()   # connection ids it is authenticating
+
+    def __str__(self) -> str:
+        return f"listener {self.number} (PID {self.pid})"
 
 
 class ConsoleSlot:
     """An admin console process (one per console connection)."""
-    __slots__ = ("pid", "chan")
+    __slots__ = ("pid", "chan", "outbox")
 
     def __init__(self, pid: int, chan: socket.socket):
         self.pid = pid
         self.chan = chan
+        self.outbox = channel.Outbox()
+
+    def __str__(self) -> str:
+        return f"console (PID {self.pid})"
 
 
 class Question:
@@ -251,11 +259,15 @@ class Postmaster:
         self.start()
         try:
             while True:
-                for fd, _mask in self.epoll.poll(1.0):
+                for fd, mask in self.epoll.poll(1.0):
                     if fd == self.signals.read_fd:
                         self._handle_signals()
                     elif fd in self.by_chan:
-                        self._read_child(self.by_chan[fd])
+                        child = self.by_chan[fd]
+                        if mask & select.EPOLLOUT:
+                            self._flush(child)
+                        if mask & ~select.EPOLLOUT:
+                            self._read_child(child)
                     else:
                         self._accept(fd)
                 if self.questions:
@@ -308,9 +320,11 @@ class Postmaster:
         elif self.connections >= self.settings.max_connections:
             reject = "too_many_connections"
         with client:
-            for listener in sorted(self.listeners.values(), key=lambda l: len(l.in_flight)):
+            # The least busy listener first; one that is not reading its channel last.
+            for listener in sorted(self.listeners.values(),
+                                   key=lambda l: (len(l.outbox), len(l.in_flight))):
                 try:
-                    channel.send(listener.chan, ("connection", conn_id, reject), client.fileno())
+                    self._send(listener, ("connection", conn_id, reject), client.fileno())
                 except OSError:
                     continue
                 listener.in_flight.add(conn_id)
@@ -359,10 +373,7 @@ class Postmaster:
                 return
             backend = self.backends.get(msg[2] if route is None else route)
             if backend is not None:
-                try:
-                    channel.send(backend.chan, ("cancel", msg[2], msg[3]))
-                except OSError:
-                    pass
+                self._tell(backend, ("cancel", msg[2], msg[3]))
         elif kind == "closed":
             self.connections -= 1
 
@@ -378,7 +389,7 @@ class Postmaster:
         question = Question(slot, token, set(), time.monotonic() + timeout, what)
         for backend in self.backends.values():
             try:
-                channel.send(backend.chan, ("ask", qid, what, argument))
+                self._send(backend, ("ask", qid, what, argument))
             except OSError:
                 continue
             question.waiting.add(backend.pid)
@@ -489,8 +500,8 @@ class Postmaster:
         """session_migration: pass a session from one pooled backend to another of its pool.
 
         If the target has gone, is full (several backends chose it at once), is about
-        to exit (draining with no session left), or cannot be written to, the session
-        goes back to the backend it came from.  A draining backend that still serves
+        to exit (draining with no session left), or has thousands of messages waiting
+        for it (Outbox), the session goes back to the backend it came from.  A draining backend that still serves
         sessions stays up until they end: it may take one more (in a smart shutdown, the
         target serves it as well as the source would).
         """
@@ -502,7 +513,7 @@ class Postmaster:
         for receiver in dict.fromkeys((target, source)):
             try:
                 # The last field: the session comes back to where it was (no move happened).
-                channel.send(receiver.chan, ("adopt", conn_id, state, receiver is source), fd)
+                self._send(receiver, ("adopt", conn_id, state, receiver is source), fd)
             except OSError:
                 continue
             source.sessions -= 1
@@ -566,7 +577,7 @@ class Postmaster:
                        f"max_sessions ({settings.max_sessions}) sessions."))
             return
         try:
-            channel.send(backend.chan, ("session", conn_id, startup), fd)
+            self._send(backend, ("session", conn_id, startup), fd)
         except OSError as exc:
             self._refuse(fd, conn_id, PgError("connection_failure",
                                               f"could not pass the connection to a backend: {exc}"))
@@ -617,6 +628,7 @@ class Postmaster:
         for child in list(self.listeners.values()) + list(self.backends.values()) + list(
                 self.consoles.values()) + ([self.metrics] if self.metrics else []):
             child.chan.close()
+            child.outbox.discard()   # this process's copies of the sockets that wait there
         if self.metrics_sock is not None and not self.forking_metrics:
             self.metrics_sock.close()
         self.signals.close()
@@ -682,9 +694,36 @@ class Postmaster:
 
     def _tell(self, child, message: tuple) -> None:
         try:
-            channel.send(child.chan, message)
+            self._send(child, message)
         except OSError:
             pass
+
+    def _send(self, child, message: tuple, fd: int | None = None) -> None:
+        """A message for a child, through its outbox: sent now, or, if its channel is full,
+        as soon as there is room, after those that came before it.  Raises OSError if the
+        child has gone or thousands of messages already wait for it."""
+        if child.outbox.send(child.chan, message, fd) and len(child.outbox) == 1:
+            logger.warning("%s is not reading its channel: messages for it wait until it does",
+                           child)
+            try:
+                self.epoll.modify(child.chan.fileno(), select.EPOLLIN | select.EPOLLOUT)
+            except (OSError, ValueError):
+                pass   # its channel is forgotten: it has gone, and its exit drops the outbox
+
+    def _flush(self, child) -> None:
+        """Its channel has room: what waits in its outbox goes."""
+        try:
+            done = child.outbox.flush(child.chan)
+            if done:
+                logger.log(log.LOG, "%s reads its channel again", child)
+        except OSError:   # gone: its exit (SIGCHLD) or EOF does the rest
+            child.outbox.discard()
+            done = True
+        if done:
+            try:
+                self.epoll.modify(child.chan.fileno(), select.EPOLLIN)
+            except (OSError, ValueError):
+                pass
 
     def _retire(self, backend: BackendSlot, move_sessions: bool = False) -> None:
         """No new sessions for this backend; it exits once its sessions have ended.
@@ -801,6 +840,10 @@ class Postmaster:
             self.table.release(backend.slot)
 
     def _forget_channel(self, child, closing: bool = False) -> None:
+        dropped = child.outbox.discard()
+        if dropped:
+            logger.warning("%s has gone: %d message%s for it dropped", child, dropped,
+                           "" if dropped == 1 else "s")
         fd = child.chan.fileno()
         if fd < 0:
             return

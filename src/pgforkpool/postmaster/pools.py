@@ -3,22 +3,28 @@
 import random
 import socket
 
-from ..shared import status
+from ..shared import channel, status
 
 
 class BackendSlot:
     """What the postmaster knows of one backend process it forked."""
 
-    __slots__ = ("pid", "chan", "kind", "pool", "slot", "sessions", "draining")
+    __slots__ = ("pid", "chan", "outbox", "kind", "pool", "slot", "sessions", "draining")
 
     def __init__(self, pid: int, chan: socket.socket, kind: int, pool: "Pool | None", slot: int | None):
         self.pid = pid
         self.chan = chan
+        self.outbox = channel.Outbox()   # messages waiting for room in the channel
         self.kind = kind            # status.KIND_POOLED or status.KIND_DEDICATED
         self.pool = pool
         self.slot = slot            # index in the status table, None if it was full
         self.sessions = 0           # sessions handed to it and not yet reported closed
         self.draining = False       # gets no new session; exits when its sessions end
+
+    def __str__(self) -> str:
+        if self.pool is None:
+            return f"dedicated backend (PID {self.pid})"
+        return f"pooled backend {self.pid} ({self.pool.database}/{self.pool.user})"
 
 
 class Pool:
