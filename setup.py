@@ -19,7 +19,7 @@ from setuptools.command.build_ext import build_ext
 
 # The hot path: stream buffers, client and server framing, the outstanding-reply
 # queue, statement renaming, contexts, the scheduler, the siblings a waiting session may
-# move to, and the event loop that drives them.
+# move to, the event loop that drives them, and the dedicated relay's ReadyForQuery counter.
 COMPILED = [
     "src/pgforkpool/backend/stream.py",
     "src/pgforkpool/backend/statements.py",
@@ -30,6 +30,7 @@ COMPILED = [
     "src/pgforkpool/backend/session.py",
     "src/pgforkpool/backend/siblings.py",
     "src/pgforkpool/backend/pooled.py",
+    "src/pgforkpool/backend/readies.py",
 ]
 
 

@@ -80,6 +80,36 @@ def test_stats_grow_with_traffic(pool):
         assert after["total_xact_time"] > before["total_xact_time"]
 
 
+def test_dedicated_sessions_are_counted_in_show_stats(start_pooler):
+    """A dedicated backend relays bytes without reading them, and still counts them: its
+    queries and transactions (from the server's ReadyForQuery messages), bytes both ways and
+    transaction times appear under its (database, user) in SHOW STATS, as a pool's do."""
+    pool = start_pooler(admin_users=ADMIN, dedicated_users="bob")
+    with console(pool) as admin, pool.connect(user="bob") as bob:
+        assert [b["kind"] for b in rows(admin, "SHOW BACKENDS") if b["user"] == "bob"] == ["dedicated"]
+
+        def stats():
+            return next((s for s in rows(admin, "SHOW STATS") if s["user"] == "bob"), None)
+        for _ in range(10):
+            bob.execute("SELECT repeat('x', 5000)").fetchone()
+        with bob.transaction():
+            bob.execute("SELECT 1")
+            bob.execute("SELECT pg_sleep(0.05)")
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            with bob.transaction():
+                bob.execute("SELECT 1 / 0")
+        # 10 + 1 + 1 transactions; 10 + 4 (BEGIN, two SELECTs, COMMIT) + 3 (BEGIN, the
+        # failing SELECT, ROLLBACK) queries, and psycopg's own at connect.
+        after = wait_for(lambda: (s := stats()) and s["total_xact_count"] >= 12 and s,
+                         "the dedicated session's transactions in SHOW STATS")
+        assert after["total_query_count"] >= 17
+        assert after["total_sent"] >= 10 * 5000
+        assert after["total_received"] >= 12 * len("SELECT 1")
+        assert after["total_xact_time"] >= 50_000   # µs: the transaction with pg_sleep(0.05)
+    with console(pool) as admin:   # kept after the dedicated backend has exited
+        assert next(s for s in rows(admin, "SHOW STATS") if s["user"] == "bob")["total_xact_count"] >= 12
+
+
 def test_drivers_that_prepare_what_they_repeat_get_rows_too(pool):
     with console(pool) as admin:
         for _ in range(3):   # the extended protocol, as psycopg uses for a prepared statement

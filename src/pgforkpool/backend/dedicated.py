@@ -8,6 +8,7 @@ its own (the postmaster routes cancel requests by the pid in it).
 
 import os
 import select
+from bisect import bisect_left
 import signal
 import socket
 import time
@@ -15,6 +16,7 @@ import time
 from ..shared import channel, log, process, protocol, status
 from ..shared.errors import PgError
 from . import server as srv
+from .readies import BrokenStream, ReadyCounter
 from .scheduler import ServerState
 from .stream import EPOLLIN, EPOLLOUT, HIGH_WATER, READABLE, Stream
 
@@ -40,6 +42,10 @@ class DedicatedBackend:
             self.address = ""
         self.server_conn = srv.ServerConnection(settings, startup, secret)
         self.greeting = bytearray()
+        # SHOW STATS: the server's ReadyForQuery messages give queries and transactions; a
+        # transaction's time runs from the client's first bytes after the session was idle.
+        self.readies: ReadyCounter | None = ReadyCounter()
+        self.xact_start: float | None = None
 
     def run(self) -> None:
         try:
@@ -151,11 +157,47 @@ class DedicatedBackend:
                             self._send_now(self.client_sock, PgError(
                                 "connection_failure", "server closed the connection unexpectedly").packet())
                         return
+                    self._count(source is client, data)
                     target.send(data)
                     if target.broken:
                         return
                     if len(target.outbuf) > HIGH_WATER:
                         source.pause_reading()
+
+    def _count(self, from_client: bool, data: bytes) -> None:
+        """SHOW STATS's figures for the bytes relayed, into the status table slot."""
+        counters = self.counters
+        if from_client:
+            counters[status.BYTES_IN] += len(data)
+            if self.xact_start is None:
+                self.xact_start = time.monotonic()
+            return
+        counters[status.BYTES_OUT] += len(data)
+        readies = self.readies
+        if readies is None:
+            return
+        before = readies.queries
+        try:
+            ended = readies.feed(data)
+        except BrokenStream as exc:   # counting stops; the relay goes on
+            logger.warning("%s: stopped counting its queries: the server sent %s",
+                           log.session_label(self.conn_id, self.startup["database"],
+                                             self.startup["user"], self.address), exc)
+            self.readies = None
+            return
+        counters[status.QUERIES] += readies.queries - before
+        if not ended:
+            return
+        # Several transactions may end in one piece (a client's pipeline): the first took the
+        # time since the client's first bytes, the others none that can be told apart.
+        start = self.xact_start
+        microseconds = int((time.monotonic() - start) * 1e6) if start is not None else 0
+        self.xact_start = None
+        counters[status.TRANSACTIONS] += ended
+        counters[status.XACT_US] += microseconds
+        counters[status.XACT_HIST + bisect_left(status.HISTOGRAM_BOUNDS_US, microseconds)] += 1
+        if ended > 1:
+            counters[status.XACT_HIST] += ended - 1
 
     def _on_channel(self) -> bool:
         while True:

@@ -60,7 +60,7 @@ class Collector:
     def collect(self):
         stats = self._pool_stats()
         counters = {
-            "transactions": ("pgforkpool_transactions", "Transactions served (pooled sessions)."),
+            "transactions": ("pgforkpool_transactions", "Transactions served."),
             "queries": ("pgforkpool_queries", "Queries served (ReadyForQuery messages to clients)."),
             "bytes_in": ("pgforkpool_received_bytes", "Bytes received from clients."),
             "bytes_out": ("pgforkpool_sent_bytes", "Bytes received from the server for clients."),
