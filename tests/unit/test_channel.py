@@ -154,3 +154,25 @@ def test_flush_to_a_gone_child_raises_and_discard_empties(full_channel):
     with pytest.raises(OSError):
         outbox.flush(parent)
     assert outbox.discard() == 1
+
+
+def test_a_waiting_message_the_channel_refuses_is_dropped_and_the_next_goes(full_channel):
+    parent, child, filled = full_channel
+    outbox = channel.Outbox()
+    read_end, write_end = os.pipe()
+    before = open_fds()
+    assert outbox.send(parent, ("session", 41)) is True
+    # Behind it, so kept without a try: larger than any datagram the channel takes.
+    outbox.send(parent, ("adopt", 42, {"buf": b"x" * (8 << 20)}), read_end)
+    outbox.send(parent, ("session", 43))
+    drain(child)
+    with pytest.raises(channel.Undeliverable) as caught:
+        outbox.flush(parent)
+    assert drain(child) == [("session", 41)]
+    assert (caught.value.kind, caught.value.argument) == ("adopt", 42)
+    assert caught.value.error.errno == errno.EMSGSIZE
+    assert open_fds() == before               # its socket's duplicate closed
+    assert outbox.flush(parent) is True
+    assert drain(child) == [("session", 43)]
+    os.close(read_end)
+    os.close(write_end)

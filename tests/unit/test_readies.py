@@ -88,3 +88,72 @@ def test_arbitrary_bytes_count_or_raise_broken_stream_only(data, cuts):
         feed_in_pieces(data, cuts)
     except BrokenStream:
         pass
+
+
+def test_a_mixed_stream_fed_byte_by_byte():
+    stream = (msg(b"T", b"\0\1a\0" + b"\0" * 18) + msg(b"D", b"\0\1\0\0\0\1x") + msg(b"C", b"SELECT 1\0")
+              + ready(b"T") + msg(b"N", b"SNOTICE\0\0") + ready(b"I") + msg(b"S", b"a\0b\0") + ready(b"E"))
+    counter = ReadyCounter()
+    ended = sum(counter.feed(stream[i:i + 1]) for i in range(len(stream)))
+    assert (counter.queries, ended, counter.skip, counter.head) == (3, 1, 0, b"")
+
+
+# ---------------------------------------------------------------- the dedicated backend's use of it
+
+class _Monotonic:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def _relay_counting(monkeypatch):
+    """DedicatedBackend._count on a stand-in with a status slot of its own and a clock we move."""
+    import types
+
+    from pgforkpool.backend import dedicated
+    from pgforkpool.shared import status
+    clock = _Monotonic()
+    monkeypatch.setattr(dedicated.time, "monotonic", clock)
+    backend = types.SimpleNamespace(counters=memoryview(bytearray(status.INT_BYTES)).cast("q"),
+                                    readies=ReadyCounter(), xact_start=None, conn_id=1,
+                                    startup={"database": "d", "user": "u"}, address="a")
+    return (lambda from_client, data: dedicated.DedicatedBackend._count(backend, from_client, data)), \
+        backend.counters, clock, status
+
+
+def test_the_relay_counts_queries_transactions_bytes_and_their_time(monkeypatch):
+    count, counters, clock, status = _relay_counting(monkeypatch)
+    query = msg(b"Q", b"SELECT 1\0")
+    count(True, query)                        # a transaction starts with the client's bytes
+    clock.now += 0.003                         # 3 ms: the 5,000 µs bucket (index 2)
+    count(False, msg(b"C", b"SELECT 1\0") + ready(b"I"))
+    count(True, msg(b"Q", b"BEGIN\0"))
+    count(False, msg(b"C", b"BEGIN\0") + ready(b"T"))   # a query, no transaction yet
+    count(True, query)
+    clock.now += 2.0                           # the block took 2 s: the 5,000,000 µs bucket (8)
+    count(False, msg(b"C", b"SELECT 1\0") + ready(b"T") + msg(b"C", b"COMMIT\0") + ready(b"I"))
+    assert counters[status.QUERIES] == 4
+    assert counters[status.TRANSACTIONS] == 2
+    assert counters[status.XACT_US] == 3_000 + 2_000_000
+    hist = list(counters[status.XACT_HIST:status.XACT_HIST + status.HISTOGRAM_BUCKETS])
+    assert hist == [0, 0, 1, 0, 0, 0, 0, 0, 1, 0]
+    assert counters[status.BYTES_IN] == 2 * len(query) + len(msg(b"Q", b"BEGIN\0"))
+
+
+def test_pipelined_transactions_ending_in_one_piece_count_each(monkeypatch):
+    count, counters, clock, status = _relay_counting(monkeypatch)
+    count(True, msg(b"Q", b"SELECT 1\0") * 3)
+    clock.now += 0.0004
+    count(False, (msg(b"C", b"SELECT 1\0") + ready(b"I")) * 3)
+    assert (counters[status.TRANSACTIONS], counters[status.QUERIES]) == (3, 3)
+    assert counters[status.XACT_HIST] == 3    # the first took 0.4 ms, the others none told apart
+
+
+def test_a_broken_stream_stops_the_counting_not_the_relay(monkeypatch):
+    count, counters, clock, status = _relay_counting(monkeypatch)
+    count(False, b"D\0\0\0\1")
+    count(False, ready(b"I"))
+    assert counters[status.QUERIES] == 0
+    assert counters[status.BYTES_OUT] == 5 + 6   # bytes are still counted

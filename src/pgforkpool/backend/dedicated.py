@@ -8,10 +8,10 @@ its own (the postmaster routes cancel requests by the pid in it).
 
 import os
 import select
-from bisect import bisect_left
 import signal
 import socket
 import time
+from bisect import bisect_left
 
 from ..shared import channel, log, process, protocol, status
 from ..shared.errors import PgError
@@ -21,6 +21,8 @@ from .scheduler import ServerState
 from .stream import EPOLLIN, EPOLLOUT, HIGH_WATER, READABLE, Stream
 
 logger = log.get("dedicated")
+# The transaction-time histogram's bounds in seconds (a time goes to the first it does not exceed).
+_BOUNDS_S = tuple(bound / 1e6 for bound in status.HISTOGRAM_BOUNDS_US)
 
 class DedicatedBackend:
     def __init__(self, settings, conn_id: int, startup: dict[str, str], client_fd: int,
@@ -114,6 +116,8 @@ class DedicatedBackend:
         poller.close()
         conn.sock.setblocking(False)
         self.greeting += bytes(conn.inbuf)
+        if conn.inbuf:   # what followed the login's ReadyForQuery: counted like the rest
+            self._count(False, bytes(conn.inbuf))
         self._send_now(self.client_sock, bytes(self.greeting))
         self.client_sock.setblocking(False)
 
@@ -191,11 +195,11 @@ class DedicatedBackend:
         # Several transactions may end in one piece (a client's pipeline): the first took the
         # time since the client's first bytes, the others none that can be told apart.
         start = self.xact_start
-        microseconds = int((time.monotonic() - start) * 1e6) if start is not None else 0
+        seconds = time.monotonic() - start if start is not None else 0.0
         self.xact_start = None
         counters[status.TRANSACTIONS] += ended
-        counters[status.XACT_US] += microseconds
-        counters[status.XACT_HIST + bisect_left(status.HISTOGRAM_BOUNDS_US, microseconds)] += 1
+        counters[status.XACT_US] += int(seconds * 1e6)
+        counters[status.XACT_HIST + bisect_left(_BOUNDS_S, seconds)] += 1
         if ended > 1:
             counters[status.XACT_HIST] += ended - 1
 

@@ -264,10 +264,12 @@ class Postmaster:
                         self._handle_signals()
                     elif fd in self.by_chan:
                         child = self.by_chan[fd]
-                        if mask & select.EPOLLOUT:
-                            self._flush(child)
+                        # What a dying child said first (a session it was moving), then
+                        # what waits for it.
                         if mask & ~select.EPOLLOUT:
                             self._read_child(child)
+                        if mask & select.EPOLLOUT:
+                            self._flush(child)
                     else:
                         self._accept(fd)
                 if self.questions:
@@ -500,15 +502,16 @@ class Postmaster:
         """session_migration: pass a session from one pooled backend to another of its pool.
 
         If the target has gone, is full (several backends chose it at once), is about
-        to exit (draining with no session left), or has thousands of messages waiting
-        for it (Outbox), the session goes back to the backend it came from.  A draining backend that still serves
+        to exit (draining with no session left), or is not reading its channel (messages
+        wait for it in its Outbox), the session goes back to the backend it came from.  A draining backend that still serves
         sessions stays up until they end: it may take one more (in a smart shutdown, the
         target serves it as well as the source would).
         """
         target = self.backends.get(target_pid)
         if (target is None or target.pool is None or target.pool is not source.pool
                 or target.sessions >= self.settings.max_sessions
-                or (target.draining and target.sessions == 0)):
+                or (target.draining and target.sessions == 0)
+                or target.outbox):   # not reading its channel: no better place to wait
             target = source
         for receiver in dict.fromkeys((target, source)):
             try:
@@ -695,8 +698,9 @@ class Postmaster:
     def _tell(self, child, message: tuple) -> None:
         try:
             self._send(child, message)
-        except OSError:
-            pass
+        except OSError as exc:
+            if exc.errno not in channel.GONE:   # (a child that has gone is reaped anyway)
+                logger.warning('could not send "%s" to %s: %s', message[0], child, exc)
 
     def _send(self, child, message: tuple, fd: int | None = None) -> None:
         """A message for a child, through its outbox: sent now, or, if its channel is full,
@@ -712,18 +716,34 @@ class Postmaster:
 
     def _flush(self, child) -> None:
         """Its channel has room: what waits in its outbox goes."""
-        try:
-            done = child.outbox.flush(child.chan)
-            if done:
-                logger.log(log.LOG, "%s reads its channel again", child)
-        except OSError:   # gone: its exit (SIGCHLD) or EOF does the rest
-            child.outbox.discard()
-            done = True
-        if done:
-            try:
-                self.epoll.modify(child.chan.fileno(), select.EPOLLIN)
-            except (OSError, ValueError):
-                pass
+        if child.outbox:
+            while True:
+                try:
+                    if not child.outbox.flush(child.chan):
+                        return
+                    logger.log(log.LOG, "%s reads its channel again", child)
+                    break
+                except channel.Undeliverable as lost:
+                    self._undeliverable(child, lost)
+                except OSError:   # gone: what waited is dropped (and logged) with its channel
+                    self._forget_channel(child)
+                    return
+        try:   # (an empty outbox: a stale event of a descriptor used again)
+            self.epoll.modify(child.chan.fileno(), select.EPOLLIN)
+        except (OSError, ValueError):
+            pass
+
+    def _undeliverable(self, child, lost: channel.Undeliverable) -> None:
+        """A message that waited for a child was refused by the channel: a session in it
+        is counted out as a lost one (its client's connection has closed)."""
+        logger.warning("could not send %s to %s", lost, child)
+        if isinstance(child, ListenerSlot) and lost.kind == "connection":
+            if lost.argument in child.in_flight:
+                child.in_flight.discard(lost.argument)
+                self.connections -= 1
+        elif isinstance(child, BackendSlot) and lost.kind in ("session", "adopt"):
+            logger.warning("connection %d: lost on its way to %s", lost.argument, child)
+            self._session_gone(child, lost.argument)
 
     def _retire(self, backend: BackendSlot, move_sessions: bool = False) -> None:
         """No new sessions for this backend; it exits once its sessions have ended.

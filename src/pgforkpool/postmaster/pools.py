@@ -47,6 +47,11 @@ class Pool:
         open_backends = [b for b in self.backends if b.sessions < settings.max_sessions]
         if not open_backends:
             return None
+        # One that is not reading its channel (messages wait for it in the postmaster) only
+        # if every one is such.
+        reading = [b for b in open_backends if not b.outbox]
+        if reading:
+            open_backends = reading
         policy = settings.session_schedule
         if policy == "random":
             return random.choice(open_backends)

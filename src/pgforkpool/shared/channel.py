@@ -14,6 +14,19 @@ from collections import deque
 MAX_MESSAGE = 1 << 20
 # Messages an Outbox keeps for a child that does not read its channel; past this, a send fails.
 OUTBOX_LIMIT = 4096
+# A send's errors that mean the child has gone (its end of the channel is closed).
+GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ECONNREFUSED, errno.ENOTCONN, errno.EBADF})
+
+
+class Undeliverable(Exception):
+    """A message kept in an Outbox that the channel refused for itself (too large, too many
+    sockets in flight) while the child is alive: dropped, its socket closed."""
+
+    def __init__(self, kind: str, argument, error: OSError):
+        super().__init__(f'"{kind}": {error}')
+        self.kind = kind
+        self.argument = argument   # the message's second field (a connection id for most)
+        self.error = error
 
 
 def channel_pair() -> tuple[socket.socket, socket.socket]:
@@ -51,7 +64,7 @@ class Outbox:
     __slots__ = ("queue", "limit")
 
     def __init__(self, limit: int = OUTBOX_LIMIT) -> None:
-        self.queue: deque[tuple[bytes, int | None]] = deque()
+        self.queue: deque[tuple[bytes, int | None, tuple]] = deque()
         self.limit = limit
 
     def __len__(self) -> int:
@@ -70,19 +83,27 @@ class Outbox:
                 pass
         if len(self.queue) >= self.limit:
             raise OSError(errno.ENOBUFS, f"{len(self.queue)} messages already wait for the channel")
-        self.queue.append((data, None if fd is None else os.dup(fd)))
+        self.queue.append((data, None if fd is None else os.dup(fd), message[:2]))
         return True
 
     def flush(self, chan: socket.socket) -> bool:
         """Send what the channel has room for, in order; True once nothing is kept.
-        Raises OSError if the channel is broken (discard then)."""
+        Raises OSError if the child has gone (discard then), Undeliverable if the channel
+        refused the first message for itself (it is dropped: call flush again)."""
         queue = self.queue
         while queue:
-            data, fd = queue[0]
+            data, fd, head = queue[0]
             try:
                 _send_data(chan, data, fd)
             except BlockingIOError:
                 return False
+            except OSError as exc:
+                if exc.errno in GONE:
+                    raise
+                queue.popleft()
+                if fd is not None:
+                    os.close(fd)
+                raise Undeliverable(head[0], head[1] if len(head) > 1 else None, exc) from exc
             queue.popleft()
             if fd is not None:
                 os.close(fd)
@@ -93,7 +114,7 @@ class Outbox:
         the sockets' duplicates are closed.  Returns how many messages were dropped."""
         dropped = len(self.queue)
         while self.queue:
-            _data, fd = self.queue.popleft()
+            _data, fd, _head = self.queue.popleft()
             if fd is not None:
                 try:
                     os.close(fd)
