@@ -21,8 +21,6 @@ from .scheduler import ServerState
 from .stream import EPOLLIN, EPOLLOUT, HIGH_WATER, READABLE, Stream
 
 logger = log.get("dedicated")
-# The transaction-time histogram's bounds in seconds (a time goes to the first it does not exceed).
-_BOUNDS_S = tuple(bound / 1e6 for bound in status.HISTOGRAM_BOUNDS_US)
 
 class DedicatedBackend:
     def __init__(self, settings, conn_id: int, startup: dict[str, str], client_fd: int,
@@ -199,7 +197,8 @@ class DedicatedBackend:
         self.xact_start = None
         counters[status.TRANSACTIONS] += ended
         counters[status.XACT_US] += int(seconds * 1e6)
-        counters[status.XACT_HIST + bisect_left(_BOUNDS_S, seconds)] += 1
+        # (The first bound the time does not exceed, as the pooled backend buckets it.)
+        counters[status.XACT_HIST + bisect_left(status.HISTOGRAM_BOUNDS_S, seconds)] += 1
         if ended > 1:
             counters[status.XACT_HIST] += ended - 1
 

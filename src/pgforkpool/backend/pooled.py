@@ -76,7 +76,7 @@ _TURNS: Final = status.TURNS
 _READY_SUM: Final = status.READY_SUM
 _WAITING: Final = status.WAITING
 _OWNER_SINCE_MS: Final = status.OWNER_SINCE_MS
-_BOUNDS_S: Final = tuple(bound / 1e6 for bound in status.HISTOGRAM_BOUNDS_US)
+_BOUNDS_S: Final = status.HISTOGRAM_BOUNDS_S
 _STAT_INDEXES: Final = tuple(status.FIELDS.index(name) for name in status.STAT_FIELDS)
 
 COPY_FAIL: Final = protocol.message(b"f", protocol.cstring("client disconnected"))

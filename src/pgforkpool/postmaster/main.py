@@ -503,9 +503,9 @@ class Postmaster:
 
         If the target has gone, is full (several backends chose it at once), is about
         to exit (draining with no session left), or is not reading its channel (messages
-        wait for it in its Outbox), the session goes back to the backend it came from.  A draining backend that still serves
-        sessions stays up until they end: it may take one more (in a smart shutdown, the
-        target serves it as well as the source would).
+        wait for it in its Outbox), the session goes back to the backend it came from.
+        A draining backend that still serves sessions stays up until they end: it may take
+        one more (in a smart shutdown, the target serves it as well as the source would).
         """
         target = self.backends.get(target_pid)
         if (target is None or target.pool is None or target.pool is not source.pool
@@ -736,13 +736,12 @@ class Postmaster:
     def _undeliverable(self, child, lost: channel.Undeliverable) -> None:
         """A message that waited for a child was refused by the channel: a session in it
         is counted out as a lost one (its client's connection has closed)."""
-        logger.warning("could not send %s to %s", lost, child)
+        logger.warning("could not send %s to %s", lost, child)   # (for a session: it is lost)
         if isinstance(child, ListenerSlot) and lost.kind == "connection":
             if lost.argument in child.in_flight:
                 child.in_flight.discard(lost.argument)
                 self.connections -= 1
         elif isinstance(child, BackendSlot) and lost.kind in ("session", "adopt"):
-            logger.warning("connection %d: lost on its way to %s", lost.argument, child)
             self._session_gone(child, lost.argument)
 
     def _retire(self, backend: BackendSlot, move_sessions: bool = False) -> None:

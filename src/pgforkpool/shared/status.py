@@ -38,6 +38,7 @@ FIELDS: tuple[str, ...] = ("in_use", "pid", "kind", "draining", "sessions", "wai
 # Histograms of transaction and wait times: a count per bucket (not cumulative),
 # the bucket being the first upper bound, in microseconds, that the time does not exceed.
 HISTOGRAM_BOUNDS_US = (500, 1000, 5000, 10_000, 50_000, 100_000, 500_000, 1000_000, 5000_000)
+HISTOGRAM_BOUNDS_S = tuple(bound / 1e6 for bound in HISTOGRAM_BOUNDS_US)   # the same in seconds
 HISTOGRAM_BUCKETS = len(HISTOGRAM_BOUNDS_US) + 1   # the last one: above every bound
 XACT_HIST = len(FIELDS)
 WAIT_HIST = XACT_HIST + HISTOGRAM_BUCKETS
